@@ -1,0 +1,21 @@
+"""hybridpeft: parameter-efficient fine-tuning with LoRA, LoRA-GA, BOFT, unitary adapters and a Hybrid."""
+__version__ = "0.1.0"
+
+from .adapters import Adapter, AdaptedLinear  # noqa: E402
+from .adapters.full import FullConfig  # noqa: E402
+from .adapters.lora import LoraConfig  # noqa: E402
+from .api import (  # noqa: E402
+    after_optimizer_step,
+    count_trainable,
+    disabled,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    read_adapter_config,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+    update_mixing,
+)
+from .config import AdapterConfig  # noqa: E402
+from .inject import adapted_layers, inject  # noqa: E402

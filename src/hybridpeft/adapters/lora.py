@@ -1,0 +1,103 @@
+"""LoRA: a trainable low-rank branch beside the frozen weight."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check
+from .base import Adapter, BaseMatmul
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Args:
+        r: rank of the update.
+        alpha: scale numerator; the branch is multiplied by ``alpha / r``
+            (``alpha / sqrt(r)`` with ``rslora``).
+        dropout: dropout on the branch input.
+        rslora: rank-stabilized scaling.
+        norm_bound: if set (ρ > 0), after each optimizer step ``‖ΔW‖_F`` is kept
+            at most ``ρ ‖W‖_F`` by rescaling A and B (the paper's eq. 2).
+    """
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    norm_bound: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer")
+        check(self.alpha > 0, "alpha", self.alpha, "a positive number")
+        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        check(self.norm_bound is None or self.norm_bound > 0, "norm_bound", self.norm_bound, "None or a positive number")
+
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoraAdapter(Adapter):
+    """``W' x = W x + s · B (A x)``, ``A: (r, d_in)``, ``B: (d_out, r)``, ``s = α / r``.
+
+    A starts Kaiming-uniform and B at zero, so ``W' = W`` at initialization.
+    ``ΔW = s B A`` does not depend on ``W``: merging adds it, unmerging subtracts it.
+
+    Raises:
+        ValueError: if ``r`` exceeds ``min(d_in, d_out)``.
+    """
+
+    method = "lora"
+
+    def __init__(self, d_in: int, d_out: int, config: LoraConfig) -> None:
+        super().__init__(d_in, d_out)
+        check(config.r <= min(d_in, d_out), "r", config.r, f"at most min(d_in, d_out) = {min(d_in, d_out)} for this layer")
+        self.scaling = config.scaling()
+        self.norm_bound = config.norm_bound
+        self.lora_A = nn.Parameter(torch.empty(config.r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, config.r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.register_buffer("base_norm", torch.zeros(()), persistent=False)  # ‖W‖_F, set in bind()
+
+    def bind(self, weight: Tensor) -> None:
+        if self.norm_bound is not None:
+            self.base_norm.fill_(weight.float().norm())
+
+    def branch(self, x: Tensor) -> Tensor:
+        """The low-rank term ``s · B A x`` alone. x: (..., d_in) -> (..., d_out)."""
+        x = self.dropout(x).to(self.lora_A.dtype)
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling  # (..., r) -> (..., d_out)
+
+    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        h = base(x)  # (..., d_out)
+        return h + self.branch(x).to(h.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return self.scaling * self.lora_B @ self.lora_A  # (d_out, d_in)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerged_weight(self, merged: Tensor) -> Tensor:
+        return merged - self.delta_weight().to(merged.dtype)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.norm_bound is None or self.base_norm.item() == 0:
+            return
+        limit = self.norm_bound * self.base_norm
+        norm = self.scaling * lowrank_frobenius(self.lora_B, self.lora_A)
+        if norm > limit:  # rescale both factors equally so their balance is kept
+            factor = (limit / norm).sqrt()
+            self.lora_A.mul_(factor)
+            self.lora_B.mul_(factor)
+
+
+def lowrank_frobenius(B: Tensor, A: Tensor) -> Tensor:
+    """``‖B A‖_F`` from r × r Gram matrices: ``trace((BᵀB)(AAᵀ))``, no d_out × d_in product."""
+    return ((B.t() @ B) * (A @ A.t())).sum().clamp_min(0).sqrt()

@@ -1,0 +1,158 @@
+"""Model-level operations: merge, disable, count, save and load adapters."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .adapters.base import AdaptedLinear
+from .config import AdapterConfig
+from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Write every adapter into its frozen weight (refused if already merged)."""
+    for _, layer in adapted_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: adapters are bypassed (merged ones temporarily unmerged)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    previous = [(layer.disabled, layer.merged) for layer in layers]
+    try:
+        for layer in layers:
+            if layer.merged:
+                layer.unmerge()
+            layer.disabled = True
+        yield model
+    finally:
+        for layer, (was_disabled, was_merged) in zip(layers, previous):
+            layer.disabled = was_disabled
+            if was_merged and not layer.merged:
+                layer.merge()
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name → parameter for everything that trains (adapters and trainable modules)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_parameters(model).values())
+
+
+@torch.no_grad()
+def after_optimizer_step(model: nn.Module) -> None:
+    """Per-step adapter bookkeeping: Hybrid λ updates, LoRA norm bounds, re-orthonormalization.
+
+    Call once after each ``optimizer.step()`` and before ``zero_grad()`` (the
+    Hybrid reads the branch gradients).
+    """
+    for _, layer in adapted_layers(model):
+        layer.adapter.after_optimizer_step()
+
+
+update_mixing = after_optimizer_step
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only what the adapter owns: adapter tensors plus ``trainable_modules``; no base weights."""
+    config = config_of(model)
+    if config.method == "full":
+        return {k: v for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapted_layers(model):
+        for key, value in layer.adapter.state_dict().items():
+            state[f"{name}.adapter.{key}"] = value
+    for name in _trainable_module_names(model, config):
+        for key, value in model.get_submodule(name).state_dict().items():
+            state[f"{name}.{key}"] = value
+    return state
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` into directory ``path``."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unshare({k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()})
+    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "hybridpeft": __version__})
+    meta = {**config_of(model).to_dict(), "hybridpeft_version": __version__}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied embeddings); store copies.
+    seen: set[int] = set()
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            state[key] = value.clone()
+        seen.add(ptr)
+    return state
+
+
+def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    config_path = Path(path) / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}")
+    data = json.loads(config_path.read_text())
+    data.pop("hybridpeft_version", None)
+    return AdapterConfig.from_dict(data)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Re-create the adapters described in ``path`` on ``model`` (a base model, or one
+    already injected with the same method) and load their tensors.
+
+    Raises:
+        ValueError: a key is missing or unexpected (they are named), or the method differs.
+    """
+    config = read_adapter_config(path)
+    if hasattr(model, CONFIG_ATTR):
+        if config_of(model).method != config.method:
+            raise ValueError(f"model carries method={config_of(model).method!r}, adapter has {config.method!r}")
+    else:
+        inject(model, config)
+    expected = adapter_state_dict(model)
+    loaded = load_file(str(Path(path) / ADAPTER_WEIGHTS))
+    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter in {path} does not fit this model: missing keys {missing}, unexpected keys {unexpected}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            value = loaded[key]
+            if value.shape != target.shape:
+                raise ValueError(f"key {key!r}: saved shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain layers back: a model with no hybridpeft inside."""
+    for name, layer in adapted_layers(model):
+        if not layer.merged:
+            layer.merge()
+        _replace(model, name, layer.base_layer)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
