@@ -70,12 +70,15 @@ class LoraAdapter(Adapter):
 
     def branch(self, x: Tensor) -> Tensor:
         """The low-rank term ``s · B A x`` alone. x: (..., d_in) -> (..., d_out)."""
-        x = self.dropout(x).to(self.lora_A.dtype)
-        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scaling  # (..., r) -> (..., d_out)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # cast r×d factors, not N×d activations
+        return (self.dropout(x) @ A.t() * self.scaling) @ B.t()  # (..., r) -> (..., d_out)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out)
-        return h + self.branch(x).to(h.dtype)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        u = self.dropout(x) @ A.t() * self.scaling  # (..., r); scaling the rank-r side is cheaper
+        # addmm fuses "h +" into the second GEMM: one less pass over the (N, d_out) output.
+        return torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), B.t()).view_as(h)
 
     def delta_weight(self) -> Tensor:
         return self.scaling * self.lora_B @ self.lora_A  # (d_out, d_in)
