@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .adapters import Adapter, AdaptedLinear  # noqa: E402
 from .adapters.full import FullConfig  # noqa: E402
 from .adapters.lora import LoraConfig  # noqa: E402
+from .adapters.unitary import UnitaryConfig  # noqa: E402
 from .api import (  # noqa: E402
     after_optimizer_step,
     count_trainable,
@@ -19,3 +20,4 @@ from .api import (  # noqa: E402
 )
 from .config import AdapterConfig  # noqa: E402
 from .inject import adapted_layers, inject  # noqa: E402
+from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer  # noqa: E402

@@ -23,3 +23,5 @@ def adapter_class(method: str) -> type[Adapter]:
 from .lora import LoraAdapter, LoraConfig  # noqa: E402
 
 register(LoraConfig, LoraAdapter)
+from .unitary import UnitaryAdapter, UnitaryConfig  # noqa: E402
+register(UnitaryConfig, UnitaryAdapter)

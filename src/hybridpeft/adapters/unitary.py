@@ -1,0 +1,294 @@
+"""Unitary (uRNN-style) adapter: ``W' x = U (W x)`` with ``U`` orthogonal and ``U = I`` at start.
+
+A real output of even width ``d`` is read as ``z ∈ C^{d/2}`` (adjacent features are
+real and imaginary parts), so a unitary map on ``C^{d/2}`` is an orthogonal map on
+``R^d``. Two parameterizations:
+
+* ``structured`` (Arjovsky et al. 2016): ``U = D3 R2 F⁻¹ D2 Π R1 F D1 · S⁻¹`` with
+  ``O(d)`` parameters and ``O(d log d)`` work per token (see ``StructuredUnitary``).
+* ``full`` (Wisdom et al. 2016): block-diagonal orthogonal blocks of size ``c``
+  trained on the manifold by ``hybridpeft.optim.RiemannianSGD`` / ``RiemannianAdam``
+  (see ``BlockOrthogonal``).
+
+We multiply rather than replace (``W' = U W``): replacing a pretrained weight by a
+unitary matrix, as the paper words it, would erase what the model knows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import AdapterConfig, check
+from .base import Adapter, BaseMatmul
+
+PARAMETERIZATIONS = ("structured", "full")
+RETRACTIONS = ("cayley", "exp")
+
+
+@dataclass
+class UnitaryConfig(AdapterConfig):
+    """Args:
+        parameterization: ``"structured"`` (FFT/reflection/phase product, ``7 d / 2``
+            parameters per layer) or ``"full"`` (block-diagonal orthogonal, ``d · c``).
+        block_size: ``c``, the size of each orthogonal block (``full`` only); must
+            divide every adapted layer's ``d_out``.
+        retraction: how the Riemannian optimizer maps a step back onto the manifold
+            (``full`` only): ``"cayley"`` (Wisdom et al.) or ``"exp"`` (the paper's
+            matrix exponential, with the sign that descends).
+        drift_tolerance: after an optimizer step, blocks with ``‖UᵀU − I‖_F`` above
+            this are re-orthonormalized (``full`` only). bf16 blocks round off more
+            than this every step, so with a bf16 model prefer ``adapter_dtype="float32"``.
+        recompute: ``structured`` only: keep just the branch input for backward and
+            recompute the FFT stages (saves ~5 activations of size ``N × d`` per layer
+            for one extra forward of the branch).
+    """
+
+    method = "unitary"
+    parameterization: str = "structured"
+    block_size: int = 32
+    retraction: str = "cayley"
+    drift_tolerance: float = 1e-5
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.parameterization in PARAMETERIZATIONS, "parameterization", self.parameterization,
+              " or ".join(repr(p) for p in PARAMETERIZATIONS))
+        check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0,
+              "block_size", self.block_size, "a positive integer")
+        check(self.retraction in RETRACTIONS, "retraction", self.retraction, " or ".join(repr(r) for r in RETRACTIONS))
+        check(isinstance(self.drift_tolerance, (int, float)) and self.drift_tolerance > 0,
+              "drift_tolerance", self.drift_tolerance, "a positive number")
+        check(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # torch.fft and linalg have no bf16/fp16 CPU kernels and lose too many bits there anyway.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fourier_compatible_stride(n: int) -> int:
+    """A multiplier ``a`` coprime to ``n`` near ``n / golden ratio`` (1 when ``n ≤ 2``).
+
+    ``Π: k ↦ a k mod n`` scatters neighbouring frequencies far apart, and because
+    ``F⁻¹ Π F`` is then the spatial permutation ``m ↦ a⁻¹ m``, cancelling the start
+    point costs one gather instead of two extra FFTs.
+    """
+    if n <= 2:
+        return 1
+    target = round(n / ((1 + math.sqrt(5)) / 2))
+    for offset in range(n):
+        for a in (target - offset, target + offset):
+            if 1 < a < n and math.gcd(a, n) == 1:
+                return a
+    return 1
+
+
+class StructuredUnitary(nn.Module):
+    """``U = D3 R2 F⁻¹ D2 Π R1 F D1 S⁻¹`` acting on ``z ∈ C^n``, ``n = d / 2``.
+
+    * ``D_j = diag(e^{iθ_j})``: phases, ``θ_j ∈ R^n``, zero at start.
+    * ``R_j = H(v_j) H(v_j⁰)``, ``H(v) = I − 2 v vᴴ / ‖v‖²`` a complex Householder
+      reflection; ``v_j⁰`` is a frozen copy of the random start ``v_j``, so ``R_j = I``
+      at start while the gradient with respect to ``v_j`` is already non-zero there.
+    * ``F`` the unitary DFT (``norm="ortho"``), ``Π: ẑ_k ↦ ẑ_{a k mod n}``.
+    * ``S = F⁻¹ Π F`` (the start point with every ``D``, ``R`` the identity) is the
+      permutation ``z_m ↦ z_{a⁻¹ m}``, so ``S⁻¹`` is the gather ``z_m ↦ z_{a m}`` and
+      ``U = I`` at start.
+
+    Every factor is unitary for any parameter values, so ``U`` is unitary to
+    floating-point rounding throughout training. Parameters: ``3 n + 4 n = 7 d / 2``.
+
+    Raises:
+        ValueError: ``d`` is odd.
+    """
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        if d % 2:
+            raise ValueError(f"parameterization='structured' pairs features into complex numbers and "
+                             f"needs an even d_out; got d_out={d} (use parameterization='full')")
+        n = d // 2
+        self.d, self.n = d, n
+        self.theta = nn.Parameter(torch.zeros(3, n))  # phases of D1, D2, D3
+        start = torch.randn(2, n, 2)  # v_1, v_2 as (real, imag) pairs
+        self.reflect = nn.Parameter(start.clone())
+        self.register_buffer("reflect_start", start)  # saved: the start is random
+        a = _fourier_compatible_stride(n)
+        index = (a * torch.arange(n)) % n  # z_m ↦ z_{a m}: both Π and S⁻¹
+        self.register_buffer("perm", index, persistent=False)
+        self.register_buffer("perm_inv", torch.argsort(index), persistent=False)
+
+    def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        phases = torch.polar(torch.ones_like(self.theta, dtype=dtype), self.theta.to(dtype))  # (3, n)
+        v = torch.view_as_complex(self.reflect.to(dtype))  # (2, n)
+        v0 = torch.view_as_complex(self.reflect_start.to(dtype))  # (2, n)
+        return phases, v, v0
+
+    @staticmethod
+    def _householder(z: Tensor, v: Tensor) -> Tensor:
+        """``H(v) z = z − 2 v (vᴴ z) / ‖v‖²``; z: (..., n), v: (n,)."""
+        norm2 = torch.view_as_real(v).square().sum().clamp_min(1e-30)
+        coeff = (z * v.conj()).sum(-1, keepdim=True) * (2 / norm2)  # (..., 1)
+        return z - coeff * v
+
+    def apply(self, h: Tensor) -> Tensor:
+        """``U h`` for real h: (..., d) -> (..., d), in ``h``'s dtype (computed in ≥ float32)."""
+        dtype = _compute_dtype(h.dtype)
+        phases, v, v0 = self._factors(dtype)
+        z = _as_complex(h.to(dtype))  # (..., n)
+        z = z[..., self.perm] * phases[0]  # D1 S⁻¹
+        z = torch.fft.fft(z, norm="ortho")
+        z = self._householder(self._householder(z, v0[0]), v[0])  # R1
+        z = z[..., self.perm] * phases[1]  # D2 Π
+        z = torch.fft.ifft(z, norm="ortho")
+        z = self._householder(self._householder(z, v0[1]), v[1])  # R2
+        z = z * phases[2]  # D3
+        return _as_real(z).to(h.dtype)
+
+    def apply_transposed(self, h: Tensor) -> Tensor:
+        """``Uᵀ h = U⁻¹ h``: every factor inverted, in reverse order."""
+        dtype = _compute_dtype(h.dtype)
+        phases, v, v0 = self._factors(dtype)
+        z = _as_complex(h.to(dtype)) * phases[2].conj()
+        z = self._householder(self._householder(z, v[1]), v0[1])  # R2ᴴ = H(v⁰) H(v)
+        z = torch.fft.fft(z, norm="ortho")
+        z = (z * phases[1].conj())[..., self.perm_inv]
+        z = self._householder(self._householder(z, v[0]), v0[0])
+        z = torch.fft.ifft(z, norm="ortho")
+        z = (z * phases[0].conj())[..., self.perm_inv]
+        return _as_real(z).to(h.dtype)
+
+    def num_parameters(self) -> int:
+        return 7 * self.n
+
+
+class BlockOrthogonal(nn.Module):
+    """``U = blockdiag(U_1 … U_k)``, ``k = d / c``, each ``U_j`` a ``c × c`` orthogonal matrix.
+
+    The blocks are free tensors kept on the orthogonal group by a Riemannian
+    optimizer (they are the adapter's ``manifold_parameters``); ``reorthonormalize``
+    removes the rounding drift that accumulates over many retractions. Applied as
+    one batched ``c × c`` matmul over the ``k`` blocks: ``O(d c)`` per token.
+    Parameters: ``k c² = d c``.
+
+    Raises:
+        ValueError: ``c`` does not divide ``d`` (the message lists sizes that do).
+    """
+
+    def __init__(self, d: int, block_size: int) -> None:
+        super().__init__()
+        if d % block_size:
+            divisors = [c for c in range(1, min(d, 1024) + 1) if d % c == 0]
+            raise ValueError(f"block_size={block_size!r} is invalid: expected a divisor of d_out={d}, "
+                             f"e.g. one of {divisors}")
+        self.d, self.c, self.k = d, block_size, d // block_size
+        self.blocks = nn.Parameter(torch.eye(block_size).repeat(self.k, 1, 1))  # (k, c, c)
+        self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
+
+    def apply(self, h: Tensor) -> Tensor:
+        """``U h`` for h: (..., d), computed in the wider of the two dtypes, returned in ``h``'s."""
+        hb, u = self._operands(h)
+        y = torch.einsum("...kj,kij->...ki", hb, u)  # (..., k, c)
+        return y.reshape(h.shape).to(h.dtype)
+
+    def apply_transposed(self, h: Tensor) -> Tensor:
+        hb, u = self._operands(h)
+        y = torch.einsum("...ki,kij->...kj", hb, u)  # (..., k, c)
+        return y.reshape(h.shape).to(h.dtype)
+
+    def _operands(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        dtype = torch.promote_types(h.dtype, self.blocks.dtype)
+        return h.reshape(*h.shape[:-1], self.k, self.c).to(dtype), self.blocks.to(dtype)  # (..., k, c), (k, c, c)
+
+    def num_parameters(self) -> int:
+        return self.d * self.c
+
+    @torch.no_grad()
+    def drift(self) -> Tensor:
+        """``max_j ‖U_jᵀ U_j − I‖_F`` (a 0-dim tensor)."""
+        u = self.blocks.to(_compute_dtype(self.blocks.dtype))
+        gram = u.transpose(-1, -2) @ u  # (k, c, c)
+        eye = torch.eye(self.c, dtype=u.dtype, device=u.device)
+        return (gram - eye).flatten(1).norm(dim=1).max()
+
+    @torch.no_grad()
+    def reorthonormalize(self) -> None:
+        """Replace every block by its nearest orthogonal matrix (polar factor ``P Qᵀ`` of ``U = P Σ Qᵀ``)."""
+        u = self.blocks.to(_compute_dtype(self.blocks.dtype))
+        p, _, qh = torch.linalg.svd(u)  # (k, c, c) each
+        self.blocks.copy_((p @ qh).to(self.blocks.dtype))
+        self.reorthonormalizations += 1
+
+
+class UnitaryAdapter(Adapter):
+    """``W' x = U (W x)``; ``U`` orthogonal on ``R^{d_out}`` and the identity at start.
+
+    ``merged_weight(W) = U W`` applies ``U`` to the columns of ``W`` (no ``d × d``
+    matrix is formed); ``unmerged_weight`` applies ``Uᵀ = U⁻¹``.
+    """
+
+    method = "unitary"
+
+    def __init__(self, d_in: int, d_out: int, config: UnitaryConfig) -> None:
+        super().__init__(d_in, d_out)
+        self.parameterization = config.parameterization
+        self.retraction = config.retraction  # read by hybridpeft.optim.build_optimizer
+        self.drift_tolerance = config.drift_tolerance
+        self.recompute = config.recompute
+        if config.parameterization == "structured":
+            self.unitary: StructuredUnitary | BlockOrthogonal = StructuredUnitary(d_out)
+        else:
+            self.unitary = BlockOrthogonal(d_out, config.block_size)
+
+    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        h = base(x)  # (..., d_out)
+        if self.recompute and torch.is_grad_enabled() and isinstance(self.unitary, StructuredUnitary):
+            return checkpoint(self.unitary.apply, h, use_reentrant=False)
+        return self.unitary.apply(h)
+
+    def dense_unitary(self) -> Tensor:
+        """``U`` as a real ``d_out × d_out`` matrix — for tests and inspection only."""
+        eye = torch.eye(self.d_out, dtype=_param_dtype(self), device=_param_device(self))
+        return self.unitary.apply(eye).t()  # row j of apply(I) is U e_j
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        return self.unitary.apply(weight.t()).t()  # (d_out, d_in)
+
+    def unmerged_weight(self, merged: Tensor) -> Tensor:
+        return self.unitary.apply_transposed(merged.t()).t()
+
+    def num_parameters(self) -> int:
+        return self.unitary.num_parameters()
+
+    def manifold_parameters(self) -> list[nn.Parameter]:
+        return [self.unitary.blocks] if isinstance(self.unitary, BlockOrthogonal) else []
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if isinstance(self.unitary, BlockOrthogonal) and self.unitary.drift() > self.drift_tolerance:
+            self.unitary.reorthonormalize()
+
+
+def _as_complex(h: Tensor) -> Tensor:
+    """(..., 2n) real -> (..., n) complex, features (2m, 2m+1) as (real, imag)."""
+    pairs = h.reshape(*h.shape[:-1], h.shape[-1] // 2, 2).contiguous()  # (..., n, 2)
+    if pairs.storage_offset() % 2:  # view_as_complex needs complex-aligned storage
+        pairs = pairs.clone()
+    return torch.view_as_complex(pairs)
+
+
+def _as_real(z: Tensor) -> Tensor:
+    return torch.view_as_real(z).flatten(-2)  # (..., 2n)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return _compute_dtype(next(module.parameters()).dtype)
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

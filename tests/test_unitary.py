@@ -1,0 +1,353 @@
+"""Unitary adapter: identity at start, exact orthogonality, merge/unmerge, save/load, drift repair."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hybridpeft as hp
+from hybridpeft.adapters.unitary import (
+    BlockOrthogonal,
+    StructuredUnitary,
+    UnitaryAdapter,
+    UnitaryConfig,
+    _fourier_compatible_stride,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(dtype=torch.float32):
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def tiny_gpt2(dtype=torch.float32):
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 10)).to(dtype)
+
+
+# model builder, targets, input maker, a block size dividing every target's d_out
+MODELS = {
+    "mlp": (mlp, ["0", "2"], lambda: torch.randn(5, 12, dtype=torch.float64), 2),
+    "llama": (lambda: tiny_llama(torch.float64), ["q_proj", "k_proj", "down_proj"],
+              lambda: torch.randint(0, 64, (2, 7)), 8),
+    "gpt2": (lambda: tiny_gpt2(torch.float64), ["c_attn", "c_fc", "attn.c_proj"],
+             lambda: torch.randint(0, 64, (2, 7)), 8),
+}
+
+
+def output(model, inputs):
+    out = model(inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def config_for(parameterization, targets, block, **kw):
+    return UnitaryConfig(target_modules=targets, parameterization=parameterization, block_size=block, **kw)
+
+
+def random_rotation(k, c, scale, dtype):
+    skew = torch.randn(k, c, c, dtype=dtype) * scale
+    return torch.linalg.matrix_exp(skew - skew.transpose(-1, -2))  # (k, c, c), det +1
+
+
+@torch.no_grad()
+def perturb(model, scale=0.5):
+    """Move every adapter off the identity while keeping it on the manifold."""
+    for _, layer in hp.adapted_layers(model):
+        u = layer.adapter.unitary
+        if isinstance(u, BlockOrthogonal):
+            u.blocks.copy_(random_rotation(u.k, u.c, scale, torch.float64) @ u.blocks.double())
+        else:
+            u.theta.add_(torch.randn_like(u.theta) * scale)
+            u.reflect.add_(torch.randn_like(u.reflect) * scale)
+
+
+@pytest.fixture(params=[(m, p) for m in sorted(MODELS) for p in ("structured", "full")], ids=lambda c: f"{c[0]}-{c[1]}")
+def case(request):
+    name, parameterization = request.param
+    build, targets, make_input, block = MODELS[name]
+    torch.manual_seed(1)
+    return build, config_for(parameterization, targets, block), make_input()
+
+
+def adapter(d, parameterization="structured", dtype=torch.float64, block_size=4, **kw):
+    torch.manual_seed(3)
+    return UnitaryAdapter(d, d, UnitaryConfig(parameterization=parameterization, block_size=block_size, **kw)).to(dtype)
+
+
+def test_identity_at_init_and_perturbation_changes_output(case):
+    build, config, x = case
+    base = output(build(), x)
+    model = hp.inject(build(), config)
+    assert torch.allclose(output(model, x), base, rtol=1e-12, atol=1e-12)
+    perturb(model)
+    assert not torch.allclose(output(model, x), base, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("parameterization", ["structured", "full"])
+def test_every_parameter_has_nonzero_gradient_at_init(parameterization):
+    a = adapter(16, parameterization)
+    h = torch.randn(9, 16, dtype=torch.float64)
+    target = torch.randn(9, 16, dtype=torch.float64)
+    loss = (a(h, lambda v: v) - target).square().sum()
+    loss.backward()
+    u = a.unitary
+    if parameterization == "structured":
+        for j in range(3):
+            assert u.theta.grad[j].abs().max() > 1e-6, f"D{j + 1}"
+        for j in range(2):
+            assert u.reflect.grad[j].abs().max() > 1e-6, f"R{j + 1}"
+    else:  # the Euclidean gradient may be anything; its skew part is what moves U
+        g = u.blocks.grad
+        assert (g @ u.blocks.transpose(-1, -2) - u.blocks @ g.transpose(-1, -2)).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("parameterization", ["structured", "full"])
+def test_orthogonal_to_1e10_after_random_parameters(parameterization):
+    a = adapter(24, parameterization)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p) * 2.0)
+    if parameterization == "full":
+        a.unitary.reorthonormalize()  # random blocks are projected back; structured needs nothing
+    u = a.dense_unitary()
+    eye = torch.eye(24, dtype=torch.float64)
+    assert (u.t() @ u - eye).abs().max() < 1e-10
+    assert (u - eye).abs().max() > 0.1  # really moved
+    h = torch.randn(7, 24, dtype=torch.float64)
+    y = a(h, lambda v: v)
+    assert torch.allclose(y.norm(dim=-1), h.norm(dim=-1), rtol=1e-12)
+    assert torch.allclose(y, h @ u.t(), atol=1e-12)  # dense form describes the fast path
+    assert torch.allclose(a.unitary.apply_transposed(y), h, atol=1e-12)
+
+
+def test_structured_is_complex_linear():
+    """A unitary on C^{d/2}: U commutes with multiplying every (re, im) pair by i."""
+    a = adapter(20)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p))
+    u = a.dense_unitary()
+    j = torch.block_diag(*[torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)] * 10)
+    assert torch.allclose(u @ j, j @ u, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 12, 17, 64])
+def test_start_point_is_the_permutation_the_design_claims(n):
+    """``F⁻¹ Π F`` with ``Π: k ↦ a k mod n`` is the permutation ``m ↦ a⁻¹ m``, cancelled by one gather."""
+    a = _fourier_compatible_stride(n)
+    assert math.gcd(a, n) == 1
+    k = torch.arange(n, dtype=torch.float64)
+    dft = torch.exp(-2j * math.pi * torch.outer(k, k) / n) / math.sqrt(n)  # F, (n, n)
+    pi = torch.zeros(n, n, dtype=torch.complex128)
+    pi[torch.arange(n), (a * torch.arange(n)) % n] = 1  # (Π ẑ)_k = ẑ_{a k}
+    start = dft.conj().t() @ pi @ dft
+    s_inv = pi.to(torch.complex128)  # the same gather, applied in space
+    assert torch.allclose(start @ s_inv, torch.eye(n, dtype=torch.complex128), atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), scale=st.floats(0.0, 3.0))
+def test_structured_property_any_even_width(n, scale):
+    torch.manual_seed(n)
+    u = StructuredUnitary(2 * n).double()
+    with torch.no_grad():
+        for p in u.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    dense = u.apply(torch.eye(2 * n, dtype=torch.float64)).t()
+    assert (dense.t() @ dense - torch.eye(2 * n, dtype=torch.float64)).abs().max() < 1e-10
+    w = torch.randn(2 * n, 3, dtype=torch.float64)
+    assert torch.allclose(u.apply_transposed(u.apply(w.t())).t(), w, atol=1e-10)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    build, config, x = case
+    model = hp.inject(build(), config)
+    perturb(model)
+    weights = {n: layer.weight.detach().clone() for n, layer in hp.adapted_layers(model)}
+    adapted = output(model, x)
+    hp.merge(model)
+    assert torch.allclose(output(model, x), adapted, rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="already merged"):
+        hp.merge(model)
+    hp.unmerge(model)
+    for n, layer in hp.adapted_layers(model):
+        assert torch.allclose(layer.weight, weights[n], atol=1e-12)
+
+
+@pytest.mark.parametrize("parameterization", ["structured", "full"])
+def test_merge_in_float32_within_relative_tolerance(parameterization):
+    model = hp.inject(tiny_llama(torch.float32), config_for(parameterization, "all-linear", 8))
+    perturb(model, 0.3)
+    x = torch.randint(0, 64, (2, 9))
+    adapted = output(model, x)
+    hp.merge(model)
+    merged = output(model, x)
+    assert ((merged - adapted).norm() / adapted.norm()).item() < 1e-5
+
+
+def test_disabled_gives_base_output(case):
+    build, config, x = case
+    base = output(build(), x)
+    model = hp.inject(build(), config)
+    perturb(model)
+    adapted = output(model, x)
+    with hp.disabled(model):
+        assert torch.allclose(output(model, x), base, atol=1e-12)
+    assert torch.equal(output(model, x), adapted)
+
+
+@pytest.mark.parametrize("parameterization", ["structured", "full"])
+def test_only_adapter_parameters_change_and_blocks_stay_orthogonal(parameterization):
+    model = hp.inject(tiny_llama(), config_for(parameterization, ["q_proj", "up_proj"], 8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = hp.trainable_parameters(model)
+    opt = hp.build_optimizer(model, lr=1e-2)
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(3):
+        model(x, labels=x).loss.backward()
+        opt.step()
+        hp.after_optimizer_step(model)
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p, before[n])) == (n in trainable), n
+    for _, layer in hp.adapted_layers(model):
+        u = layer.adapter.dense_unitary().double()
+        assert (u.t() @ u - torch.eye(u.shape[0], dtype=torch.float64)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("parameterization, per_width", [("structured", lambda d: 7 * d // 2), ("full", lambda d: d * 8)])
+def test_parameter_count_closed_form(parameterization, per_width):
+    model = tiny_llama()
+    cfg = model.config
+    hp.inject(model, config_for(parameterization, list(hp.config.DEFAULT_TARGETS), 8))
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    widths = [h, kv, kv, h, i, i, h]  # d_out of q k v o gate up down
+    assert hp.count_trainable(model) == sum(per_width(d) for d in widths) * cfg.num_hidden_layers
+    assert all(layer.adapter.num_parameters() == per_width(layer.adapter.d_out) for _, layer in hp.adapted_layers(model))
+
+
+def test_save_reseed_load_round_trip(tmp_path, case):
+    build, config, x = case
+    model = hp.inject(build(), config)
+    perturb(model)
+    expected = output(model, x)
+    hp.save_adapter(model, tmp_path)
+    saved = hp.read_adapter_config(tmp_path)
+    assert isinstance(saved, UnitaryConfig) and saved.parameterization == config.parameterization
+    torch.manual_seed(1234)  # a different random start for the reflections must not matter
+    restored = hp.load_adapter(build(), tmp_path)
+    assert torch.equal(output(restored, x), expected)
+
+
+@pytest.mark.parametrize("parameterization", ["structured", "full"])
+def test_bf16_forward_is_finite(parameterization):
+    model = hp.inject(tiny_llama(torch.bfloat16), config_for(parameterization, "all-linear", 8))
+    perturb(model, 0.1)
+    logits = output(model, torch.randint(0, 64, (2, 6)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_gradcheck_structured_through_fft():
+    u = StructuredUnitary(6).double()
+    with torch.no_grad():
+        u.theta.normal_()
+        u.reflect.add_(torch.randn_like(u.reflect))
+    h = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    def fn(h, theta, reflect):
+        u.theta, u.reflect = theta, reflect  # type: ignore[assignment]
+        return u.apply(h)
+
+    theta = u.theta.detach().clone().requires_grad_(True)
+    reflect = u.reflect.detach().clone().requires_grad_(True)
+    del u.theta, u.reflect  # let gradcheck feed plain tensors in their place
+    assert torch.autograd.gradcheck(fn, (h, theta, reflect))
+
+
+def test_gradcheck_through_recompute():
+    a = adapter(8, recompute=True)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p))
+    h = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: a(v, lambda w: w), (h,))
+
+
+def test_recompute_matches_plain_forward_and_gradients():
+    plain = adapter(16, recompute=False)
+    saved = adapter(16, recompute=True)
+    saved.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), saved.parameters()):
+            noise = torch.randn_like(p)
+            p.add_(noise)
+            q.add_(noise)
+    h = torch.randn(4, 5, 16, dtype=torch.float64)
+    grads = []
+    for a in (plain, saved):
+        y = a(h, lambda v: v)
+        (y.sin().sum()).backward()
+        grads.append((y.detach(), [p.grad for p in a.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-12)
+
+
+def test_reorthonormalization_triggers_only_when_drift_exceeds_tolerance():
+    a = adapter(12, "full", block_size=4, drift_tolerance=1e-6)
+    blocks = a.unitary.blocks
+    with torch.no_grad():
+        blocks.copy_(random_rotation(3, 4, 0.5, torch.float64))
+    rotation = blocks.detach().clone()
+    a.after_optimizer_step()
+    assert a.unitary.reorthonormalizations == 0 and torch.equal(blocks, rotation)
+    with torch.no_grad():
+        blocks.add_(torch.randn_like(blocks) * 1e-3)  # inject drift
+    assert a.unitary.drift() > 1e-6
+    a.after_optimizer_step()
+    assert a.unitary.reorthonormalizations == 1
+    assert a.unitary.drift() < 1e-12
+    assert (blocks - rotation).abs().max() < 1e-2  # projected to a nearby orthogonal matrix, not reset
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"parameterization": "dense"}, "parameterization"), ({"block_size": 0}, "block_size"),
+     ({"retraction": "qr"}, "retraction"), ({"drift_tolerance": 0.0}, "drift_tolerance"),
+     ({"recompute": "yes"}, "recompute")],
+)
+def test_bad_config_names_field_and_value(kwargs, field):
+    value = next(iter(kwargs.values()))
+    with pytest.raises(ValueError, match=rf"{field}={value!r}".replace("(", r"\(")):
+        UnitaryConfig(**kwargs)
+
+
+def test_unusable_widths_give_clear_errors():
+    odd = nn.Sequential(nn.Linear(4, 7)).double()
+    with pytest.raises(ValueError, match=r"cannot adapt '0'.*even d_out.*d_out=7"):
+        hp.inject(odd, UnitaryConfig(target_modules=["0"]))
+    with pytest.raises(ValueError, match=r"block_size=5.*d_out=12.*\[1, 2, 3, 4, 6, 12\]"):
+        hp.inject(nn.Sequential(nn.Linear(4, 12)), UnitaryConfig(target_modules=["0"], parameterization="full", block_size=5))
+
+
+def test_only_full_blocks_are_manifold_parameters():
+    assert adapter(8, "structured").manifold_parameters() == []
+    full = adapter(8, "full")
+    assert [p is full.unitary.blocks for p in full.manifold_parameters()] == [True]
