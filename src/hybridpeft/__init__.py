@@ -5,6 +5,7 @@ from .adapters import Adapter, AdaptedLinear  # noqa: E402
 from .adapters.full import FullConfig  # noqa: E402
 from .adapters.lora import LoraConfig  # noqa: E402
 from .adapters.unitary import UnitaryConfig  # noqa: E402
+from .adapters.boft import BoftConfig  # noqa: E402
 from .api import (  # noqa: E402
     after_optimizer_step,
     count_trainable,

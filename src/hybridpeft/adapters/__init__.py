@@ -23,5 +23,7 @@ def adapter_class(method: str) -> type[Adapter]:
 from .lora import LoraAdapter, LoraConfig  # noqa: E402
 
 register(LoraConfig, LoraAdapter)
+from .boft import BoftAdapter, BoftConfig  # noqa: E402
+register(BoftConfig, BoftAdapter)
 from .unitary import UnitaryAdapter, UnitaryConfig  # noqa: E402
 register(UnitaryConfig, UnitaryAdapter)

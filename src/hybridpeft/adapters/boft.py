@@ -1,0 +1,350 @@
+"""BOFT: butterfly orthogonal fine-tuning (Liu et al., ICLR 2024), applied on activations.
+
+An orthogonal ``R`` (``d × d``) multiplies the frozen map on one side:
+
+- ``side="output"``: ``y = R (W x) + b``, ``d = d_out`` (``ΔW = (R − I) W``);
+- ``side="input"``:  ``y = W (R x) + b``, ``d = d_in``  (``ΔW = W (R − I)``).
+
+``R = B_m ⋯ B_1`` is a product of ``m`` butterfly factors. With ``b`` the block
+size and ``k = d / b`` the number of blocks, factor ``i`` is
+
+    B_i = P_iᵀ · blockdiag(R_i1, …, R_ik) · P_i,
+
+``P_i`` the butterfly permutation of level ``i`` (``P_1 = I``) and every block the
+exact Cayley transform ``R_ij = (I + Q_ij)(I − Q_ij)⁻¹`` of a skew-symmetric
+``Q_ij`` (stored as its ``b(b−1)/2`` strict upper triangle, zero at start, so
+``R = I``). A Cayley block is orthogonal for every ``Q`` (the eigenvalues of
+``Q`` are imaginary, so ``I − Q`` is always invertible), hence so is ``R``.
+
+Level ``i ≥ 2`` pairs block ``j`` with block ``j + s``, ``s = 2^(i−2)``, inside
+groups of ``2s`` consecutive blocks, and swaps the last ``⌊b/2⌋`` coordinates of
+block ``j`` with the first ``⌊b/2⌋`` of block ``j + s`` (so ``P_i = P_iᵀ``): each
+permuted block then holds coordinates of both partners. By induction, after ``i``
+factors every output depends on a whole group of ``2^(i−1)`` blocks, so with
+``m = 1 + log2(k)`` the product is dense. Realisable when ``2^(m−1)`` divides ``k``.
+
+Nothing ``d × d`` is built in ``forward``: per factor, one gather along ``d``
+and one batched ``b × b`` matmul over the ``k`` blocks — ``O(N · d · b · m)``.
+A custom autograd function keeps only the branch input and the ``(m, k, b, b)``
+blocks for backward and recomputes the ``m`` stage inputs there, instead of
+autograd holding ``m × N × d`` activations per module (DESIGN §4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ..config import AdapterConfig, check
+from .base import Adapter, BaseMatmul
+
+SIDES = ("output", "input")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class BoftConfig(AdapterConfig):
+    """Args:
+        block_size: ``b``, the size of each orthogonal block; at least 2 (a
+            1 × 1 orthogonal block has no free parameter).
+        n_factors: ``m``, the number of butterfly factors (the paper uses 3);
+            ``1 + log2(d / b)`` makes ``R`` dense.
+        side: ``"output"`` (``y = R W x``, the paper's Hybrid) or ``"input"``
+            (``y = W R x``).
+    """
+
+    method = "boft"
+    block_size: int = 8
+    n_factors: int = 3
+    side: str = "output"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(_is_int(self.block_size) and self.block_size >= 2, "block_size", self.block_size, "an integer >= 2")
+        check(_is_int(self.n_factors) and self.n_factors >= 1, "n_factors", self.n_factors, "a positive integer")
+        check(self.side in SIDES, "side", self.side, f"one of {list(SIDES)}")
+
+
+# ---------------------------------------------------------------------------
+# Butterfly structure
+
+
+def fits(d: int, block_size: int, n_factors: int) -> bool:
+    """Whether ``d`` splits into ``k = d / b`` blocks pairable over ``m`` butterfly factors."""
+    k, rest = divmod(d, block_size)
+    return rest == 0 and k % (2 ** (n_factors - 1)) == 0
+
+
+def fitting_block_sizes(d: int, n_factors: int) -> list[int]:
+    """Block sizes ``b ≥ 2`` that work for dimension ``d`` with ``n_factors`` factors."""
+    return [b for b in range(2, d + 1) if fits(d, b, n_factors)]
+
+
+def fitting_factor_counts(d: int, block_size: int) -> list[int]:
+    """Factor counts that work for dimension ``d`` with ``block_size``: ``1 … 1 + v2(d / b)``."""
+    if block_size < 1 or d % block_size:
+        return []
+    k, counts = d // block_size, [1]
+    while k % 2 == 0:
+        k //= 2
+        counts.append(counts[-1] + 1)
+    return counts
+
+
+def _check_fits(d: int, block_size: int, n_factors: int, side: str) -> None:
+    if fits(d, block_size, n_factors):
+        return
+    if d % block_size:
+        reason = f"d is not divisible by block_size={block_size}"
+    else:
+        need = 2 ** (n_factors - 1)
+        reason = f"k = d / b = {d // block_size} blocks is not divisible by 2^(n_factors-1) = {need}"
+    sizes = fitting_block_sizes(d, n_factors) or "none"
+    counts = fitting_factor_counts(d, block_size) or "none"
+    raise ValueError(
+        f"block_size={block_size}, n_factors={n_factors} do not fit the {side}-side dimension d={d} ({reason}); "
+        f"block sizes that work with n_factors={n_factors}: {sizes}; "
+        f"n_factors that work with block_size={block_size}: {counts}"
+    )
+
+
+def butterfly_permutation(level: int, n_blocks: int, block_size: int) -> Tensor:
+    """The gather index ``π`` of ``P_level``: ``(P h)[p] = h[π[p]]``, shape ``(d,)``.
+
+    Level 1 is the identity. Level ``i ≥ 2`` (stride ``s = 2^(i−2)`` blocks)
+    fills slot ``j`` (first half of its group of ``2s``) with the first ``⌈b/2⌉``
+    coordinates of block ``j`` then the first ``⌊b/2⌋`` of block ``j + s``, and
+    slot ``j + s`` with the rest of both: a swap of ``⌊b/2⌋`` coordinate pairs,
+    hence an involution.
+
+    Raises:
+        ValueError: ``n_blocks`` is not divisible by ``2^(level−1)``.
+    """
+    d = n_blocks * block_size
+    if level == 1:
+        return torch.arange(d)
+    stride = 2 ** (level - 2)
+    check(n_blocks % (2 * stride) == 0, "n_blocks", n_blocks, f"divisible by 2^(level-1) = {2 * stride} for level {level}")
+    head = (block_size + 1) // 2
+    tail = block_size - head
+    p = torch.arange(d)
+    slot, offset = p // block_size, p % block_size
+    in_group = slot % (2 * stride)
+    lower = in_group < stride
+    first = torch.where(lower, slot, slot - stride) * block_size  # start of partner j
+    second = first + stride * block_size  # start of partner j + s
+    from_lower = torch.where(offset < head, first + offset, second + offset - head)
+    from_upper = torch.where(offset < tail, first + head + offset, second + offset)
+    return torch.where(lower, from_lower, from_upper)
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    return inv
+
+
+def _gather_plan(perms: list[Tensor]) -> Tensor:
+    """Composed gather indices for applying ``P_1ᵀ D_1 P_1`` then ``P_2ᵀ D_2 P_2`` …
+
+    Each ``P_iᵀ`` is fused with the next ``P_{i+1}`` into one index, so the
+    plan holds ``m + 1`` gathers: ``π_1``, ``π_1⁻¹[π_2]``, …, ``π_m⁻¹``.
+    Returns ``(2, m + 1, d)``: the gathers and their inverses (used in backward).
+    """
+    gathers = [perms[0]]
+    for prev, nxt in zip(perms[:-1], perms[1:]):
+        gathers.append(_inverse(prev)[nxt])
+    gathers.append(_inverse(perms[-1]))
+    forward = torch.stack(gathers)  # (m + 1, d)
+    return torch.stack([forward, torch.stack([_inverse(g) for g in gathers])])
+
+
+# ---------------------------------------------------------------------------
+# Applying the factors to activations. Between stages the activations live in
+# column layout (d, N): every gather copies whole rows and every stage is one
+# (k, b, b) @ (k, b, N) bmm. The first stage reads h (N, d) through a strided
+# (k, b, N) view instead of transposing it, so with P_1 = I nothing is copied.
+
+
+def _blocked(z: Tensor, k: int, b: int) -> Tensor:
+    """(N, d) row layout -> (k, b, N) view, no copy."""
+    return z.view(z.shape[0], k, b).permute(1, 2, 0)
+
+
+def _stage_inputs(h: Tensor, blocks: Tensor, gathers: Tensor, lead_identity: bool) -> list[Tensor]:
+    """The input ``u_i`` (k, b, N) of every stage; the last stage itself is not run."""
+    m, k, b, _ = blocks.shape
+    n = h.shape[0]
+    inputs = [_blocked(h if lead_identity else h.index_select(1, gathers[0]), k, b)]
+    for i in range(1, m):
+        z = torch.bmm(blocks[i - 1], inputs[-1]).view(k * b, n)  # (d, N)
+        inputs.append(z.index_select(0, gathers[i]).view(k, b, n))  # (k, b, N)
+    return inputs
+
+
+def _butterfly(h: Tensor, blocks: Tensor, gathers: Tensor, lead_identity: bool) -> Tensor:
+    """h (N, d) -> (N, d): the stages then the last gather, fused with the transpose back."""
+    k, b = blocks.shape[1], blocks.shape[2]
+    u = _stage_inputs(h, blocks, gathers, lead_identity)[-1]
+    z = torch.bmm(blocks[-1], u).view(k * b, h.shape[0])  # (d, N)
+    return z.t().index_select(1, gathers[-1])  # (N, d)
+
+
+def butterfly_reference(h: Tensor, blocks: Tensor, gathers: Tensor, lead_identity: bool = False) -> Tensor:
+    """Plain-autograd butterfly product (autograd keeps every stage); the reference for tests.
+
+    Args:
+        h: (N, d) activations.
+        blocks: (m, k, b, b); stage ``i`` multiplies block ``j`` by ``blocks[i, j]``.
+        gathers: (m + 1, d) composed indices from ``_gather_plan``.
+        lead_identity: ``gathers[0]`` is the identity and may be skipped.
+    """
+    return _butterfly(h, blocks, gathers, lead_identity)
+
+
+class ButterflyFunction(torch.autograd.Function):
+    """``y = butterfly(h; blocks)`` saving only ``h`` and the blocks.
+
+    Backward recomputes the stage inputs ``u_i`` and runs, for ``i = m … 1``,
+    ``∂L/∂blocks_i = g_i u_iᵀ`` and ``g_{i−1} = blocks_iᵀ g_i`` (per block), each
+    gather undone by its inverse index. Exact (same ops as forward), not an
+    approximation; valid for any blocks, orthogonal or not. The recomputed
+    stages (m × N × d) live only while this one backward runs.
+
+    Inputs: ``h`` (N, d), ``blocks`` (m, k, b, b) of h's dtype, ``plan``
+    (2, m + 1, d) from ``_gather_plan``, ``lead_identity`` as in ``butterfly_reference``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool) -> Tensor:  # type: ignore[override]
+        # Autocast off: the caller already chose the dtype, and backward must see the same one.
+        with torch.autocast(h.device.type, enabled=False):
+            out = _butterfly(h, blocks, plan[0], lead_identity)  # (N, d)
+        ctx.save_for_backward(h, blocks, plan)
+        ctx.lead_identity = lead_identity
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        h, blocks, plan = ctx.saved_tensors
+        gathers, scatters = plan[0], plan[1]
+        m, k, b, _ = blocks.shape
+        n, d = h.shape
+        need_h, need_blocks = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(h.device.type, enabled=False):
+            inputs = _stage_inputs(h, blocks, gathers, ctx.lead_identity)  # m × (k, b, N)
+            g = _blocked(grad_out.to(h.dtype).index_select(1, scatters[-1]), k, b)  # (k, b, N), strided
+            grad_blocks = torch.empty_like(blocks) if need_blocks else None
+            for i in reversed(range(m)):
+                if grad_blocks is not None:
+                    grad_blocks[i] = torch.bmm(g, inputs[i].transpose(1, 2))  # (k, b, b)
+                if i == 0 and not need_h:
+                    break
+                g = torch.bmm(blocks[i].transpose(1, 2), g).view(d, n)  # (d, N)
+                if i > 0:
+                    g = g.index_select(0, scatters[i]).view(k, b, n)
+            grad_h = None
+            if need_h:
+                grad_h = g.t() if ctx.lead_identity else g.t().index_select(1, scatters[0])  # (N, d)
+                grad_h = grad_h.contiguous()
+        return grad_h, grad_blocks, None, None
+
+
+# ---------------------------------------------------------------------------
+
+
+class BoftAdapter(Adapter):
+    """Output side ``W' x = R (W x)``; input side ``W' x = W (R x)``; ``R`` orthogonal, ``R = I`` at start.
+
+    Parameters: ``boft_Q`` of shape ``(m, k, b(b−1)/2)`` — ``m · k · b(b−1)/2`` per layer.
+    The Cayley blocks are computed in the parameter dtype (at least float32, as
+    ``torch.linalg.solve`` needs) once per call and cast to the activations'
+    dtype for the matmuls; activations are never upcast.
+
+    Attributes:
+        recompute_stages: ``True`` (default) uses ``ButterflyFunction``;
+            ``False`` the plain-autograd reference (same values, more memory).
+
+    Raises:
+        ValueError: ``d`` (``d_out`` or ``d_in`` by side) does not fit
+            ``block_size`` and ``n_factors``; the message lists the values that would.
+    """
+
+    method = "boft"
+
+    def __init__(self, d_in: int, d_out: int, config: BoftConfig) -> None:
+        super().__init__(d_in, d_out)
+        self.side = config.side
+        d = d_out if config.side == "output" else d_in
+        b, m = config.block_size, config.n_factors
+        _check_fits(d, b, m, config.side)
+        self.dim, self.block_size, self.n_factors, self.n_blocks = d, b, m, d // b
+        self.recompute_stages = True
+        self.boft_Q = nn.Parameter(torch.zeros(m, self.n_blocks, b * (b - 1) // 2))
+        # Derived from the config, so not saved with the adapter.
+        self.register_buffer("triu", torch.triu_indices(b, b, offset=1), persistent=False)  # (2, b(b-1)/2)
+        perms = [butterfly_permutation(i + 1, self.n_blocks, b) for i in range(m)]
+        self.register_buffer("permutations", torch.stack(perms), persistent=False)  # (m, d)
+        self.register_buffer("plan", _gather_plan(perms), persistent=False)  # (2, m + 1, d)
+        self.register_buffer("plan_transposed", _gather_plan(perms[::-1]), persistent=False)
+
+    def cayley_blocks(self) -> Tensor:
+        """The ``(m, k, b, b)`` blocks ``(I + Q)(I − Q)⁻¹ = solve(I − Q, I + Q)`` (the factors commute)."""
+        q = self.boft_Q
+        q = q.to(torch.promote_types(q.dtype, torch.float32))
+        m, k, b = self.n_factors, self.n_blocks, self.block_size
+        skew = q.new_zeros(m, k, b, b)
+        skew[..., self.triu[0], self.triu[1]] = q
+        skew = skew - skew.transpose(-1, -2)  # (m, k, b, b)
+        eye = torch.eye(b, dtype=q.dtype, device=q.device)
+        return torch.linalg.solve(eye - skew, eye + skew)
+
+    def _run(self, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool) -> Tensor:
+        if h.shape[-1] != self.dim:
+            raise ValueError(f"expected activations with last dimension {self.dim}, got shape {tuple(h.shape)}")
+        flat = h.reshape(-1, self.dim)  # (N, d)
+        if self.recompute_stages:
+            out = ButterflyFunction.apply(flat, blocks, plan, lead_identity)
+        else:
+            out = butterfly_reference(flat, blocks, plan[0], lead_identity)
+        return out.reshape(h.shape)
+
+    def rotate(self, h: Tensor) -> Tensor:
+        """``R h`` along the last dimension. h: (..., d) -> (..., d), h's dtype."""
+        return self._run(h, self.cayley_blocks().to(h.dtype), self.plan, lead_identity=True)  # P_1 = I
+
+    def rotate_transposed(self, h: Tensor) -> Tensor:
+        """``Rᵀ h = B_1ᵀ ⋯ B_mᵀ h`` along the last dimension. h: (..., d) -> (..., d)."""
+        blocks = self.cayley_blocks().to(h.dtype).flip(0).transpose(-1, -2)  # factors reversed, blocks transposed
+        return self._run(h, blocks, self.plan_transposed, lead_identity=self.n_factors == 1)  # leads with P_m
+
+    def dense_rotation(self) -> Tensor:
+        """The ``d × d`` matrix ``R`` (for tests and merging only)."""
+        eye = torch.eye(self.dim, dtype=torch.promote_types(self.boft_Q.dtype, torch.float32), device=self.boft_Q.device)
+        return self.rotate(eye).t()  # row i of rotate(I) is R e_i
+
+    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        if self.side == "output":
+            return self.rotate(base(x))  # (..., d_out)
+        return base(self.rotate(x))  # (..., d_out)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """``R W`` (output side: rotate every column) or ``W R`` (input side: ``Rᵀ`` on every row)."""
+        if self.side == "output":
+            return self.rotate(weight.t()).t()
+        return self.rotate_transposed(weight)
+
+    def unmerged_weight(self, merged: Tensor) -> Tensor:
+        """``Rᵀ W'`` or ``W' Rᵀ``: exact inverse because ``R`` is orthogonal."""
+        if self.side == "output":
+            return self.rotate_transposed(merged.t()).t()
+        return self.rotate(merged)
+
+    def extra_repr(self) -> str:
+        return f"side={self.side}, d={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}"
