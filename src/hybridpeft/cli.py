@@ -1,0 +1,259 @@
+"""The ``hybridpeft`` command: a thin argparse layer over typed functions.
+
+    hybridpeft train                       # the embedded default job (see configs/default.yaml)
+    hybridpeft train --config job.yaml --set train.lr=2e-4 --set adapter.method=lora
+    hybridpeft train --config job.yaml --resume
+    hybridpeft eval  runs/default/adapter [--split test --limit 200]
+    hybridpeft merge runs/default/adapter merged-model/
+    hybridpeft info  runs/default
+
+Each subcommand is one row of ``COMMANDS``: (help, add_arguments, run). ``run``
+receives the parsed namespace and returns an exit status; the work itself is
+done by functions in ``hybridpeft.train`` that take ordinary typed arguments.
+Later subcommands (``bench``, ``report``) register with ``register_command``.
+
+Exit status: 0 success, 1 a runtime error, 2 an invalid configuration or
+arguments (every problem listed), 3 training aborted on non-finite steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+EXIT_ERROR, EXIT_CONFIG, EXIT_ABORTED = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, command: Command) -> None:
+    """Add a subcommand (later issues: ``bench``, ``report``)."""
+    COMMANDS[name] = command
+
+
+# ---------------------------------------------------------------- train
+
+_SHORTCUTS = {  # flag -> dotted config key
+    "method": "adapter.method", "task": "data.task", "model": "model.name",
+    "run_dir": "output.run_dir", "max_steps": "train.max_steps", "seed": "train.seed",
+}
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="job YAML (default: the embedded default job, same as configs/default.yaml)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=2e-4 --set adapter.lora.r=16 "
+                        "(value parsed as YAML; repeatable)")
+    p.add_argument("--method", help="shortcut for --set adapter.method=… (e.g. lora, lora_ga, boft, unitary, hybrid, full)")
+    p.add_argument("--task", help="shortcut for --set data.task=…")
+    p.add_argument("--model", help="shortcut for --set model.name=… (hub id, local dir, smollm2-135m, minilm-l6)")
+    p.add_argument("--run-dir", help="shortcut for --set output.run_dir=…")
+    p.add_argument("--max-steps", help="shortcut for --set train.max_steps=…")
+    p.add_argument("--seed", help="shortcut for --set train.seed=…")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the newest intact checkpoint of the run dir (or the one given)")
+    p.add_argument("--print-config", action="store_true",
+                   help="validate, print the resolved config as YAML and exit (loads no model)")
+
+
+def _job_overrides(args: argparse.Namespace) -> list[str]:
+    shortcuts = [f"{key}={getattr(args, flag)}" for flag, key in _SHORTCUTS.items() if getattr(args, flag) is not None]
+    return shortcuts + list(args.overrides)
+
+
+def resolve_job(config: str | None, overrides: list[str]):
+    """The validated ``JobConfig`` for a config file (or the embedded default) plus overrides."""
+    from .train.config import load_config
+    from .train.presets import default_job
+
+    if config is None:
+        return load_config(data=default_job(), overrides=overrides)
+    return load_config(config, overrides)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import train
+    from .train.config import dump_yaml
+
+    job = resolve_job(args.config, _job_overrides(args))
+    if args.print_config:
+        print(dump_yaml(job), end="")
+        return 0
+    result = train(job, resume=args.resume)
+    print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "stop_reason": result.stop_reason,
+                      "before": result.before, "after": result.after, "adapter": str(result.adapter_dir),
+                      "skipped_steps": result.skipped_steps}, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- eval / merge / info
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", nargs="?", help="adapter dir, checkpoint or run dir (omit with --base)")
+    p.add_argument("--base", action="store_true", help="evaluate the base model without an adapter")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--task", help="task (default: the one the adapter was trained on)")
+    p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE", help="task constructor argument")
+    p.add_argument("--split", help="split to score (default: the task's evaluation split)")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data-dir", help="local data files for tasks that read them")
+    p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, Any]:
+    from .train.config import ConfigError, parse_value
+
+    out, errors = {}, []
+    for item in items:
+        if "=" not in item:
+            errors.append(f"{flag} {item!r} is invalid: expected KEY=VALUE")
+            continue
+        key, raw = item.split("=", 1)
+        out[key.strip()] = parse_value(raw)
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .train.artifacts import evaluate_adapter
+
+    if (args.adapter is None) != args.base:
+        raise ValueError("give an adapter directory, or --base (with --model and --task) for the base model")
+    task_args = _key_values(args.task_arg, "--task-arg") if args.task_arg else None
+    result = evaluate_adapter(None if args.base else args.adapter, model=args.model, task=args.task, split=args.split,
+                              limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir, seed=args.seed,
+                              task_args=task_args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter dir, checkpoint or run dir")
+    p.add_argument("out", help="output directory (save_pretrained format, loads with plain transformers)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .train.artifacts import merge_to_dir
+
+    out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="an adapter dir, a checkpoint dir or a run dir")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .train.artifacts import describe
+
+    print(describe(args.path))
+    return 0
+
+
+register_command("train", Command(
+    "fine-tune a model (no arguments: the embedded default job)", _train_arguments, _run_train,
+    "Train with an adapter method on a task. Settings come from the embedded default job or --config, "
+    "then shortcuts like --method, then every --set; all invalid values are reported at once before "
+    "any model is loaded. Multi-GPU: accelerate launch -m hybridpeft.cli train ...",
+))
+register_command("eval", Command("score an adapter (or the base model) with its task's metric", _eval_arguments, _run_eval))
+register_command("merge", Command("merge an adapter into its base model and save a plain transformers model",
+                                  _merge_arguments, _run_merge))
+register_command("info", Command("show what an adapter dir, checkpoint or run dir holds", _info_arguments, _run_info))
+
+
+# ---------------------------------------------------------------- bench / report (hybridpeft.bench)
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench.commands import add_bench_arguments
+
+    add_bench_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench.commands import bench_command
+
+    return bench_command(args.config, set_=args.set_, output=args.output, max_attempts=args.max_attempts,
+                         progress=args.progress, report_dir=args.report_dir)
+
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench.commands import add_report_arguments
+
+    add_report_arguments(p)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .bench.commands import report_command
+
+    return report_command(args.results, out=args.out, reference=args.reference, title=args.title, notes=args.notes)
+
+
+register_command("bench", Command(
+    "run or resume a benchmark grid (methods × tasks × seeds × models)", _bench_arguments, _run_bench,
+    "Run every unfinished run of a benchmark YAML (e.g. benchmarks/quick.yaml) and append each to its "
+    "results store; finished runs are skipped, failed ones retried up to max_attempts.",
+))
+register_command("report", Command("render a benchmark report (Markdown, HTML, PNG figures) from a results store",
+                                   _report_arguments, _run_report))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hybridpeft",
+        description="Parameter-efficient fine-tuning: LoRA, LoRA-GA, BOFT, unitary adapters and the Hybrid.",
+        epilog="Start with:  hybridpeft train   (fine-tunes SmolLM2-135M on a synthetic task in a few minutes on CPU)",
+    )
+    parser.add_argument("--version", action="version", version=f"hybridpeft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.description or command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    from .train.config import ConfigError
+    from .train.loop import TrainingAborted
+
+    try:
+        return args._run(args)
+    except ConfigError as err:
+        print(f"hybridpeft: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingAborted as err:
+        print(f"hybridpeft: {err}", file=sys.stderr)
+        return EXIT_ABORTED
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hybridpeft: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

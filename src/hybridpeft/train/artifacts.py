@@ -1,0 +1,195 @@
+"""Working with what training leaves behind: evaluate, merge into a plain model, describe.
+
+An adapter directory written by training carries ``hybridpeft_run.json`` beside
+the adapter files (base model, task, step), so ``eval`` and ``merge`` need no
+more than the directory; ``--model`` / ``--task`` override or supply them for
+adapters saved elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
+from ..tasks import get_task
+from . import checkpoint as ckpt
+from .loop import RUN_INFO
+from .records import read_jsonl
+from .setup import load_model
+
+
+def run_info(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """The training metadata saved with an adapter (empty if it has none)."""
+    path = Path(adapter_dir) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def find_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself if it holds an adapter, else ``path/adapter`` (a run dir or a checkpoint).
+
+    Raises:
+        FileNotFoundError: neither holds ``adapter_config.json``.
+    """
+    path = Path(path)
+    for candidate in (path, path / ckpt.ADAPTER_DIR):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    raise FileNotFoundError(f"no adapter in {path}: expected {ADAPTER_CONFIG} there or in {path / ckpt.ADAPTER_DIR}")
+
+
+def _base_and_task(adapter_dir: Path, model: str | None, task: str | None, task_args: dict[str, Any] | None):
+    info = run_info(adapter_dir)
+    model_name = model or info.get("base_model")
+    task_name = task or info.get("task")
+    if model_name is None:
+        raise ValueError(f"{adapter_dir} does not record its base model; pass --model")
+    args = task_args if task_args is not None else (info.get("task_args", {}) if task_name == info.get("task") else {})
+    return model_name, (get_task(task_name, **args) if task_name else None)
+
+
+def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str | None = None,
+                 task_args: dict[str, Any] | None = None, dtype: str = "float32"):
+    """(adapted model, tokenizer, task or None) for an adapter directory."""
+    adapter_dir = find_adapter_dir(adapter)
+    model_name, task_obj = _base_and_task(adapter_dir, model, task, task_args)
+    kind_task = task_obj if task_obj is not None else _CausalKind()
+    base, tokenizer = load_model(model_name, kind_task, dtype)
+    load_adapter(base, adapter_dir)
+    return base, tokenizer, task_obj
+
+
+class _CausalKind:
+    kind = "causal"
+    num_labels = 0
+
+
+def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
+                     split: str | None = None, limit: int | None = None, batch_size: int = 16,
+                     data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The task metric of an adapter (or of the base model when ``adapter`` is None)."""
+    if adapter is not None:
+        net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
+    else:
+        if model is None or task is None:
+            raise ValueError("evaluating a base model needs --model and --task")
+        task_obj = get_task(task, **(task_args or {}))
+        net, tokenizer = load_model(model, task_obj)
+    if task_obj is None:
+        raise ValueError(f"{adapter} does not record its task; pass --task")
+    split = split or getattr(task_obj, "eval_split", "test")
+    examples = task_obj.load(split, data_dir, limit, seed)
+    metrics = task_obj.evaluate(net, tokenizer, examples, batch_size=batch_size)
+    return {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
+
+
+def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
+                 task: str | None = None, dtype: str = "float32") -> Path:
+    """Merge an adapter into its base and save a plain ``save_pretrained`` directory (with tokenizer).
+
+    The result loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
+    alone; no hybridpeft code is needed to run it.
+    """
+    net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype)
+    merge_and_unload(net)
+    out = Path(out)
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A readable summary of an adapter dir, a checkpoint or a run dir."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    lines: list[str] = []
+    if (path / "config.yaml").is_file() and (path / "run.json").is_file():
+        lines += _describe_run(path)
+    elif (path / ckpt.TRAINER_STATE).is_file() or (path / ckpt.MARKER).is_file():
+        lines += _describe_checkpoint(path)
+    else:
+        lines += _describe_adapter(find_adapter_dir(path))
+    return "\n".join(lines)
+
+
+def _describe_adapter(adapter_dir: Path) -> list[str]:
+    from safetensors import safe_open
+
+    config = read_adapter_config(adapter_dir)
+    info = run_info(adapter_dir)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("format_version", "method")}
+    lines = [f"adapter: {adapter_dir}", f"  method: {config.method}"]
+    for key, value in fields.items():
+        lines.append(f"  {key}: {value}")
+    if info:
+        lines.append("  trained: " + ", ".join(f"{k}={info[k]}" for k in ("base_model", "task", "step", "seed") if k in info))
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return lines + [f"  (no {ADAPTER_WEIGHTS})"]
+    total, dtypes, layers = 0, set(), set()
+    scalars: dict[str, list[float]] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+        for key in keys:
+            tensor = f.get_tensor(key)
+            total += tensor.numel()
+            dtypes.add(str(tensor.dtype).replace("torch.", ""))
+            owner, sep, local = key.partition(".adapter.")
+            if sep:
+                layers.add(owner)
+                if tensor.numel() == 1 and tensor.is_floating_point():  # per-layer scalars such as λ
+                    scalars.setdefault(local, []).append(float(tensor))
+    lines.append(f"  tensors: {len(keys)} ({total:,} values, {', '.join(sorted(dtypes))}), "
+                 f"{weights.stat().st_size / 2**20:.2f} MiB on disk")
+    lines.append(f"  adapted layers: {len(layers)}")
+    for name, values in sorted(scalars.items()):
+        t = torch.tensor(values)
+        lines.append(f"  per-layer {name}: min {t.min():.4f}  mean {t.mean():.4f}  max {t.max():.4f}  ({len(values)} layers)")
+    return lines
+
+
+def _describe_checkpoint(path: Path) -> list[str]:
+    reason = ckpt.verify(path)
+    lines = [f"checkpoint: {path}", f"  status: {'complete' if reason is None else 'UNUSABLE: ' + reason}"]
+    if (path / ckpt.TRAINER_STATE).is_file():
+        try:
+            state = ckpt.load_trainer_state(path)
+            loop = state.get("loop", {})
+            lines.append(f"  step: {loop.get('step')}, data position: {state.get('data')}, "
+                         f"skipped steps: {loop.get('skipped')}, best val loss: {loop.get('best_val_loss')}")
+            lines.append(f"  world size {state.get('world_size')}, batch size {state.get('batch_size')}, "
+                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}")
+        except Exception as err:  # a corrupt file is exactly what info should report, not crash on
+            lines.append(f"  trainer state unreadable: {err}")
+    if (path / ckpt.ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        lines += _describe_adapter(path / ckpt.ADAPTER_DIR)
+    return lines
+
+
+def _describe_run(path: Path) -> list[str]:
+    import yaml
+
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    meta = json.loads((path / "run.json").read_text())
+    lines = [f"run: {path}",
+             f"  task: {config.get('data', {}).get('task')}, method: {config.get('adapter', {}).get('method')}, "
+             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"]
+    steps = read_jsonl(path / "train_log.jsonl")
+    if steps:
+        last = steps[-1]
+        lines.append(f"  logged steps: {len(steps)}, last step {last.get('step')} loss {last.get('loss')}")
+    results = path / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        lines.append(f"  before: {data.get('before')}")
+        lines.append(f"  after:  {data.get('after')}")
+    for step, cdir in ckpt.list_checkpoints(path / "checkpoints"):
+        reason = ckpt.verify(cdir)
+        lines.append(f"  checkpoint step {step}: {'complete' if reason is None else 'UNUSABLE: ' + reason}")
+    if (path / "adapter" / ADAPTER_CONFIG).is_file():
+        lines += _describe_adapter(path / "adapter")
+    return lines

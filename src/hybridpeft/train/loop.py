@@ -1,0 +1,478 @@
+"""The training loop on ``accelerate``: one code path for every method.
+
+Per optimizer step::
+
+    for each of grad_accum micro-batches (DDP gradient sync only on the last):
+        loss = model(**batch).loss;  backward(loss / grad_accum)
+    global loss = mean over ranks;  grad norm = clip_grad_norm_ (after sync)
+    if both finite:  optimizer.step();  after_optimizer_step(model)   # Hybrid λ, norm bounds
+    else:            skip the update, count it; K in a row → TrainingAborted
+    scheduler.step();  zero_grad()
+    log → validate every N → checkpoint every M
+
+A skipped step still consumes its data and its learning-rate slot, so step
+numbers, data order and schedule stay aligned whatever happens. Every rank
+takes the same decisions (the loss is all-reduced, the gradient norm is
+computed after the gradient all-reduce).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..api import after_optimizer_step, load_adapter, save_adapter
+from . import checkpoint as ckpt
+from .config import JobConfig, dump_yaml
+from .data import BatchStream
+from .evaluation import task_metrics, validation_loss
+from .records import RunLog, now, peak_memory_mb, versions, write_json
+from .seeding import rng_state, seed_everything, set_rng_state
+from .setup import (
+    build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
+    needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name,
+)
+
+RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    stop_reason: str
+    adapter_dir: Path
+    before: dict[str, float] | None = None
+    after: dict[str, float] | None = None
+    best_val_loss: float | None = None
+    skipped_steps: int = 0
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors that a checkpoint must carry to continue exactly."""
+
+    step: int = 0
+    skipped: int = 0
+    consecutive_bad: int = 0
+    bad_steps: list[int] = field(default_factory=list)
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _make_accelerator(job: JobConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Buffers (e.g. the Hybrid's λ) are kept identical by the adapters themselves; broadcasting
+    # them from rank 0 every forward would hide a rank that drifted.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=False)
+    # accelerate only forms a multi-process CPU group (gloo) when told it runs on the CPU.
+    return Accelerator(mixed_precision=_mixed_precision(job.train.mixed_precision), kwargs_handlers=[ddp],
+                       cpu=not _has_accelerator())
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
+def mixing_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Per-layer mixing state (the Hybrid's λ and branch gradient norms); empty for other methods."""
+    try:
+        from ..mixing import mixing_state
+    except ImportError:
+        return {}
+    return mixing_state(model)
+
+
+def _prepare_run_dir(job: JobConfig, run_dir: Path, resume: bool | str | None, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None = fresh start); refuses to clobber a run by accident."""
+    checkpoints = run_dir / "checkpoints"
+    if resume:
+        source = checkpoints if resume is True else Path(resume)
+        if (source / ckpt.MARKER).exists() or (source / ckpt.TRAINER_STATE).exists():  # one checkpoint named
+            reason = ckpt.verify(source)
+            if reason is not None:
+                raise ValueError(f"--resume {source}: checkpoint is not usable: {reason}")
+            return source
+        found = ckpt.latest_valid(source, warn=is_main)
+        if found is None and is_main:
+            warnings.warn(f"--resume: no complete checkpoint in {source}; starting from scratch", stacklevel=3)
+        return found
+    if ckpt.list_checkpoints(checkpoints) and not job.output.overwrite:
+        raise ValueError(
+            f"output.run_dir={str(run_dir)!r} already holds checkpoints; pass --resume to continue that run, "
+            "or set output.overwrite=true / choose another output.run_dir to start over"
+        )
+    return None
+
+
+def _say(accelerator: Any, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def _write_run_info(adapter_dir: Path, job: JobConfig, model_name: str, step: int) -> None:
+    write_json(adapter_dir / RUN_INFO, {
+        "base_model": model_name, "task": job.data.task, "task_args": job.data.task_args,
+        "method": job.method, "step": step, "seed": job.train.seed, "max_length": job.data.max_length,
+    })
+
+
+def train(job: JobConfig, resume: bool | str | None = None) -> TrainResult:
+    """Run a validated job: train, checkpoint, evaluate before/after; returns a summary.
+
+    Args:
+        job: from ``load_config``.
+        resume: ``True`` continues from the newest intact checkpoint of the run dir,
+            a path continues from that checkpoint (or checkpoints folder); falsy starts fresh.
+
+    Raises:
+        TrainingAborted: ``train.nan_abort_after`` consecutive non-finite steps.
+        ValueError: the run dir holds checkpoints and neither resume nor overwrite was asked.
+    """
+    accelerator = _make_accelerator(job)
+    is_main = accelerator.is_main_process
+    run_dir = job.run_dir()
+    checkpoints = run_dir / "checkpoints"
+    source = _prepare_run_dir(job, run_dir, resume, is_main)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if source is None:
+            if job.output.overwrite and checkpoints.exists():
+                shutil.rmtree(checkpoints)
+            for name in ("train_log.jsonl", "eval_log.jsonl", "results.json"):
+                (run_dir / name).unlink(missing_ok=True)
+        elif source is not None:
+            _warn_config_drift(run_dir, job)
+        (run_dir / "config.yaml").write_text(dump_yaml(job))
+        write_json(run_dir / "run.json", {
+            "seed": job.train.seed, "versions": versions(), "started": now(), "argv": sys.argv,
+            "world_size": accelerator.num_processes, "device": str(accelerator.device),
+            "mixed_precision": accelerator.mixed_precision, "resumed_from": str(source) if source else None,
+        })
+    accelerator.wait_for_everyone()
+
+    seed_everything(job.train.seed)
+    task = build_task(job)
+    train_examples, val_examples = load_splits(job, task)
+    eval_split = split_name(task, job.eval.split, "eval_split", "test")
+    eval_examples = task.load(eval_split, job.data.data_dir, job.eval.limit, job.train.seed) \
+        if (job.eval.before or job.eval.after) else []
+    BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
+
+    model_name = job.model_name(task.kind)
+    model, tokenizer = load_model(model_name, task, job.model.dtype)
+    stream = BatchStream(task, tokenizer, train_examples, job.train.batch_size, job.train.seed,
+                         accelerator.process_index, accelerator.num_processes, job.data.max_length)
+    model.to(accelerator.device)
+    results: dict[str, Any] = _read_results(run_dir) if source is not None else {}
+    if job.eval.before and "before" not in results and is_main:
+        _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
+        results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
+        _say(accelerator, f"before training: {_format_metrics(results['before'])}")
+        write_json(run_dir / "results.json", results)
+    accelerator.wait_for_everyone()
+
+    model = prepare_model(model, job, task)
+    model.to(accelerator.device)
+    state = LoopState()
+    if source is not None:
+        load_adapter(model, source / ckpt.ADAPTER_DIR)
+    elif needs_lora_ga_init(model):
+        n = lora_ga_batch_count(model)
+        _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
+        cache = None
+        if job.train.lora_ga_cache:
+            from ..models import cache_dir
+
+            cache = str(cache_dir() / "lora_ga")
+        run_lora_ga_init(model, stream.warmup_batches(n), cache_dir=cache)
+
+    steps_per_epoch = max(1, stream.batches_per_epoch // job.train.grad_accum)
+    total_steps = job.train.max_steps if job.train.max_steps is not None else \
+        max(1, math.ceil(job.train.epochs * stream.batches_per_epoch / job.train.grad_accum))
+    set_schedule_length(model, total_steps)
+    optimizer = build_optimizer(model, job)
+    scheduler = build_scheduler(optimizer, job, total_steps)
+    if source is not None:
+        saved = ckpt.load_trainer_state(source)
+        _check_compatible(saved, job, accelerator.num_processes)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = LoopState(**saved["loop"])
+        stream.seek(saved["data"]["epoch"], saved["data"]["index"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if source is not None:
+        saved = ckpt.load_trainer_state(source)
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        rng = ckpt.load_rng(source, accelerator.process_index)
+        if rng is None:
+            raise ValueError(f"checkpoint {source} has no RNG state for rank {accelerator.process_index}")
+        set_rng_state(rng)
+        _say(accelerator, f"resumed from {source} at step {state.step}")
+
+    log = RunLog(run_dir, is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
+    unwrapped = accelerator.unwrap_model(model)
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    _say(accelerator, f"training {job.method} on {task.name}: {n_trainable:,} trainable parameters, "
+                      f"{len(train_examples)} examples, {total_steps} steps ({steps_per_epoch} per epoch), "
+                      f"world size {accelerator.num_processes}, mixed precision {accelerator.mixed_precision}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (is_main and job.train.progress))
+    last_saved: Path | None = source
+    stop_reason = "max_steps"
+    model.train()
+    try:
+        while state.step < total_steps:
+            record = _train_step(job, accelerator, model, unwrapped, optimizer, scheduler, stream, params, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}" if isinstance(record["loss"], float) else record["loss"],
+                            lr=f"{record['lr']:.2e}")
+            if state.step % job.train.log_every == 0 or record.get("skipped"):
+                log.step(record)
+            if state.consecutive_bad >= job.train.nan_abort_after:
+                raise TrainingAborted(
+                    f"training aborted at step {state.step}: {state.consecutive_bad} consecutive steps had a "
+                    f"non-finite loss or gradient (steps {state.bad_steps[-state.consecutive_bad:]}; each was skipped "
+                    f"without an update). Last good checkpoint: "
+                    f"{last_saved if last_saved is not None else 'none (no checkpoint was written yet)'}. "
+                    "Lower train.lr, check the data or the precision, then continue with --resume."
+                )
+            if job.eval.every and state.step % job.eval.every == 0 and state.consecutive_bad == 0:
+                if _validate(job, accelerator, model, unwrapped, tokenizer, task, val_examples, state, log, run_dir,
+                             model_name):
+                    stop_reason = "early_stopping"
+            should_save = job.train.save_every and state.step % job.train.save_every == 0
+            if stop_reason != "max_steps" or state.step == total_steps:
+                should_save = True
+            if should_save and state.consecutive_bad == 0:
+                last_saved = save_checkpoint(accelerator, unwrapped, optimizer, scheduler, stream, state, job,
+                                             checkpoints, model_name)
+            if job.debug.step_sleep_s:
+                time.sleep(job.debug.step_sleep_s)
+            if stop_reason != "max_steps":
+                break
+    finally:
+        bar.close()
+        log.close()
+
+    best_dir = run_dir / "best_adapter"
+    if job.eval.early_stopping_patience is not None and best_dir.is_dir():
+        load_adapter(unwrapped, best_dir)  # continue with the weights that validated best
+    adapter_dir = run_dir / "adapter"
+    if is_main:
+        save_adapter(unwrapped, adapter_dir)
+        _write_run_info(adapter_dir, job, model_name, state.step)
+    if job.debug.save_rank_states:
+        _dump_rank_state(unwrapped, run_dir, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if job.eval.after and is_main:
+        _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
+        results["after"] = task_metrics(unwrapped, tokenizer, task, eval_examples, job.eval.batch_size)
+    if is_main:
+        results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
+                       best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now())
+        write_json(run_dir / "results.json", results)
+        _say(accelerator, f"before training: {_format_metrics(results.get('before'))}")
+        _say(accelerator, f"after training:  {_format_metrics(results.get('after'))}")
+        _say(accelerator, f"adapter saved to {adapter_dir}")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, step=state.step, stop_reason=stop_reason, adapter_dir=adapter_dir,
+                       before=results.get("before"), after=results.get("after"),
+                       best_val_loss=state.best_val_loss, skipped_steps=state.skipped)
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _train_step(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, optimizer: Any, scheduler: Any,
+                stream: BatchStream, params: list[torch.nn.Parameter], state: LoopState) -> dict[str, Any]:
+    started = time.perf_counter()
+    step = state.step + 1
+    total_loss = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    position = stream.position.to_dict()
+    for micro in range(job.train.grad_accum):
+        batch = {k: v.to(accelerator.device) for k, v in stream.next().items()}
+        sync = micro == job.train.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = model(**batch).loss
+            if step in job.debug.nan_loss_at_steps:
+                loss = loss * float("nan")
+            accelerator.backward(loss / job.train.grad_accum)
+        total_loss += loss.detach().float()
+        tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+    if step in job.debug.nan_grad_at_steps:
+        first = next(p for p in params if p.grad is not None)
+        first.grad.view(-1)[0] = float("nan")
+    mean_loss = accelerator.reduce(total_loss / job.train.grad_accum, "mean").item()
+    global_tokens = int(accelerator.reduce(tokens, "sum").item())
+    max_norm = job.train.max_grad_norm if job.train.max_grad_norm is not None else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    lr = scheduler.get_last_lr()[0]
+    fp16_overflow = accelerator.scaler is not None and math.isfinite(mean_loss) and not math.isfinite(grad_norm)
+    finite = math.isfinite(mean_loss) and (math.isfinite(grad_norm) or fp16_overflow)
+    record: dict[str, Any] = {"step": step, "epoch": position["epoch"], "data_index": position["index"],
+                              "loss": mean_loss, "lr": lr, "grad_norm": grad_norm}
+    if finite:
+        optimizer.step()  # with fp16 the scaler skips an overflowing step itself
+        if not getattr(optimizer, "step_was_skipped", False):
+            after_optimizer_step(unwrapped)  # before zero_grad: the Hybrid reads branch gradients
+        state.consecutive_bad = 0
+        mixing = mixing_stats(unwrapped)
+        if mixing:
+            record["mixing"] = mixing
+    else:
+        state.skipped += 1
+        state.consecutive_bad += 1
+        state.bad_steps = (state.bad_steps + [step])[-job.train.nan_abort_after:]
+        record["skipped"] = True
+        if accelerator.is_main_process:
+            warnings.warn(f"step {step}: non-finite loss ({mean_loss}) or gradient norm ({grad_norm}); "
+                          f"update skipped ({state.consecutive_bad} in a row)", stacklevel=2)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step = step
+    state.tokens_seen += global_tokens
+    elapsed = time.perf_counter() - started
+    peak, peak_kind = peak_memory_mb(accelerator.device)
+    record.update(tokens=global_tokens, tokens_per_s=global_tokens / max(elapsed, 1e-9), step_time_s=elapsed,
+                  peak_mem_mb=peak, peak_mem_kind=peak_kind, skipped_total=state.skipped)
+    return record
+
+
+def _validate(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, tokenizer: Any, task: Any,
+              val_examples: list, state: LoopState, log: RunLog, run_dir: Path, model_name: str) -> bool:
+    """Validation loss, best-adapter bookkeeping; True when early stopping says stop."""
+    if not val_examples:
+        return False
+    val = validation_loss(unwrapped, tokenizer, task, val_examples, job.eval.batch_size, job.data.max_length,
+                          accelerator)
+    improved = state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta
+    if improved:
+        state.best_val_loss = val
+        state.evals_without_improvement = 0
+        if job.eval.early_stopping_patience is not None and accelerator.is_main_process:
+            best = run_dir / "best_adapter"
+            save_adapter(unwrapped, best)
+            _write_run_info(best, job, model_name, state.step)
+    else:
+        state.evals_without_improvement += 1
+    log.eval({"step": state.step, "val_loss": val, "best_val_loss": state.best_val_loss})
+    accelerator.wait_for_everyone()
+    patience = job.eval.early_stopping_patience
+    return patience is not None and state.evals_without_improvement >= patience
+
+
+def save_checkpoint(accelerator: Any, unwrapped: Any, optimizer: Any, scheduler: Any, stream: BatchStream,
+                    state: LoopState, job: JobConfig, checkpoints: Path, model_name: str) -> Path:
+    """Write ``step-NNNNNN`` atomically (all ranks take part: each saves its RNG state)."""
+    if accelerator.is_main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        ckpt.prepare_temp(checkpoints, state.step)
+    accelerator.wait_for_everyone()
+    tmp = ckpt.temp_dir(checkpoints, state.step)
+    ckpt.save_tensors(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        adapter_dir = save_adapter(unwrapped, tmp / ckpt.ADAPTER_DIR)
+        _write_run_info(adapter_dir, job, model_name, state.step)
+        ckpt.save_tensors({
+            "format_version": 1,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "data": stream.position.to_dict(),
+            "loop": state.to_dict(),
+            "world_size": accelerator.num_processes,
+            "batch_size": job.train.batch_size,
+            "grad_accum": job.train.grad_accum,
+            "seed": job.train.seed,
+            "method": job.method,
+        }, tmp / ckpt.TRAINER_STATE)
+    accelerator.wait_for_everyone()
+    final = checkpoints / ckpt.step_dir_name(state.step)
+    if accelerator.is_main_process:
+        final = ckpt.finalize(checkpoints, state.step, {"method": job.method, "world_size": accelerator.num_processes})
+        ckpt.prune(checkpoints, job.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_compatible(saved: dict[str, Any], job: JobConfig, world_size: int) -> None:
+    """The data position only means the same thing with the same batch geometry and seed."""
+    problems = []
+    for key, now_value in (("world_size", world_size), ("batch_size", job.train.batch_size),
+                           ("grad_accum", job.train.grad_accum), ("seed", job.train.seed), ("method", job.method)):
+        if saved.get(key) != now_value:
+            problems.append(f"{key}: checkpoint {saved.get(key)!r}, now {now_value!r}")
+    if problems:
+        raise ValueError("cannot resume exactly, the run's geometry changed: " + "; ".join(problems))
+
+
+def _warn_config_drift(run_dir: Path, job: JobConfig) -> None:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = job.to_dict()
+    changed = [f"{section}.{key}" for section in new if section not in ("debug", "output")
+               for key in set(new[section]) | set(old.get(section) or {})
+               if (old.get(section) or {}).get(key) != new[section].get(key) and key != "progress"]
+    if changed:
+        warnings.warn(f"resuming with settings that differ from the original run: {sorted(changed)}", stacklevel=3)
+
+
+def _dump_rank_state(model: Any, run_dir: Path, rank: int) -> None:
+    """Debug aid: this rank's adapter tensors and buffers, to compare ranks after DDP training."""
+    from safetensors.torch import save_file
+
+    from ..api import adapter_state_dict
+
+    out = run_dir / "debug"
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(out / f"rank{rank}.safetensors"))

@@ -1,0 +1,174 @@
+"""Building the pieces of a run from a ``JobConfig``: task data, model, adapters, optimizer, schedule.
+
+Everything here is method-agnostic: the adapter config object comes from the
+registry, initializers run when the injected model asks for them (a LoRA-GA
+part ⇒ ``lora_ga_init``), and the optimizer comes from
+``hybridpeft.optim.build_optimizer`` (AdamW plus Riemannian groups for manifold
+tensors), falling back to plain AdamW where that module is absent.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..inject import inject
+from ..tasks import Example, Task, get_task
+from .config import JobConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_task(job: JobConfig) -> Task:
+    return get_task(job.data.task, **job.data.task_args)
+
+
+def split_name(task: Task, job_value: str | None, attribute: str, fallback: str) -> str:
+    """A configured split, else the task's own preference (e.g. RTE trains on part of ``dev``)."""
+    return job_value if job_value is not None else getattr(task, attribute, fallback)
+
+
+def load_splits(job: JobConfig, task: Task) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples.
+
+    With ``data.val_split`` unset, validation is a held-out slice of the
+    training split: a seeded permutation puts ``val_limit`` examples aside
+    before ``train_limit`` is applied, so the test split stays untouched.
+    """
+    train_split = split_name(task, job.data.train_split, "train_split", "train")
+    data_dir, seed = job.data.data_dir, job.train.seed
+    if job.data.val_split is not None:
+        train = task.load(train_split, data_dir, job.data.train_limit, seed)
+        val = task.load(job.data.val_split, data_dir, job.data.val_limit, seed)
+        return train, val
+    n_val = job.data.val_limit or 0
+    wanted = None if job.data.train_limit is None else job.data.train_limit + n_val
+    pool = task.load(train_split, data_dir, wanted, seed)
+    order = list(range(len(pool)))
+    random.Random(f"holdout/{seed}").shuffle(order)
+    if n_val >= len(pool):
+        raise ValueError(f"data.val_limit={n_val} leaves no training examples from the {len(pool)} in split "
+                         f"{train_split!r}; lower it or set data.val_split")
+    val = [pool[i] for i in sorted(order[:n_val])]
+    train = [pool[i] for i in sorted(order[n_val:])]
+    if job.data.train_limit is not None:
+        train = train[: job.data.train_limit]
+    return train, val
+
+
+def load_model(name: str, task: Task, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise."""
+    from ..models import load_causal_lm, load_sequence_classifier
+
+    if task.kind == "classification":
+        return load_sequence_classifier(name, num_labels=task.num_labels, dtype=_DTYPES[dtype])
+    return load_causal_lm(name, dtype=_DTYPES[dtype])
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The freshly initialized classification head of a transformers sequence classifier.
+
+    Names are the attributes transformers uses for it (``classifier`` for BERT-like
+    models, ``score`` for decoder classifiers); the head must train and be saved.
+    """
+    return [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def adapter_config_for(job: JobConfig, model: nn.Module, task: Task) -> AdapterConfig:
+    """The job's adapter config, with a classification head added to ``trainable_modules``."""
+    config = copy.deepcopy(job.adapter)
+    if task.kind == "classification" and config.method != "full":
+        missing = [h for h in head_modules(model) if h not in config.trainable_modules]
+        if missing:
+            config = dataclasses.replace(config, trainable_modules=list(config.trainable_modules) + missing)
+    return config
+
+
+def prepare_model(model: nn.Module, job: JobConfig, task: Task) -> nn.Module:
+    """Gradient checkpointing (if asked) and adapter injection."""
+    if job.model.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
+        # Non-reentrant checkpointing works with a frozen base (no input needs grad).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+    return inject(model, adapter_config_for(job, model, task))
+
+
+def needs_lora_ga_init(model: nn.Module) -> bool:
+    """True when the injected model carries LoRA-GA parts (``lora_ga``, ``hybrid``)."""
+    try:
+        from ..lora_ga import lora_ga_targets
+    except ImportError:
+        return False
+    return bool(lora_ga_targets(model))
+
+
+def run_lora_ga_init(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cache_dir: str | None = None) -> None:
+    from ..lora_ga import lora_ga_init
+
+    lora_ga_init(model, batches, cache_dir=cache_dir)
+
+
+def lora_ga_batch_count(model: nn.Module) -> int:
+    from ..inject import config_of
+
+    config = config_of(model)
+    getter = getattr(config, "lora_ga_config", None)
+    return int(getter().num_batches) if callable(getter) else 8
+
+
+def set_schedule_length(model: nn.Module, total_steps: int) -> None:
+    """Tell step-based adapter schedules (the Hybrid's ``anneal``) how long the run is,
+    unless the adapter config fixed it."""
+    try:
+        from ..mixing import needs_anneal_steps, set_anneal_steps
+    except ImportError:
+        return
+    if needs_anneal_steps(model):
+        set_anneal_steps(model, total_steps)
+
+
+def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
+    t = job.train
+    try:
+        from ..optim import build_optimizer as build
+    except ImportError:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    return build(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
+                 riemannian=t.riemannian, riemannian_lr=t.riemannian_lr)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the base lr after ``k`` scheduler steps.
+
+    Warm-up ``(k + 1) / (warmup + 1)`` for ``k < warmup`` (never exactly 0, so no
+    step is wasted); then ``constant`` 1, ``linear`` 1 → ``min_ratio``, or
+    ``cosine`` ``min_ratio + (1 − min_ratio) · ½ (1 + cos(π p))`` with ``p`` the
+    fraction of post-warm-up steps done.
+    """
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (k - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, job: JobConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    t = job.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio))
