@@ -1,0 +1,228 @@
+"""Ops per adapted module per pass: how many kernels each method launches, and what they are.
+
+One frozen ``d × d`` linear layer with one adapter, activations (B, T, d) that
+require grad (as inside a network). A ``TorchDispatchMode`` counts every ATen op
+that reaches a backend during the forward, the backward and
+``after_optimizer_step``; view ops (``view``, ``t``, ``permute``…) move no data
+and are counted apart. Below autograd, so the count is close to the number of
+kernel launches on a GPU (a CPU run sees the same ops). Also times fwd+bwd of
+the module, eagerly and, with ``--compile``, through ``torch.compile``.
+
+    python benchmarks/op_counts.py [--d 512] [--tokens 2 256] [--compile] [--out docs/perf]
+
+Writes ``<out>/op-counts.{json,md}``. Why it matters (DESIGN §4): at 8B a step
+runs 224 adapted modules, so every extra kernel per module per pass is ~450
+launches per step (forward + backward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import hybridpeft  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ATen ops by name; ``kernels`` excludes pure views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: Counter[str] = Counter()
+        self.views: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        (self.views if func.is_view else self.kernels)[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+    def make(d: int):
+        from hybridpeft.adapters import adapter_class
+        from hybridpeft.adapters.base import AdaptedLinear
+        from hybridpeft.config import config_class
+
+        config = config_class(method)(**fields)
+        layer = AdaptedLinear(nn.Linear(d, d, bias=False), adapter_class(method)(d, d, config))
+        _off_start(layer.adapter)
+        return layer, layer.adapter.after_optimizer_step
+
+    return make
+
+
+@torch.no_grad()
+def _off_start(module: nn.Module) -> None:
+    # Non-zero tensors everywhere, so no path can short-cut a zero factor.
+    for p in module.parameters():
+        if p.requires_grad and p.dim() < 3:
+            p.add_(0.01 * torch.randn_like(p))
+
+
+class _Holder(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def _peft(kind: str) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+    def make(d: int):
+        import peft
+
+        configs = {
+            "lora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"]),
+            "boft": lambda: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=3, target_modules=["proj"]),
+            "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=["proj"]),
+        }
+        model = peft.get_peft_model(_Holder(d), configs[kind]())
+        return model, lambda: None
+
+    return make
+
+
+MODULES: dict[str, Callable[[int], tuple[nn.Module, Callable[[], None]]]] = {
+    "lora": _ours("lora", r=16, alpha=32.0),
+    "lora_ga": _ours("lora_ga", r=16, alpha=32.0),
+    "boft": _ours("boft", block_size=8, n_factors=3),
+    "boft-m1": _ours("boft", block_size=8, n_factors=1),
+    "unitary": _ours("unitary", parameterization="structured"),
+    "unitary-full": _ours("unitary", parameterization="full", block_size=32),
+    "hybrid": _ours("hybrid", lora_r=16, lora_alpha=32.0, boft_block_size=8, boft_n_factors=3),
+    "frozen linear": lambda d: (nn.Linear(d, d, bias=False).requires_grad_(False), lambda: None),
+    "peft-lora": _peft("lora"),
+    "peft-boft": _peft("boft"),
+    "peft-oft": _peft("oft"),
+}
+
+
+def count_passes(module: nn.Module, after_step: Callable[[], None], x: Tensor) -> dict[str, Any]:
+    """Kernel and view counts of one forward, one backward and one ``after_step``."""
+    out: dict[str, Any] = {}
+    with OpCounter() as fwd:
+        y = module(x)
+    probe = torch.randn_like(y)
+    with OpCounter() as bwd:
+        y.backward(probe)
+    with OpCounter() as post:
+        after_step()
+    for name, counter in (("forward", fwd), ("backward", bwd), ("after_step", post)):
+        out[name] = {"kernels": sum(counter.kernels.values()), "views": sum(counter.views.values()),
+                     "ops": dict(counter.kernels.most_common())}
+    return out
+
+
+def time_fwd_bwd(module: Callable[[Tensor], Tensor], x: Tensor, reps: int) -> float:
+    """Median seconds of forward + backward (CPU; no synchronization needed)."""
+    probe = torch.randn_like(module(x))
+    times = []
+    for i in range(reps + 2):
+        t0 = time.perf_counter()
+        module(x).backward(probe)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) -> dict[str, Any]:
+    from hybridpeft.config import known_methods
+
+    results: dict[str, Any] = {}
+    for name, make in MODULES.items():
+        base = name.replace("-m1", "").replace("-full", "")
+        if base in ("lora", "lora_ga", "boft", "unitary", "hybrid") and base not in known_methods():
+            continue
+        torch.manual_seed(0)
+        try:
+            module, after_step = make(d)
+        except Exception as err:
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        x = torch.randn(*tokens, d, requires_grad=True)
+        row = count_passes(module, after_step, x)
+        row["fwd_bwd_s"] = time_fwd_bwd(module, x, reps)
+        if name in compile_methods:
+            try:
+                compiled = torch.compile(module)
+                row["compiled_fwd_bwd_s"] = time_fwd_bwd(compiled, x, reps)
+            except Exception as err:  # inductor needs a C++ compiler on CPU
+                row["compiled_error"] = f"{type(err).__name__}: {err}"[:300]
+        results[name] = row
+    return results
+
+
+def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    lines = [
+        "# Ops per adapted module per pass",
+        "",
+        f"- date: {meta['date']}; torch {meta['torch']}; {meta['machine']}",
+        f"- one frozen {meta['d']}×{meta['d']} linear + adapter; activations {tuple(meta['tokens'])} × {meta['d']}, "
+        "requiring grad; ATen ops counted below autograd with a TorchDispatchMode (≈ kernel launches on a GPU)",
+        "- views (view/t/permute/…) are counted apart: they launch nothing",
+        f"- `fwd+bwd ms`: median of {meta['reps']} eager forward+backward passes of this one module on the CPU"
+        + ("; `compiled`: the same through `torch.compile`" if meta["compiled"] else ""),
+        "",
+        "| module | fwd kernels | bwd kernels | after_step kernels | fwd+bwd ms" + (" | compiled ms" if meta["compiled"] else "")
+        + " | forward ops |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if meta["compiled"] else "") + "---|",
+    ]
+    for name, row in results.items():
+        if "error" in row:
+            lines.append(f"| {name} | error: {row['error'][:100]} |  |  |  |" + (" |" if meta["compiled"] else "") + "  |")
+            continue
+        ops = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in row["forward"]["ops"].items())
+        compiled = ""
+        if meta["compiled"]:
+            compiled = f" {row['compiled_fwd_bwd_s'] * 1e3:.2f} |" if "compiled_fwd_bwd_s" in row else \
+                (" failed |" if "compiled_error" in row else " — |")
+        lines.append(f"| {name} | {row['forward']['kernels']} | {row['backward']['kernels']} | "
+                     f"{row['after_step']['kernels']} | {row['fwd_bwd_s'] * 1e3:.2f} |{compiled} {ops} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--tokens", type=int, nargs=2, default=(2, 256), metavar=("B", "T"))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--compile", nargs="*", default=None, metavar="MODULE",
+                   help="also time these modules through torch.compile (no names: boft, hybrid, lora)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(HERE.parent / "docs" / "perf"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    compile_methods = [] if args.compile is None else (args.compile or ["lora", "boft", "hybrid"])
+    import platform
+    import os
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "d": args.d,
+            "tokens": list(args.tokens), "reps": args.reps, "compiled": bool(compile_methods),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{args.threads} torch thread(s), load {os.getloadavg()[0]:.1f}"}
+    results = run(args.d, tuple(args.tokens), args.reps, compile_methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "op-counts.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    text = markdown(meta, results)
+    (out / "op-counts.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

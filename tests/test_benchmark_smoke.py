@@ -1,0 +1,131 @@
+"""benchmarks/step_time.py works: a tiny model, one or two steps per method, tables written.
+
+Also the NF4 (bitsandbytes) path, which needs a CUDA device and bitsandbytes
+and skips cleanly without them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import perf_report  # noqa: E402
+import step_time  # noqa: E402
+from perf_models import SIZES, build_model  # noqa: E402
+
+
+def _spec(**kw) -> step_time.RunSpec:
+    base = dict(device="cpu", size="tiny", dtype="float32", steps=2, warmup=1, threads=1)
+    return step_time.RunSpec(**{**base, **kw})
+
+
+def test_tiny_run_measures_and_writes_tables(tmp_path):
+    methods = ["floor", "full", "lora", "peft-lora", "boft"]
+    rows = step_time.run_benchmark(_spec(), methods)
+    by = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == methods
+    for name in ("floor", "full", "lora", "peft-lora"):
+        row = by[name]
+        assert row["status"] == "ok", row
+        assert row["steps_timed"] == 2 and row["median_s"] > 0 and row["peak_bytes"] >= 0
+        assert torch.isfinite(torch.tensor(row["loss_first"]))
+    size = SIZES["tiny"]
+    # 7 targets per layer; LoRA r=16 has r (d_in + d_out) per target, as PEFT's does.
+    assert by["floor"]["tunable_params"] == 0
+    assert by["lora"]["tunable_params"] == by["peft-lora"]["tunable_params"] > 0
+    assert by["full"]["tunable_params"] == by["full"]["total_params"]
+    assert by["lora"]["match"] == by["peft-lora"]["match"] == "lora r16"
+    kv = size.hidden // size.heads * size.kv_heads
+    per_layer = 16 * ((size.hidden * 2) * 2 + (size.hidden + kv) * 2 + (size.hidden + size.intermediate) * 3)
+    assert by["lora"]["tunable_params"] == size.layers * per_layer
+
+    r = perf_report.ratios(rows)
+    assert r["lora"]["peft_pair"] == "peft-lora"
+    assert r["lora"]["time_vs_peft"] == pytest.approx(by["lora"]["median_s"] / by["peft-lora"]["median_s"])
+    assert r["floor"]["time_vs_floor"] == pytest.approx(1.0)
+
+    meta = {"date": "today", "command": "test", "machine": step_time.machine_description("cpu"),
+            "spec": step_time.dataclasses.asdict(_spec()), "tokens_per_step": 32,
+            "model": step_time.dataclasses.asdict(size), "isolated_subprocesses": False}
+    json_path, md_path = perf_report.write(meta, rows, tmp_path, "cpu-tiny")
+    saved = json.loads(json_path.read_text())
+    assert {row["method"] for row in saved["results"]} == set(methods)
+    table = md_path.read_text()
+    assert "| lora | ours |" in table and "× PEFT" in table and "Targets" in table
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="nope"):
+        step_time.run_benchmark(_spec(), ["nope"])
+
+
+def test_isolated_subprocess_worker_round_trip():
+    """The CPU default runs each method in a fresh subprocess; its result must come back intact."""
+    rows = step_time.run_benchmark(_spec(steps=1), ["floor"], isolate=True, method_timeout=300)
+    assert rows[0]["status"] == "ok", rows[0]
+    assert rows[0]["memory_method"].startswith("VmHWM") or "ru_maxrss" in rows[0]["memory_method"]
+
+
+def test_rounds_pool_timed_steps():
+    merged = step_time.merge_rounds([
+        {"status": "ok", "times_s": [1.0, 3.0], "median_s": 2.0, "peak_bytes": 5},
+        {"status": "ok", "times_s": [2.0], "median_s": 2.0, "peak_bytes": 7},
+    ])
+    assert merged["times_s"] == [1.0, 3.0, 2.0] and merged["median_s"] == 2.0 and merged["min_s"] == 1.0
+    assert merged["peak_bytes"] == 7 and merged["rounds"] == 2
+
+
+def test_budget_stops_the_timed_loop_early():
+    row = step_time.measure("lora", _spec(steps=50, budget_s=0.0))
+    assert row["status"] == "ok" and row["steps_timed"] == 1 and "note_budget" in row
+
+
+def test_cli_writes_named_outputs(tmp_path):
+    assert step_time.main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--warmup", "0", "--no-isolate",
+                           "--methods", "floor", "lora", "--out", str(tmp_path), "--tag", "t"]) == 0
+    assert (tmp_path / "cpu-tiny-float32-t.md").is_file() and (tmp_path / "cpu-tiny-float32-t.json").is_file()
+
+
+def test_peft_boft_effective_factors_are_reported():
+    """Without its CUDA extension PEFT runs BOFT with m=1; the row must say so and pair accordingly."""
+    rows = step_time.run_benchmark(_spec(steps=1), ["boft-m1", "peft-boft"])
+    by = {r["method"]: r for r in rows}
+    if by["peft-boft"]["status"] != "ok":
+        pytest.skip(f"PEFT BOFT unavailable: {by['peft-boft'].get('reason')}")
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, PEFT may have built its extension")
+    assert by["peft-boft"]["match"] == "boft b8 m1" == by["boft-m1"]["match"]
+    assert "note_effective" in by["peft-boft"]
+    assert perf_report.ratios(rows)["boft-m1"]["peft_pair"] == "peft-boft"
+
+
+def test_nf4_base_on_gpu():
+    """NF4 base weights (bitsandbytes): PEFT LoRA trains, and each of our methods either trains or
+    says it cannot host a 4-bit layer; never a crash of the benchmark."""
+    pytest.importorskip("bitsandbytes")
+    if not torch.cuda.is_available():
+        pytest.skip("NF4 needs a CUDA device")
+    spec = _spec(device="cuda", dtype="bfloat16", quant="nf4", steps=1, threads=None)
+    rows = step_time.run_benchmark(spec, ["peft-lora", "lora", "boft", "unitary", "hybrid"])
+    by = {r["method"]: r for r in rows}
+    assert by["peft-lora"]["status"] == "ok", by["peft-lora"]
+    assert by["peft-lora"]["quantized_layers"] == 7 * SIZES["tiny"].layers
+    for row in rows:
+        assert row["status"] in ("ok", "error", "skipped")
+        if row["status"] == "ok":
+            assert torch.isfinite(torch.tensor(row["loss_last"]))
+
+
+def test_model_sizes_match_llama_configs():
+    """The GPU shapes are Llama-3.2-1B and Llama-3.1-8B (parameter counts 1.24 B and 8.03 B)."""
+    with torch.device("meta"):
+        counts = {name: sum(p.numel() for p in build_model(SIZES[name], "meta", torch.bfloat16, 0).parameters())
+                  for name in ("1b", "8b")}
+    assert counts["1b"] == pytest.approx(1.236e9, rel=0.01)
+    assert counts["8b"] == pytest.approx(8.03e9, rel=0.01)
