@@ -60,7 +60,7 @@ def test_print_config_resolves_default_job_with_overrides(capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["adapter"]["method"] == "lora" and resolved["adapter"]["r"] == 4
     assert resolved["train"]["lr"] == 3e-4 and resolved["data"]["task"] == "arith"
-    assert resolved["model"]["name"] == "smollm2-135m"
+    assert resolved["model"]["name"] is None  # chosen by the task's kind: smollm2-135m for arith
 
 
 def test_bad_config_lists_all_errors_before_loading_a_model(monkeypatch, capsys):

@@ -243,7 +243,8 @@ def test_default_yaml_matches_embedded_preset():
     embedded = load_config(data=default_job())
     assert from_file.to_dict() == embedded.to_dict()
     assert yaml.safe_load((REPO / "configs" / "default.yaml").read_text()) == default_job()
-    assert embedded.method == "hybrid" and embedded.data.task == "arith" and embedded.model.name == "smollm2-135m"
+    assert embedded.method == "hybrid" and embedded.data.task == "arith"
+    assert embedded.model_name("causal") == "smollm2-135m" and embedded.model_name("classification") == "minilm-l6"
 
 
 def test_arith_task_is_deterministic_with_disjoint_splits():
@@ -255,6 +256,7 @@ def test_arith_task_is_deterministic_with_disjoint_splits():
     assert all(_bucket(_key(e)) == 0 for e in test) and all(_bucket(_key(e)) >= 2 for e in train1)
     assert all(e.meta["answer"] == extract_int(e.target) for e in train1)
     assert extract_int(" 42 apples") == 42 and extract_int("minus -3") == -3 and extract_int("none") is None
+    assert extract_int("\n 7 + 5 = 12\nQuestion: 3") == 12 and extract_int("") is None
     with pytest.raises(ValueError, match="split='dev'"):
         task.load("dev")
 
@@ -279,3 +281,86 @@ def test_run_dir_records_config_versions_and_seed(tiny_model, tmp_path):
     assert math.isfinite(record["loss"]) and record["tokens_per_s"] > 0
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(job)  # a second fresh start must not clobber the run
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model, tmp_path):
+    plain = train(_job(tiny_model, tmp_path / "plain", 3))
+    checkpointed = train(_job(tiny_model, tmp_path / "gc", 3, ["model.gradient_checkpointing=true"]))
+    a, b = _steps(plain.run_dir), _steps(checkpointed.run_dir)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+
+
+def test_early_stopping_keeps_the_best_adapter(tiny_model, tmp_path):
+    # min_delta so large that nothing after the first validation counts as an improvement
+    job = _job(tiny_model, tmp_path / "run", 20, ["eval.every=2", "eval.early_stopping_patience=2",
+                                                  "eval.early_stopping_min_delta=1e9"])
+    result = train(job)
+    assert result.stop_reason == "early_stopping" and result.step == 6
+    evals = [json.loads(line) for line in (result.run_dir / "eval_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    best = load_file(str(result.run_dir / "best_adapter" / "adapter.safetensors"))
+    final = load_file(str(result.adapter_dir / "adapter.safetensors"))
+    at_two = load_file(str(result.run_dir / "checkpoints" / "step-000006" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(best[k], final[k]) for k in best)  # the run ends on the best weights (step 2) ...
+    assert not all(torch.equal(best[k], at_two[k]) for k in best)  # ... not on the last ones
+
+
+def test_epochs_budget_sets_the_step_count(tiny_model, tmp_path):
+    job = _job(tiny_model, tmp_path / "run", 1, ["train.max_steps=null", "train.epochs=0.5", "train.save_every=0"])
+    result = train(job)
+    assert result.step == 6  # 48 examples / batch 4 = 12 batches per epoch; half an epoch
+    assert [s for s, _ in ckpt.list_checkpoints(result.run_dir / "checkpoints")] == [6]  # only the final one
+
+
+class _FixedAnswerLM(torch.nn.Module):
+    """Continues every prompt with the same text; enough to check arith's scoring."""
+
+    def __init__(self, tokenizer, text: str) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        tail = torch.tensor(self.ids[:max_new_tokens]).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+@pytest.mark.parametrize("text", [" 12 apples", "\n12\nQuestion 5", " 7 + 5 = 12\n"])
+def test_arith_scores_exact_match_of_the_first_number(text):
+    from hybridpeft.train.tiny import char_tokenizer
+
+    task = get_task("arith")
+    examples = task.load("test", limit=200)
+    hits = sum(e.meta["answer"] == 12 for e in examples)
+    assert 0 < hits < len(examples)
+    scores = task.evaluate(_FixedAnswerLM(char_tokenizer(), text), char_tokenizer(), examples, batch_size=64)
+    assert scores["exact_match"] == pytest.approx(hits / len(examples)) and scores["n"] == len(examples)
+
+
+RESUME_CASES = [
+    ("lora", ["adapter.lora.dropout=0.1"]), ("lora_ga", []), ("boft", []), ("hybrid", []), ("full", []),
+    ("unitary", ["adapter.unitary.parameterization=structured"]),
+    ("unitary", ["adapter.unitary.parameterization=full", "adapter.unitary.block_size=8"]),
+]
+
+
+@pytest.mark.parametrize("method,extra", [c for c in RESUME_CASES if c[0] in __import__("hybridpeft").config.known_methods()],
+                         ids=lambda c: c if isinstance(c, str) else "-".join(x.split("=")[1] for x in c))
+def test_every_method_resumes_exactly_in_process(method, extra, tiny_model, tmp_path):
+    """An in-process crash after step 4 and a resume reproduce an uninterrupted run bit for bit."""
+    from hybridpeft.train import SimulatedCrash
+
+    common = [f"adapter.method={method}", "adapter.boft.block_size=4", "adapter.boft.n_factors=2",
+              "train.grad_accum=2", *extra]
+    ref = train(_job(tiny_model, tmp_path / "ref", 6, common))
+    crashed = _job(tiny_model, tmp_path / "crash", 6, common + ["debug.crash_after_step=4"])
+    with pytest.raises(SimulatedCrash):
+        train(crashed)
+    resumed = train(_job(tiny_model, tmp_path / "crash", 6, common), resume=True)
+    assert resumed.step == 6
+    a, b = _steps(ref.run_dir), _steps(resumed.run_dir)
+    assert [{k: r[k] for k in LOGGED} for r in a] == [{k: r[k] for k in LOGGED} for r in b]
+    if method == "hybrid":
+        assert [r["mixing"] for r in a] == [r["mixing"] for r in b]
+    wa, wb = load_file(str(ref.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -9,8 +9,9 @@ of four templates (add, subtract, multiply, two steps) with small numbers, e.g.:
 
 Splits are disjoint by construction: a problem's split is fixed by a hash of its
 arithmetic content (operation and numbers), so no test problem's numbers appear
-in training under another name. Scoring is exact match of the first integer in
-the model's greedy continuation.
+in training under another name. Scoring is exact match of the *last* integer on
+the first non-empty line of the model's greedy continuation, so both a bare
+answer (``12``) and a worked line (``7 + 5 = 12``) count.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def _problem(rng: random.Random, max_value: int) -> tuple[tuple, str, int]:
 
 
 def extract_int(text: str) -> int | None:
-    """The first integer in ``text`` (the answer a model gives), or None."""
-    match = _INT.search(text)
-    return int(match.group()) if match else None
+    """The answer in a continuation: the last integer on its first non-empty line, or None."""
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    found = _INT.findall(lines[0]) if lines else []
+    return int(found[-1]) if found else None
 
 
 @register_task
@@ -68,19 +70,22 @@ class ArithTask(Task):
     Args:
         max_value: largest operand (multiplication operands stay ≤ 12).
         max_new_tokens: generation budget when scoring.
+        progress: show a progress bar while generating.
     """
 
     name = "arith"
     kind = "causal"
     metric = "exact_match"
 
-    def __init__(self, max_value: int = 20, max_new_tokens: int = 6) -> None:
+    def __init__(self, max_value: int = 20, max_new_tokens: int = 12, progress: bool = False) -> None:
         if not isinstance(max_value, int) or max_value < 2:
             raise ValueError(f"max_value={max_value!r} is invalid: expected an integer >= 2")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer")
         self.max_value = max_value
         self.max_new_tokens = max_new_tokens
+        self.progress = progress
+        self.last_outputs: list[str] = []  # raw continuations of the latest evaluate(), for inspection
 
     def load(self, split: str, data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
         """Generate ``limit`` (default: 4000 train / 400 validation / 400 test) distinct problems.
@@ -107,32 +112,13 @@ class ArithTask(Task):
                                     meta={"answer": answer}))
         return examples
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
-        """Exact match of the first integer in the greedy continuation (left-padded batches)."""
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        correct = 0
-        try:
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start:start + batch_size]
-                rows = [tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in chunk]
-                width = max(len(r) for r in rows)
-                input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T), left-padded
-                attention = torch.zeros((len(rows), width), dtype=torch.long)
-                for i, row in enumerate(rows):
-                    input_ids[i, width - len(row):] = torch.tensor(row)
-                    attention[i, width - len(row):] = 1
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                    max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                for ex, seq in zip(chunk, out[:, width:]):
-                    completion = tokenizer.decode(seq, skip_special_tokens=True).split("\n")[0]
-                    correct += int(extract_int(completion) == ex.meta["answer"])
-        finally:
-            model.train(was_training)
+        """Exact match of ``extract_int`` of the greedy continuation against the answer."""
+        from .lm import generate
+
+        outputs = generate(model, tokenizer, [ex.prompt for ex in examples], max_new_tokens=self.max_new_tokens,
+                           batch_size=batch_size, progress=self.progress, desc="arith")
+        answers = [extract_int(text) for text in outputs]
+        self.last_outputs = outputs
+        correct = sum(int(a == ex.meta["answer"]) for a, ex in zip(answers, examples))
         return {self.metric: correct / max(len(examples), 1), "n": float(len(examples))}

@@ -5,4 +5,4 @@
     result = train(job)            # or train(job, resume=True)
 """
 from .config import ConfigError, JobConfig, build_config, load_config, resolve_mapping  # noqa: F401
-from .loop import TrainingAborted, TrainResult, train  # noqa: F401
+from .loop import SimulatedCrash, TrainingAborted, TrainResult, train  # noqa: F401

@@ -307,12 +307,14 @@ class DebugSection:
         nan_grad_at_steps: optimizer steps whose first trainable gradient gets a NaN.
         step_sleep_s: sleep after each optimizer step (lets a test kill a run mid-way).
         save_rank_states: every rank writes its adapter tensors to ``debug/rank<k>.safetensors``.
+        crash_after_step: raise ``SimulatedCrash`` once this step (and its checkpoint) is done.
     """
 
     nan_loss_at_steps: list[int] = field(default_factory=list)
     nan_grad_at_steps: list[int] = field(default_factory=list)
     step_sleep_s: float = 0.0
     save_rank_states: bool = False
+    crash_after_step: int | None = None
 
     def __post_init__(self) -> None:
         e = _Errors()
@@ -323,6 +325,8 @@ class DebugSection:
         e.check(_finite(self.step_sleep_s) and self.step_sleep_s >= 0, "step_sleep_s", self.step_sleep_s,
                 "a non-negative number")
         e.check(isinstance(self.save_rank_states, bool), "save_rank_states", self.save_rank_states, "true or false")
+        e.check(_optional_positive_int(self.crash_after_step), "crash_after_step", self.crash_after_step,
+                "null or a positive step number")
         e.raise_if_any()
 
 

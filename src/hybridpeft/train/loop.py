@@ -4,7 +4,7 @@ Per optimizer step::
 
     for each of grad_accum micro-batches (DDP gradient sync only on the last):
         loss = model(**batch).loss;  backward(loss / grad_accum)
-    global loss = mean over ranks;  grad norm = clip_grad_norm_ (after sync)
+    global loss = mean over ranks;  grad norm = clip_grad_norm_ (after the sync)
     if both finite:  optimizer.step();  after_optimizer_step(model)   # Hybrid λ, norm bounds
     else:            skip the update, count it; K in a row → TrainingAborted
     scheduler.step();  zero_grad()
@@ -13,12 +13,14 @@ Per optimizer step::
 A skipped step still consumes its data and its learning-rate slot, so step
 numbers, data order and schedule stay aligned whatever happens. Every rank
 takes the same decisions (the loss is all-reduced, the gradient norm is
-computed after the gradient all-reduce).
+computed after the gradient all-reduce), so no rank can step while another skips.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -49,6 +51,10 @@ class TrainingAborted(RuntimeError):
     """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
 
 
+class SimulatedCrash(RuntimeError):
+    """Raised by ``debug.crash_after_step`` (tests of in-process resume)."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -77,12 +83,48 @@ class LoopState:
         return dict(self.__dict__)
 
 
+@dataclass
+class _Run:
+    """The pieces one training run passes around (a record, no behaviour)."""
+
+    job: JobConfig
+    accelerator: Any
+    run_dir: Path
+    model_name: str
+    task: Any
+    tokenizer: Any
+    model: Any  # as prepared by accelerate (DDP-wrapped under data parallelism)
+    unwrapped: Any
+    optimizer: Any
+    scheduler: Any
+    stream: BatchStream
+    params: list[torch.nn.Parameter]
+    state: LoopState
+    log: RunLog | None = None
+    last_saved: Path | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
 
 
 def _make_accelerator(job: JobConfig):
@@ -97,13 +139,6 @@ def _make_accelerator(job: JobConfig):
                        cpu=not _has_accelerator())
 
 
-def _has_accelerator() -> bool:
-    probe = getattr(torch, "accelerator", None)
-    if probe is not None and hasattr(probe, "is_available"):
-        return bool(probe.is_available())
-    return torch.cuda.is_available()
-
-
 def mixing_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per-layer mixing state (the Hybrid's λ and branch gradient norms); empty for other methods."""
     try:
@@ -113,7 +148,95 @@ def mixing_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     return mixing_state(model)
 
 
-def _prepare_run_dir(job: JobConfig, run_dir: Path, resume: bool | str | None, is_main: bool) -> Path | None:
+def _say(accelerator: Any, message: str) -> None:
+    if accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _format_metrics(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+# ---------------------------------------------------------------- the run
+
+def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
+    """Run a validated job: evaluate, train, checkpoint, evaluate again; returns a summary.
+
+    Args:
+        job: from ``load_config``.
+        resume: ``True`` continues from the newest intact checkpoint of the run dir
+            (broken ones are skipped with a warning); a path continues from that
+            checkpoint or checkpoints folder; falsy starts fresh.
+
+    Raises:
+        TrainingAborted: ``train.nan_abort_after`` consecutive non-finite steps.
+        ValueError: the run dir holds checkpoints and neither resume nor overwrite was asked,
+            or a resume does not fit the job (other world size, batch size, ...).
+    """
+    accelerator = _make_accelerator(job)
+    run_dir = job.run_dir()
+    source = _find_resume_source(job, run_dir, resume, accelerator.is_main_process)
+    _start_run_dir(accelerator, job, run_dir, source)
+
+    seed_everything(job.train.seed)
+    task = build_task(job)
+    train_examples, val_examples = load_splits(job, task)
+    eval_split = split_name(task, job.eval.split, "eval_split", "test")
+    eval_examples = task.load(eval_split, job.data.data_dir, job.eval.limit, job.train.seed) \
+        if (job.eval.before or job.eval.after) else []
+    BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
+
+    model_name = job.model_name(task.kind)
+    model, tokenizer = load_model(model_name, task, job.model.dtype)
+    model.to(accelerator.device)
+    results = _read_results(run_dir) if source is not None else {}
+    if job.eval.before and "before" not in results and accelerator.is_main_process:
+        _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
+        results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
+        _say(accelerator, f"before training: {_format_metrics(results['before'])}")
+        write_json(run_dir / "results.json", results)
+    accelerator.wait_for_everyone()
+
+    stream = BatchStream(task, tokenizer, train_examples, job.train.batch_size, job.train.seed,
+                         accelerator.process_index, accelerator.num_processes, job.data.max_length)
+    model = prepare_model(model, job, task).to(accelerator.device)
+    if source is not None:
+        load_adapter(model, source / ckpt.ADAPTER_DIR)
+    else:
+        _initialize_adapters(job, accelerator, model, stream)
+    total_steps = job.train.max_steps if job.train.max_steps is not None else \
+        max(1, math.ceil(job.train.epochs * stream.batches_per_epoch / job.train.grad_accum))
+    set_schedule_length(model, total_steps)
+    optimizer = build_optimizer(model, job)
+    scheduler = build_scheduler(optimizer, job, total_steps)
+    state = LoopState()
+    if source is not None:
+        state = _restore_trainer(source, job, accelerator, optimizer, scheduler, stream)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if source is not None:
+        _restore_process_state(source, accelerator)
+        _say(accelerator, f"resumed from {source} at step {state.step}")
+
+    unwrapped = accelerator.unwrap_model(prepared)
+    run = _Run(job=job, accelerator=accelerator, run_dir=run_dir, model_name=model_name, task=task,
+               tokenizer=tokenizer, model=prepared, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler,
+               stream=stream, params=[p for p in unwrapped.parameters() if p.requires_grad], state=state,
+               last_saved=source)
+    _say(accelerator, f"training {job.method} on {task.name}: {sum(p.numel() for p in run.params):,} trainable "
+                      f"parameters, {len(train_examples)} examples, {total_steps} steps "
+                      f"({max(1, stream.batches_per_epoch // job.train.grad_accum)} per epoch), world size "
+                      f"{accelerator.num_processes}, mixed precision {accelerator.mixed_precision}")
+    run.log = RunLog(run_dir, run.is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
+    try:
+        stop_reason = _loop(run, total_steps, val_examples)
+    finally:
+        run.log.close()
+    return _finish(run, stop_reason, results, eval_examples, eval_split)
+
+
+def _find_resume_source(job: JobConfig, run_dir: Path, resume: Any, is_main: bool) -> Path | None:
     """The checkpoint to resume from (None = fresh start); refuses to clobber a run by accident."""
     checkpoints = run_dir / "checkpoints"
     if resume:
@@ -135,49 +258,18 @@ def _prepare_run_dir(job: JobConfig, run_dir: Path, resume: bool | str | None, i
     return None
 
 
-def _say(accelerator: Any, message: str) -> None:
+def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path | None) -> None:
+    """Create/clean the run dir; record the resolved config, versions and seed."""
     if accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _format_metrics(metrics: dict[str, float] | None) -> str:
-    if not metrics:
-        return "-"
-    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-def _write_run_info(adapter_dir: Path, job: JobConfig, model_name: str, step: int) -> None:
-    write_json(adapter_dir / RUN_INFO, {
-        "base_model": model_name, "task": job.data.task, "task_args": job.data.task_args,
-        "method": job.method, "step": step, "seed": job.train.seed, "max_length": job.data.max_length,
-    })
-
-
-def train(job: JobConfig, resume: bool | str | None = None) -> TrainResult:
-    """Run a validated job: train, checkpoint, evaluate before/after; returns a summary.
-
-    Args:
-        job: from ``load_config``.
-        resume: ``True`` continues from the newest intact checkpoint of the run dir,
-            a path continues from that checkpoint (or checkpoints folder); falsy starts fresh.
-
-    Raises:
-        TrainingAborted: ``train.nan_abort_after`` consecutive non-finite steps.
-        ValueError: the run dir holds checkpoints and neither resume nor overwrite was asked.
-    """
-    accelerator = _make_accelerator(job)
-    is_main = accelerator.is_main_process
-    run_dir = job.run_dir()
-    checkpoints = run_dir / "checkpoints"
-    source = _prepare_run_dir(job, run_dir, resume, is_main)
-    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if source is None:
-            if job.output.overwrite and checkpoints.exists():
-                shutil.rmtree(checkpoints)
+        if source is None:  # a fresh start: nothing of an earlier run may be mistaken for ours
+            if job.output.overwrite:
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             for name in ("train_log.jsonl", "eval_log.jsonl", "results.json"):
                 (run_dir / name).unlink(missing_ok=True)
-        elif source is not None:
+            for name in ("adapter", "best_adapter", "debug"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+        else:
             _warn_config_drift(run_dir, job)
         (run_dir / "config.yaml").write_text(dump_yaml(job))
         write_json(run_dir / "run.json", {
@@ -187,183 +279,117 @@ def train(job: JobConfig, resume: bool | str | None = None) -> TrainResult:
         })
     accelerator.wait_for_everyone()
 
-    seed_everything(job.train.seed)
-    task = build_task(job)
-    train_examples, val_examples = load_splits(job, task)
-    eval_split = split_name(task, job.eval.split, "eval_split", "test")
-    eval_examples = task.load(eval_split, job.data.data_dir, job.eval.limit, job.train.seed) \
-        if (job.eval.before or job.eval.after) else []
-    BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
 
-    model_name = job.model_name(task.kind)
-    model, tokenizer = load_model(model_name, task, job.model.dtype)
-    stream = BatchStream(task, tokenizer, train_examples, job.train.batch_size, job.train.seed,
-                         accelerator.process_index, accelerator.num_processes, job.data.max_length)
-    model.to(accelerator.device)
-    results: dict[str, Any] = _read_results(run_dir) if source is not None else {}
-    if job.eval.before and "before" not in results and is_main:
-        _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
-        results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
-        _say(accelerator, f"before training: {_format_metrics(results['before'])}")
-        write_json(run_dir / "results.json", results)
-    accelerator.wait_for_everyone()
+def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Module, stream: BatchStream) -> None:
+    """Data-dependent starts before step 0 (LoRA-GA for ``lora_ga`` and the Hybrid's LoRA branch)."""
+    if not needs_lora_ga_init(model):
+        return
+    n = lora_ga_batch_count(model)
+    _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
+    cache = None
+    if job.train.lora_ga_cache:
+        from ..models import cache_dir
 
-    model = prepare_model(model, job, task)
-    model.to(accelerator.device)
-    state = LoopState()
-    if source is not None:
-        load_adapter(model, source / ckpt.ADAPTER_DIR)
-    elif needs_lora_ga_init(model):
-        n = lora_ga_batch_count(model)
-        _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
-        cache = None
-        if job.train.lora_ga_cache:
-            from ..models import cache_dir
+        cache = str(cache_dir() / "lora_ga")
+    run_lora_ga_init(model, stream.warmup_batches(n), cache_dir=cache)
 
-            cache = str(cache_dir() / "lora_ga")
-        run_lora_ga_init(model, stream.warmup_batches(n), cache_dir=cache)
 
-    steps_per_epoch = max(1, stream.batches_per_epoch // job.train.grad_accum)
-    total_steps = job.train.max_steps if job.train.max_steps is not None else \
-        max(1, math.ceil(job.train.epochs * stream.batches_per_epoch / job.train.grad_accum))
-    set_schedule_length(model, total_steps)
-    optimizer = build_optimizer(model, job)
-    scheduler = build_scheduler(optimizer, job, total_steps)
-    if source is not None:
-        saved = ckpt.load_trainer_state(source)
-        _check_compatible(saved, job, accelerator.num_processes)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = LoopState(**saved["loop"])
-        stream.seek(saved["data"]["epoch"], saved["data"]["index"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if source is not None:
-        saved = ckpt.load_trainer_state(source)
-        if accelerator.scaler is not None and saved.get("scaler"):
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        rng = ckpt.load_rng(source, accelerator.process_index)
-        if rng is None:
-            raise ValueError(f"checkpoint {source} has no RNG state for rank {accelerator.process_index}")
-        set_rng_state(rng)
-        _say(accelerator, f"resumed from {source} at step {state.step}")
+def _restore_trainer(source: Path, job: JobConfig, accelerator: Any, optimizer: Any, scheduler: Any,
+                     stream: BatchStream) -> LoopState:
+    saved = ckpt.load_trainer_state(source)
+    _check_compatible(saved, job, accelerator.num_processes)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    stream.seek(saved["data"]["epoch"], saved["data"]["index"])
+    return LoopState(**saved["loop"])
 
-    log = RunLog(run_dir, is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
-    unwrapped = accelerator.unwrap_model(model)
-    params = [p for p in unwrapped.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    _say(accelerator, f"training {job.method} on {task.name}: {n_trainable:,} trainable parameters, "
-                      f"{len(train_examples)} examples, {total_steps} steps ({steps_per_epoch} per epoch), "
-                      f"world size {accelerator.num_processes}, mixed precision {accelerator.mixed_precision}")
+
+def _restore_process_state(source: Path, accelerator: Any) -> None:
+    """The gradient scaler (fp16) and this rank's RNG states; last, after everything that draws randoms."""
+    saved = ckpt.load_trainer_state(source)
+    if accelerator.scaler is not None and saved.get("scaler"):
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    rng = ckpt.load_rng(source, accelerator.process_index)
+    if rng is None:
+        raise ValueError(f"checkpoint {source} has no RNG state for rank {accelerator.process_index}")
+    set_rng_state(rng)
+
+
+def _loop(run: _Run, total_steps: int, val_examples: list) -> str:
+    """Train until ``total_steps`` or early stopping; returns the stop reason."""
     from tqdm.auto import tqdm
 
+    job, state = run.job, run.state
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (is_main and job.train.progress))
-    last_saved: Path | None = source
+               disable=not (run.is_main and job.train.progress))
     stop_reason = "max_steps"
-    model.train()
+    run.model.train()
     try:
-        while state.step < total_steps:
-            record = _train_step(job, accelerator, model, unwrapped, optimizer, scheduler, stream, params, state)
+        while state.step < total_steps and stop_reason == "max_steps":
+            record = _train_step(run)
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}" if isinstance(record["loss"], float) else record["loss"],
-                            lr=f"{record['lr']:.2e}")
+            loss = record["loss"]
+            bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss), lr=f"{record['lr']:.2e}")
             if state.step % job.train.log_every == 0 or record.get("skipped"):
-                log.step(record)
+                run.log.step(record)
             if state.consecutive_bad >= job.train.nan_abort_after:
                 raise TrainingAborted(
                     f"training aborted at step {state.step}: {state.consecutive_bad} consecutive steps had a "
                     f"non-finite loss or gradient (steps {state.bad_steps[-state.consecutive_bad:]}; each was skipped "
                     f"without an update). Last good checkpoint: "
-                    f"{last_saved if last_saved is not None else 'none (no checkpoint was written yet)'}. "
+                    f"{run.last_saved if run.last_saved is not None else 'none (no checkpoint was written yet)'}. "
                     "Lower train.lr, check the data or the precision, then continue with --resume."
                 )
-            if job.eval.every and state.step % job.eval.every == 0 and state.consecutive_bad == 0:
-                if _validate(job, accelerator, model, unwrapped, tokenizer, task, val_examples, state, log, run_dir,
-                             model_name):
+            healthy = state.consecutive_bad == 0  # no validation or checkpoint in the middle of a NaN streak
+            if healthy and job.eval.every and state.step % job.eval.every == 0:
+                if _validate(run, val_examples):
                     stop_reason = "early_stopping"
-            should_save = job.train.save_every and state.step % job.train.save_every == 0
-            if stop_reason != "max_steps" or state.step == total_steps:
-                should_save = True
-            if should_save and state.consecutive_bad == 0:
-                last_saved = save_checkpoint(accelerator, unwrapped, optimizer, scheduler, stream, state, job,
-                                             checkpoints, model_name)
+            due = bool(job.train.save_every) and state.step % job.train.save_every == 0
+            if healthy and (due or stop_reason != "max_steps" or state.step == total_steps):
+                run.last_saved = save_checkpoint(run)
             if job.debug.step_sleep_s:
                 time.sleep(job.debug.step_sleep_s)
-            if stop_reason != "max_steps":
-                break
+            if job.debug.crash_after_step == state.step:
+                raise SimulatedCrash(f"debug.crash_after_step={state.step}")
     finally:
         bar.close()
-        log.close()
-
-    best_dir = run_dir / "best_adapter"
-    if job.eval.early_stopping_patience is not None and best_dir.is_dir():
-        load_adapter(unwrapped, best_dir)  # continue with the weights that validated best
-    adapter_dir = run_dir / "adapter"
-    if is_main:
-        save_adapter(unwrapped, adapter_dir)
-        _write_run_info(adapter_dir, job, model_name, state.step)
-    if job.debug.save_rank_states:
-        _dump_rank_state(unwrapped, run_dir, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if job.eval.after and is_main:
-        _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
-        results["after"] = task_metrics(unwrapped, tokenizer, task, eval_examples, job.eval.batch_size)
-    if is_main:
-        results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
-                       best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now())
-        write_json(run_dir / "results.json", results)
-        _say(accelerator, f"before training: {_format_metrics(results.get('before'))}")
-        _say(accelerator, f"after training:  {_format_metrics(results.get('after'))}")
-        _say(accelerator, f"adapter saved to {adapter_dir}")
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir=run_dir, step=state.step, stop_reason=stop_reason, adapter_dir=adapter_dir,
-                       before=results.get("before"), after=results.get("after"),
-                       best_val_loss=state.best_val_loss, skipped_steps=state.skipped)
+    return stop_reason
 
 
-def _read_results(run_dir: Path) -> dict[str, Any]:
-    import json
-
-    path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _train_step(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, optimizer: Any, scheduler: Any,
-                stream: BatchStream, params: list[torch.nn.Parameter], state: LoopState) -> dict[str, Any]:
+def _train_step(run: _Run) -> dict[str, Any]:
+    job, accelerator, state = run.job, run.accelerator, run.state
     started = time.perf_counter()
     step = state.step + 1
     total_loss = torch.zeros((), dtype=torch.float32, device=accelerator.device)
     tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    position = stream.position.to_dict()
+    position = run.stream.position.to_dict()
     for micro in range(job.train.grad_accum):
-        batch = {k: v.to(accelerator.device) for k, v in stream.next().items()}
-        sync = micro == job.train.grad_accum - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        batch = {k: v.to(accelerator.device) for k, v in run.stream.next().items()}
+        last = micro == job.train.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):  # sync gradients once per step
             with accelerator.autocast():
-                loss = model(**batch).loss
+                loss = run.model(**batch).loss
             if step in job.debug.nan_loss_at_steps:
                 loss = loss * float("nan")
             accelerator.backward(loss / job.train.grad_accum)
         total_loss += loss.detach().float()
         tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
     if step in job.debug.nan_grad_at_steps:
-        first = next(p for p in params if p.grad is not None)
-        first.grad.view(-1)[0] = float("nan")
+        next(p for p in run.params if p.grad is not None).grad.view(-1)[0] = float("nan")
     mean_loss = accelerator.reduce(total_loss / job.train.grad_accum, "mean").item()
     global_tokens = int(accelerator.reduce(tokens, "sum").item())
     max_norm = job.train.max_grad_norm if job.train.max_grad_norm is not None else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-    lr = scheduler.get_last_lr()[0]
-    fp16_overflow = accelerator.scaler is not None and math.isfinite(mean_loss) and not math.isfinite(grad_norm)
-    finite = math.isfinite(mean_loss) and (math.isfinite(grad_norm) or fp16_overflow)
+    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
     record: dict[str, Any] = {"step": step, "epoch": position["epoch"], "data_index": position["index"],
-                              "loss": mean_loss, "lr": lr, "grad_norm": grad_norm}
-    if finite:
-        optimizer.step()  # with fp16 the scaler skips an overflowing step itself
-        if not getattr(optimizer, "step_was_skipped", False):
-            after_optimizer_step(unwrapped)  # before zero_grad: the Hybrid reads branch gradients
+                              "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+    # Under fp16 an overflowing gradient is the scaler's business: it skips the step and lowers the scale.
+    fp16_overflow = accelerator.scaler is not None and math.isfinite(mean_loss) and not math.isfinite(grad_norm)
+    if math.isfinite(mean_loss) and (math.isfinite(grad_norm) or fp16_overflow):
+        run.optimizer.step()
+        if not getattr(run.optimizer, "step_was_skipped", False):
+            after_optimizer_step(run.unwrapped)  # before zero_grad: the Hybrid reads the branch gradients
         state.consecutive_bad = 0
-        mixing = mixing_stats(unwrapped)
+        mixing = mixing_stats(run.unwrapped)
         if mixing:
             record["mixing"] = mixing
     else:
@@ -371,11 +397,11 @@ def _train_step(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, op
         state.consecutive_bad += 1
         state.bad_steps = (state.bad_steps + [step])[-job.train.nan_abort_after:]
         record["skipped"] = True
-        if accelerator.is_main_process:
+        if run.is_main:
             warnings.warn(f"step {step}: non-finite loss ({mean_loss}) or gradient norm ({grad_norm}); "
                           f"update skipped ({state.consecutive_bad} in a row)", stacklevel=2)
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     state.step = step
     state.tokens_seen += global_tokens
     elapsed = time.perf_counter() - started
@@ -385,47 +411,61 @@ def _train_step(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, op
     return record
 
 
-def _validate(job: JobConfig, accelerator: Any, model: Any, unwrapped: Any, tokenizer: Any, task: Any,
-              val_examples: list, state: LoopState, log: RunLog, run_dir: Path, model_name: str) -> bool:
-    """Validation loss, best-adapter bookkeeping; True when early stopping says stop."""
+def _validate(run: _Run, val_examples: list) -> bool:
+    """Validation loss and best-adapter bookkeeping; True when early stopping says stop."""
+    job, state = run.job, run.state
     if not val_examples:
         return False
-    val = validation_loss(unwrapped, tokenizer, task, val_examples, job.eval.batch_size, job.data.max_length,
-                          accelerator)
-    improved = state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta
-    if improved:
+    val = validation_loss(run.unwrapped, run.tokenizer, run.task, val_examples, job.eval.batch_size,
+                          job.data.max_length, run.accelerator)
+    if state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta:
         state.best_val_loss = val
         state.evals_without_improvement = 0
-        if job.eval.early_stopping_patience is not None and accelerator.is_main_process:
-            best = run_dir / "best_adapter"
-            save_adapter(unwrapped, best)
-            _write_run_info(best, job, model_name, state.step)
+        if job.eval.early_stopping_patience is not None and run.is_main:
+            _save_adapter_atomically(run, run.run_dir / "best_adapter")
     else:
         state.evals_without_improvement += 1
-    log.eval({"step": state.step, "val_loss": val, "best_val_loss": state.best_val_loss})
-    accelerator.wait_for_everyone()
+    run.log.eval({"step": state.step, "val_loss": val, "best_val_loss": state.best_val_loss})
+    run.accelerator.wait_for_everyone()
     patience = job.eval.early_stopping_patience
     return patience is not None and state.evals_without_improvement >= patience
 
 
-def save_checkpoint(accelerator: Any, unwrapped: Any, optimizer: Any, scheduler: Any, stream: BatchStream,
-                    state: LoopState, job: JobConfig, checkpoints: Path, model_name: str) -> Path:
-    """Write ``step-NNNNNN`` atomically (all ranks take part: each saves its RNG state)."""
-    if accelerator.is_main_process:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        ckpt.prepare_temp(checkpoints, state.step)
+def _write_run_info(adapter_dir: Path, run: _Run) -> None:
+    job = run.job
+    write_json(adapter_dir / RUN_INFO, {
+        "base_model": run.model_name, "task": job.data.task, "task_args": job.data.task_args,
+        "method": job.method, "step": run.state.step, "seed": job.train.seed, "max_length": job.data.max_length,
+    })
+
+
+def _save_adapter_atomically(run: _Run, target: Path) -> None:
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_adapter(run.unwrapped, staging)
+    _write_run_info(staging, run)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def save_checkpoint(run: _Run) -> Path:
+    """Write ``step-NNNNNN`` atomically; every rank takes part (each saves its RNG state)."""
+    accelerator, state, job = run.accelerator, run.state, run.job
+    if run.is_main:
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        ckpt.prepare_temp(run.checkpoints, state.step)
     accelerator.wait_for_everyone()
-    tmp = ckpt.temp_dir(checkpoints, state.step)
+    tmp = ckpt.temp_dir(run.checkpoints, state.step)
     ckpt.save_tensors(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        adapter_dir = save_adapter(unwrapped, tmp / ckpt.ADAPTER_DIR)
-        _write_run_info(adapter_dir, job, model_name, state.step)
+    if run.is_main:
+        adapter_dir = save_adapter(run.unwrapped, tmp / ckpt.ADAPTER_DIR)
+        _write_run_info(adapter_dir, run)
         ckpt.save_tensors({
             "format_version": 1,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "data": stream.position.to_dict(),
+            "data": run.stream.position.to_dict(),
             "loop": state.to_dict(),
             "world_size": accelerator.num_processes,
             "batch_size": job.train.batch_size,
@@ -434,12 +474,45 @@ def save_checkpoint(accelerator: Any, unwrapped: Any, optimizer: Any, scheduler:
             "method": job.method,
         }, tmp / ckpt.TRAINER_STATE)
     accelerator.wait_for_everyone()
-    final = checkpoints / ckpt.step_dir_name(state.step)
-    if accelerator.is_main_process:
-        final = ckpt.finalize(checkpoints, state.step, {"method": job.method, "world_size": accelerator.num_processes})
-        ckpt.prune(checkpoints, job.train.keep_checkpoints)
+    final = run.checkpoints / ckpt.step_dir_name(state.step)
+    if run.is_main:
+        final = ckpt.finalize(run.checkpoints, state.step, {"method": job.method, "world_size": accelerator.num_processes})
+        ckpt.prune(run.checkpoints, job.train.keep_checkpoints)
     accelerator.wait_for_everyone()
     return final
+
+
+def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples: list, eval_split: str) -> TrainResult:
+    """Final adapter (the best one with early stopping), after-evaluation, results.json."""
+    job, accelerator, state = run.job, run.accelerator, run.state
+    best_dir = run.run_dir / "best_adapter"
+    if job.eval.early_stopping_patience is not None and best_dir.is_dir():
+        load_adapter(run.unwrapped, best_dir)  # end on the weights that validated best
+    adapter_dir = run.run_dir / "adapter"
+    if run.is_main:
+        _save_adapter_atomically(run, adapter_dir)
+    if job.debug.save_rank_states:
+        _dump_rank_state(run.unwrapped, run.run_dir, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if run.is_main:
+        if job.eval.after:
+            _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
+            results["after"] = task_metrics(run.unwrapped, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
+        results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
+                       best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now())
+        write_json(run.run_dir / "results.json", results)
+        _say(accelerator, f"before training: {_format_metrics(results.get('before'))}")
+        _say(accelerator, f"after training:  {_format_metrics(results.get('after'))}")
+        _say(accelerator, f"adapter saved to {adapter_dir}")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run.run_dir, step=state.step, stop_reason=stop_reason, adapter_dir=adapter_dir,
+                       before=results.get("before"), after=results.get("after"),
+                       best_val_loss=state.best_val_loss, skipped_steps=state.skipped)
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _check_compatible(saved: dict[str, Any], job: JobConfig, world_size: int) -> None:

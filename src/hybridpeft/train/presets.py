@@ -12,17 +12,18 @@ import copy
 from typing import Any
 
 DEFAULT_JOB: dict[str, Any] = {
-    "model": {"name": "smollm2-135m"},
+    "model": {"name": None},  # null: smollm2-135m for causal tasks, minilm-l6 for classification ones
     "data": {"task": "arith", "train_limit": 2000, "val_limit": 32, "max_length": 64},
     "adapter": {
         "method": "hybrid",
         "target_modules": ["q_proj", "v_proj"],
+        "hybrid": {"ga_num_batches": 4},
     },
     "train": {
-        "seed": 0, "max_steps": 60, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 5,
-        "schedule": "cosine", "save_every": 30,
+        "seed": 0, "max_steps": 40, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": 5,
+        "schedule": "cosine", "save_every": 20,
     },
-    "eval": {"every": 30, "limit": 50, "batch_size": 25},
+    "eval": {"every": 20, "limit": 50, "batch_size": 25},
     "output": {"run_dir": "runs/default"},
 }
 

@@ -93,10 +93,14 @@ def adapter_config_for(job: JobConfig, model: nn.Module, task: Task) -> AdapterC
 def prepare_model(model: nn.Module, job: JobConfig, task: Task) -> nn.Module:
     """Gradient checkpointing (if asked) and adapter injection."""
     if job.model.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
         # Non-reentrant checkpointing works with a frozen base (no input needs grad).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
         if hasattr(model, "config"):
             model.config.use_cache = False
     return inject(model, adapter_config_for(job, model, task))
