@@ -1,0 +1,297 @@
+"""``write_report``: results store → ``report.md``, ``report.html`` and PNG figures.
+
+The report is a list of blocks (heading, paragraph, list, table, figure) rendered
+twice, to Markdown and to a self-contained HTML page, so both always say the same.
+It contains: what was run; the main table (Table I layout) with Welch's t-test
+against LoRA; the λ ablation; the footprint table; every metric; the figures;
+automatic checks of the paper's claims; and the runs that failed.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from . import figures
+from .stats import summarize, welch
+from .store import finished, read_records
+from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
+                     metrics_table, scale, _memory_key)
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Image:
+    path: str  # relative to the report directory
+    caption: str
+
+
+Block = Union[Heading, Para, Bullets, Table, Image]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "lora", title: str | None = None,
+                 notes: str | Path | None = None) -> dict[str, Path]:
+    """Render the report for a results store.
+
+    Args:
+        results: a ``results.jsonl`` file or the directory holding it.
+        out_dir: where ``report.md``, ``report.html`` and ``figures/*.png`` go.
+        reference: the method the t-tests and ratios compare against.
+        title: report title (default: from the results directory name).
+        notes: a Markdown file whose text is included verbatim after the summary
+            (hand-written discussion; the automatic checks are always included).
+
+    Returns:
+        ``{"markdown": path, "html": path, "figures": [...]}``-style mapping of names to paths.
+
+    Raises:
+        FileNotFoundError: no results file; ValueError: it holds no finished run.
+    """
+    records = read_records(results)
+    done = finished(records)
+    if not done:
+        raise ValueError(f"{results} holds no finished run (status 'ok'); nothing to report")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = build_cells(done)
+    blocks, figure_paths = build_blocks(records, cells, out, reference=reference,
+                                        title=title or f"Benchmark report: {Path(results).resolve().name}",
+                                        notes=Path(notes).read_text() if notes else None)
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(render_markdown(blocks))
+    html_path.write_text(render_html(blocks))
+    paths: dict[str, Path] = {"markdown": md_path, "html": html_path}
+    paths.update({p.stem: p for p in figure_paths})
+    return paths
+
+
+def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str], Cell], out: Path, *,
+                 reference: str, title: str, notes: str | None) -> tuple[list[Block], list[Path]]:
+    blocks: list[Block] = [Heading(1, title)]
+    blocks += _setup_blocks(records, cells)
+    if notes:
+        blocks.append(Para(notes.strip()))
+    blocks += [Heading(2, "What the numbers say about the paper's claims"), Bullets(claims(cells, reference))]
+    blocks.append(Heading(2, "Main results (Table I layout)"))
+    blocks += main_tables(cells, reference)
+    blocks.append(Heading(2, "λ ablation (Table II)"))
+    ablation = ablation_table(cells)
+    blocks.append(ablation if ablation is not None else Para("No Hybrid variant besides the adaptive one was run; no ablation table."))
+    blocks.append(Heading(2, "Training footprint (Table VII)"))
+    blocks.append(footprint_table(cells, reference))
+    blocks.append(metrics_table(cells))
+
+    figure_paths: list[Path] = []
+    blocks.append(Heading(2, "Figures"))
+    memory_key = _memory_key(cells)
+    path = figures.footprint_figure(list(cells.values()), out / "figures" / "footprint.png", memory_key)
+    figure_paths.append(path)
+    blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)."))
+    for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
+        group = [c for c in cells.values() if (c.model, c.task) == (model, task) and c.role == "main"]
+        path = figures.curves_figure(group, out / "figures" / f"curves_{slug(model)}_{slug(task)}.png", f"{model} · {task}")
+        figure_paths.append(path)
+        blocks.append(Image(f"figures/{path.name}", f"Gradient norm and validation loss over training, {model} on {task} (cf. Fig. 2)."))
+        hybrid = adaptive_hybrid(cells, model, task)
+        if hybrid is not None:
+            path = figures.lambda_figure(hybrid, out / "figures" / f"lambda_{slug(model)}_{slug(task)}.png", f"{model} · {task}")
+            if path is not None:
+                figure_paths.append(path)
+                blocks.append(Image(f"figures/{path.name}", f"Per-layer λ of the adaptive Hybrid over training, {model} on {task}."))
+    blocks += _failure_blocks(records)
+    return blocks, figure_paths
+
+
+def _setup_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str], Cell]) -> list[Block]:
+    """What was run, with which budget: read from the resolved configs, not restated by hand."""
+    done = [r for c in cells.values() for r in c.records]
+    seeds = sorted({r["seed"] for r in done})
+    items = [f"{len(done)} finished runs in {len(cells)} cells (model × task × method), seeds {seeds}."]
+    items += _budget_items(cells)
+    adapters: dict[tuple[str, str], list[str]] = {}
+    for cell in cells.values():
+        resolved = (cell.records[0].get("job_config") or {}).get("adapter")  # with the library defaults filled in
+        adapter = json.dumps(resolved or cell.records[0]["config"].get("adapter", {}), sort_keys=True)
+        models = adapters.setdefault((cell.method, adapter), [])
+        if cell.model not in models:
+            models.append(cell.model)
+    for (method, adapter), models in adapters.items():
+        items.append(f"{method} ({', '.join(models)}): adapter `{adapter}`")
+    vers = done[0].get("versions", {})
+    items.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(vers.items())))
+    return [Heading(2, "What was run"), Bullets(items)]
+
+
+def _budget_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """One line per distinct (data, train, eval) settings, naming the cells that used them."""
+    groups: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for cell in cells.values():
+        config = cell.records[0]["config"]
+        key = "; ".join(f"{section} " + json.dumps(config.get(section, {}), sort_keys=True)
+                        for section in ("data", "train", "eval") if config.get(section))
+        groups.setdefault(key or "(library defaults)", {}).setdefault((cell.model, cell.task), []).append(cell.method)
+    items = []
+    for i, (key, where) in enumerate(groups.items(), start=1):
+        used = []
+        for (model, task), methods in where.items():
+            every = [c.method for c in cells.values() if (c.model, c.task) == (model, task)]
+            used.append(f"{model}/{task} ({'every method' if methods == every else ', '.join(methods)})")
+        label = "Settings" if len(groups) == 1 else f"Settings {i}"
+        items.append(f"{label}: `{key}` — used by {'; '.join(used)}.")
+    return items
+
+
+def _failure_blocks(records: list[dict[str, Any]]) -> list[Block]:
+    last: dict[str, dict[str, Any]] = {}
+    for r in records:
+        last[r["key"]] = r
+    bad = [r for r in last.values() if r["status"] != "ok"]
+    if not bad:
+        return [Heading(2, "Failed runs"), Para("None: every run in the store finished.")]
+    rows = [[r["key"], r["status"], str(r.get("attempt", "?")), (r.get("error") or "interrupted or still running").strip().splitlines()[-1][:200]]
+            for r in bad]
+    return [Heading(2, "Failed runs"), Table("Runs whose last attempt did not finish", ["Run", "Status", "Attempts", "Last error line"], rows)]
+
+
+def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[str]:
+    """Automatic verdicts on the paper's comparisons, one sentence per (claim, model, task).
+
+    A claim "A beats B" is *supported* when A's mean is higher and Welch's p < 0.05,
+    *same direction, not significant* when only the mean is higher, and *not
+    supported* otherwise. Footprint claims compare means of step time and memory.
+    """
+    out: list[str] = []
+    settings = list(dict.fromkeys((c.model, c.task) for c in cells.values()))
+    for model, task in settings:
+        hybrid = adaptive_hybrid(cells, model, task)
+        if hybrid is None:
+            continue
+        for other_name in (reference, "lora_ga", "boft", "unitary", "full"):
+            other = cells.get((model, task, other_name))
+            if other is not None and other is not hybrid:
+                out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other))
+        for cell in cells.values():
+            if (cell.model, cell.task) == (model, task) and cell.adapter_method == "hybrid" and cell is not hybrid:
+                out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell))
+        full = cells.get((model, task, "full"))
+        if full is not None:
+            h, f = hybrid.footprint("step_time_s"), full.footprint("step_time_s")
+            if h and f:
+                speedup = summarize(f).mean / summarize(h).mean
+                word = "supported" if speedup >= 2.0 else ("partly (faster, less than 2×)" if speedup > 1.0 else "not supported")
+                out.append(f"{model}/{task} — Hybrid trains faster per step than full FT (paper: ≈2.1×): {word} "
+                           f"(full FT step time / Hybrid step time = {speedup:.2f}×).")
+            mem_key = _memory_key(cells)
+            h, f = hybrid.footprint(mem_key), full.footprint(mem_key)
+            if h and f:
+                share = summarize(h).mean / summarize(f).mean
+                word = "supported" if share <= 0.55 else ("partly (less, but not ≈half)" if share < 1.0 else "not supported")
+                out.append(f"{model}/{task} — Hybrid needs about half the peak memory of full FT (paper: ≈50% less): {word} "
+                           f"(Hybrid / full FT = {100 * share:.0f}%).")
+    if not out:
+        out.append("No adaptive Hybrid cell was run, so none of the paper's comparisons can be checked.")
+    return out
+
+
+def _verdict(a: Cell, b: Cell) -> str:
+    av, bv = a.values(), b.values(a.metric)
+    if not av or not bv:
+        return "no data."
+    shown_a, unit = scale(a.metric, av)
+    shown_b, _ = scale(a.metric, bv)
+    diff = summarize(shown_a).mean - summarize(shown_b).mean
+    test = welch(av, bv)
+    p = "n/a" if test.p is None else f"{test.p:.3f}"
+    if diff > 0 and test.significant:
+        word = "supported"
+    elif diff > 0:
+        word = "same direction, not significant"
+    else:
+        word = "not supported"
+    delta = f"{diff:+.2f} percentage points of {a.metric}" if unit else f"{diff:+.3g} {a.metric}"
+    return f"{word} (Δ = {delta}, Welch p = {p}, n = {len(av)} vs {len(bv)})."
+
+
+# ---------------------------------------------------------------- rendering
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Para):
+            lines += [block.text, ""]
+        elif isinstance(block, Bullets):
+            lines += [f"- {item}" for item in block.items] + [""]
+        elif isinstance(block, Table):
+            lines += [f"**{block.title}**", ""]
+            lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
+            lines.append("|" + "|".join("---" for _ in block.header) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            lines += [""] + ([block.note, ""] if block.note else [])
+        elif isinstance(block, Image):
+            lines += [f"![{block.caption}]({block.path})", "", f"*{block.caption}*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then the two inline Markdown forms the report uses: **bold** and `code`."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f3f3f3}caption{font-weight:bold;text-align:left;padding:.3em 0}.note{color:#555;font-size:.85em}
+img{max-width:100%}figure{margin:1em 0 2em}figcaption{color:#555;font-size:.9em}"""
+
+
+def render_html(blocks: list[Block]) -> str:
+    parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>"]
+    heading = next((b.text for b in blocks if isinstance(b, Heading)), "report")
+    parts += [f"<title>{html.escape(heading)}</title>", f"<style>{_CSS}</style></head><body>"]
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{_inline_html(block.text)}</h{block.level}>")
+        elif isinstance(block, Para):
+            parts += [f"<p>{_inline_html(p)}</p>" for p in block.text.split("\n\n")]
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><caption>{html.escape(block.title)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            if block.note:
+                parts.append(f"<p class='note'>{_inline_html(block.note)}</p>")
+        elif isinstance(block, Image):
+            parts.append(f"<figure><img src='{html.escape(block.path)}' alt='{html.escape(block.caption)}'>"
+                         f"<figcaption>{_inline_html(block.caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

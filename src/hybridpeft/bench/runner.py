@@ -1,0 +1,257 @@
+"""Run a benchmark grid: skip what is finished, retry what failed, survive crashes.
+
+A *job* is a function ``job(config: dict, run_dir: Path) -> dict`` that trains and
+evaluates one resolved run config and returns::
+
+    {"metrics": {...}, "primary_metric": "accuracy",
+     "curves": {"train": [...], "eval": [...]},           # optional
+     "lambda_history": {...} | None,                     # optional, Hybrid
+     "footprint": {"step_time_s", "peak_memory_mb", "tunable_params", ...}}
+
+(see ``store`` for the fields). With ``isolation="subprocess"`` each attempt runs
+in a fresh interpreter (``python -m hybridpeft.bench.worker``), so a segfault,
+an OOM kill or a hung run (``timeout_s``) fails that run only; its stderr is
+kept in ``<output>/runs/<run>/worker.log`` and its tail in the failed record.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .spec import BenchConfig, RunSpec, expand_grid
+from .store import ResultStore, utc_now, versions
+
+Job = Callable[[dict[str, Any], Path], dict[str, Any]]
+_ERROR_TAIL = 4000
+
+
+@dataclass
+class BenchOutcome:
+    """What one ``run_bench`` call did."""
+
+    total: int
+    skipped: int = 0                                  # already finished before this call
+    ok: list[str] = field(default_factory=list)       # run keys finished now
+    failed: list[str] = field(default_factory=list)   # run keys still failing after this call
+    given_up: list[str] = field(default_factory=list)  # out of attempts before this call
+
+
+def load_job(spec: str) -> Job:
+    """Import ``"package.module:function"``.
+
+    Raises:
+        ValueError: the string is malformed or the attribute is not callable.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"job={spec!r} is invalid: expected 'module:function'")
+    job = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(job):
+        raise ValueError(f"job={spec!r} is invalid: {module_name} has no callable {attr!r}")
+    return job
+
+
+def check_result(result: Any) -> dict[str, Any]:
+    """Validate a job's return value; fill optional sections with empty defaults.
+
+    Raises:
+        ValueError: naming the offending field.
+    """
+    if not isinstance(result, dict):
+        raise ValueError(f"job result={type(result).__name__} is invalid: expected a dict")
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        raise ValueError(f"job result metrics={metrics!r} is invalid: expected a non-empty dict of numbers")
+    for name, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"job result metrics[{name!r}]={value!r} is invalid: expected a number")
+    primary = result.get("primary_metric")
+    if primary not in metrics:
+        raise ValueError(f"job result primary_metric={primary!r} is invalid: expected one of {sorted(metrics)}")
+    if isinstance(metrics[primary], float) and math.isnan(metrics[primary]):
+        raise ValueError(f"job result metrics[{primary!r}] is NaN")
+    out = dict(result)
+    out.setdefault("curves", {"train": [], "eval": []})
+    out.setdefault("lambda_history", None)
+    out.setdefault("footprint", {})
+    return out
+
+
+def run_dir_name(key: str) -> str:
+    """A filesystem-safe directory name for a run key."""
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
+
+
+def _run_inprocess(job: Job, run: RunSpec, run_dir: Path) -> dict[str, Any]:
+    return check_result(job(run.config, run_dir))
+
+
+def _run_subprocess(job_spec: str, run: RunSpec, run_dir: Path, timeout_s: float | None) -> dict[str, Any]:
+    """One attempt in a fresh interpreter; raises RuntimeError with the stderr tail on failure."""
+    spec_file = run_dir / "spec.json"
+    result_file = run_dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    spec_file.write_text(json.dumps({"job": job_spec, "config": run.config, "run_dir": str(run_dir), "result": str(result_file)}))
+    log_file = run_dir / "worker.log"
+    with log_file.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "hybridpeft.bench.worker", str(spec_file)],
+                                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"run exceeded timeout_s={timeout_s}; log: {log_file}\n{_tail(log_file)}") from None
+        finally:
+            if proc.poll() is None:  # timeout, Ctrl-C or SIGTERM of the grid: the worker must not outlive it
+                proc.kill()
+                proc.wait()
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"worker exited with code {proc.returncode}; log: {log_file}\n{_tail(log_file)}")
+    return check_result(json.loads(result_file.read_text()))
+
+
+def _tail(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return text[-_ERROR_TAIL:]
+
+
+def run_bench(
+    bench: BenchConfig,
+    *,
+    job: Job | None = None,
+    progress: bool = True,
+    max_attempts: int | None = None,
+) -> BenchOutcome:
+    """Run every unfinished run of ``bench`` and record each attempt in its store.
+
+    Args:
+        bench: the parsed benchmark.
+        job: a callable to use instead of ``bench.job`` (runs in-process; for tests
+            and notebooks).
+        progress: show a progress bar over the whole grid.
+        max_attempts: override ``bench.max_attempts`` (e.g. to retry runs that
+            were given up).
+
+    Returns:
+        A ``BenchOutcome``; runs still failing are listed, not raised, so one bad
+        run never stops the grid.
+    """
+    from tqdm.auto import tqdm
+
+    limit = bench.max_attempts if max_attempts is None else max_attempts
+    runs = expand_grid(bench)
+    store = ResultStore(bench.output_dir)
+    states = store.states()
+    outcome = BenchOutcome(total=len(runs))
+    pending: list[RunSpec] = []
+    for run in runs:
+        state = states.get(run.key)
+        if state is not None and state.status == "ok":
+            outcome.skipped += 1
+        elif state is not None and state.attempts >= limit:
+            outcome.given_up.append(run.key)
+        else:
+            pending.append(run)
+    use_subprocess = job is None and bench.isolation == "subprocess"
+    inproc_job = job or (None if use_subprocess else load_job(bench.job))
+    validate_runs(job or load_job(bench.job), pending)
+    env_versions = versions()
+    bar = tqdm(total=len(runs), initial=outcome.skipped, disable=not progress, desc=f"bench {bench.name}", unit="run")
+    previous_handler = _interrupt_on_sigterm()
+    try:
+        for run in pending:
+            attempts = states[run.key].attempts if run.key in states else 0
+            run_dir = bench.output_dir / "runs" / run_dir_name(run.key)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            bar.set_postfix_str(f"{run.model}/{run.task}/{run.method}/seed{run.seed}")
+            while attempts < limit:
+                attempts += 1
+                record = _attempt(store, run, attempts, run_dir, bench, inproc_job, use_subprocess, env_versions)
+                if record["status"] == "ok":
+                    outcome.ok.append(run.key)
+                    break
+                bar.write(f"[bench] {run.key} failed (attempt {attempts}/{limit}): {record['error'].strip().splitlines()[-1:]}")
+            else:
+                outcome.failed.append(run.key)
+            bar.update(1)
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return outcome
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Treat SIGTERM like Ctrl-C while the grid runs, so the running worker is stopped and the
+    attempt is logged as interrupted; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def validate_runs(job: Job, runs: list[RunSpec]) -> None:
+    """Check every run's settings before any run starts, if the job offers ``job.validate(config)``.
+
+    Raises:
+        ValueError: listing each distinct problem once, with the runs it affects.
+    """
+    validate = getattr(job, "validate", None)
+    if not callable(validate):
+        return
+    problems: dict[str, list[str]] = {}
+    for run in runs:
+        try:
+            validate(run.config)
+        except ValueError as err:
+            problems.setdefault(str(err), []).append(run.key.split("#")[0])
+    if problems:
+        lines = [f"{message}\n    (in {len(keys)} run(s): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''})"
+                 for message, keys in problems.items()]
+        raise ValueError("benchmark runs have invalid settings:\n" + "\n".join(lines))
+
+
+def _identity(run: RunSpec, attempt: int) -> dict[str, Any]:
+    return {"key": run.key, "attempt": attempt, "model": run.model, "task": run.task, "method": run.method,
+            "adapter_method": run.adapter_method, "seed": run.seed, "role": run.role}
+
+
+def _attempt(store: ResultStore, run: RunSpec, attempt: int, run_dir: Path, bench: BenchConfig,
+             job: Job | None, use_subprocess: bool, env_versions: dict[str, str]) -> dict[str, Any]:
+    """One try: a "running" record, then "ok" with results or "failed" with the error."""
+    started, t0 = utc_now(), time.perf_counter()
+    store.append({**_identity(run, attempt), "status": "running", "started_at": started})
+    try:
+        if use_subprocess:
+            result = _run_subprocess(bench.job, run, run_dir, bench.timeout_s)
+        else:
+            assert job is not None
+            result = _run_inprocess(job, run, run_dir)
+    except KeyboardInterrupt:
+        store.append({**_identity(run, attempt), "status": "failed", "interrupted": True, "error": "interrupted by the user",
+                      "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure of one run must not stop the grid
+        error = f"{type(err).__name__}: {err}" if use_subprocess else traceback.format_exc()[-_ERROR_TAIL:]
+        record = {**_identity(run, attempt), "status": "failed", "error": error, "config": run.config,
+                  "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0}
+        store.append(record)
+        return record
+    record = {**_identity(run, attempt), "status": "ok", "config": run.config, **result,
+              "versions": result.get("versions") or env_versions,
+              "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0}
+    store.append(record)
+    return record

@@ -1,0 +1,174 @@
+"""The results store: one JSON record per line in ``results.jsonl``, append-only.
+
+Each attempt at a run appends a ``"running"`` record when it starts and an
+``"ok"`` or ``"failed"`` record when it ends, so the file is a log that survives
+a crash of the whole grid: a run whose last record is ``"running"`` was
+interrupted and counts as one failed attempt.
+
+An ``"ok"`` record holds::
+
+    key, status, attempt, model, task, method, adapter_method, seed, role,
+    config            the resolved run config (what ``run_key`` hashes)
+    metrics           {"accuracy": 0.84, "val_loss": 0.41, ...}
+    primary_metric    the metric the tables compare ("accuracy", "bleu", ...)
+    curves            {"train": [{"step", "loss", "grad_norm", ...}],
+                       "eval":  [{"step", "val_loss", <metric>, ...}]}
+    lambda_history    Hybrid only: {"layers": [names], "steps": [...],
+                                    "values": [[λ per layer] per step]}
+    footprint         {"step_time_s", "peak_memory_mb", "tunable_params",
+                       "total_params", "train_time_s"}
+    versions          python, torch, transformers, hybridpeft, platform
+    started_at, finished_at (UTC ISO), wall_s
+
+A ``"failed"`` record carries ``error`` (the exception or the tail of the
+worker's stderr) instead of results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+RESULTS_FILE = "results.jsonl"
+STATUSES = ("running", "ok", "failed")
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Library versions and platform, recorded with every run."""
+    from .. import __version__
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "hybridpeft": __version__}
+    for name in ("torch", "transformers", "accelerate", "numpy"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except ImportError:
+                continue
+        out[name] = getattr(module, "__version__", "?")
+    return out
+
+
+def results_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file (or ends in .jsonl), else ``path/results.jsonl``."""
+    p = Path(path)
+    return p if p.suffix == ".jsonl" or p.is_file() else p / RESULTS_FILE
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record in the file, in order.
+
+    A line that is not a valid record is skipped with a warning naming the file,
+    the count and the line numbers (a torn last line, from a process killed
+    mid-write, is the expected case).
+
+    Raises:
+        FileNotFoundError: the results file does not exist.
+    """
+    file = results_path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no results file at {file}")
+    records, bad = [], []
+    with file.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad.append(lineno)
+                continue
+            if not isinstance(record, dict) or "key" not in record or record.get("status") not in STATUSES:
+                bad.append(lineno)
+                continue
+            records.append(record)
+    if bad:
+        warnings.warn(f"{file}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
+    return records
+
+
+@dataclass
+class RunState:
+    """What the store knows about one run key."""
+
+    status: str | None  # status of the last record, None if never started
+    attempts: int       # number of attempts started
+    record: dict[str, Any] | None  # the last "ok" record, if any
+
+
+class ResultStore:
+    """Append-only JSONL store in directory ``root`` (created on first write)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.file = self.root / RESULTS_FILE
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_records(self.file) if self.file.is_file() else []
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as one line, flushed and fsynced so a crash loses at most this line."""
+        if record.get("status") not in STATUSES or "key" not in record:
+            raise ValueError(f"record needs a 'key' and a status in {STATUSES}; got status={record.get('status')!r}")
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
+        with self.file.open("a+b") as fh:
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line  # a torn last line must not swallow this record
+            fh.write(line.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def states(self) -> dict[str, RunState]:
+        """Run key → state, from the whole log."""
+        out: dict[str, RunState] = {}
+        for record in self.records():
+            state = out.setdefault(record["key"], RunState(None, 0, None))
+            state.status = record["status"]
+            if record["status"] == "running":
+                state.attempts += 1
+            elif record["status"] == "failed" and record.get("interrupted"):
+                state.attempts -= 1  # the user stopped it; not the run's fault
+            elif record["status"] == "ok":
+                state.record = record
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON fallback for numpy/torch scalars and paths (NaN/inf stay as JSON's NaN/Infinity)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def finished(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``"ok"`` records the report uses: for each (model, task, method, seed), the
+    latest one (a rerun after a config change supersedes the older result)."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for record in records:
+        if record.get("status") == "ok":
+            latest[(record["model"], record["task"], record["method"], record["seed"])] = record
+    return list(latest.values())
+
+
+def iter_cells(records: Iterable[dict[str, Any]]) -> Iterator[tuple[tuple[str, str, str], list[dict[str, Any]]]]:
+    """Group records by cell (model, task, method), seeds sorted, cells in first-seen order."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        cells.setdefault((record["model"], record["task"], record["method"]), []).append(record)
+    for cell, rows in cells.items():
+        yield cell, sorted(rows, key=lambda r: r["seed"])

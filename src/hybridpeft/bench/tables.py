@@ -1,0 +1,272 @@
+"""The report's tables, built from finished run records.
+
+- ``main_tables``: the paper's Table I layout — one table per task, a row per
+  method, per model the per-seed values, mean ± s.d., and Welch's p against the
+  reference method (LoRA); † marks p < 0.05.
+- ``ablation_table``: Table II — LoRA-only, BOFT-only and every Hybrid variant
+  (fixed λ, anneal, adaptive), mean ± s.d.; ‡ marks p < 0.05 against the
+  adaptive Hybrid.
+- ``footprint_table``: Table VII — step time, peak memory, tunable parameters,
+  with ratios to LoRA.
+- ``metrics_table``: every metric a task reported (validation loss included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .stats import Summary, Welch, summarize, welch
+
+PERCENT_METRICS = ("accuracy", "exact_match", "macro_accuracy", "f1", "pass@1", "pass@10")
+DAGGER, DDAGGER = "†", "‡"
+
+
+@dataclass
+class Table:
+    """A rendered table: strings only, so Markdown and HTML print the same thing."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+@dataclass
+class Cell:
+    """All finished seeds of one (model, task, method)."""
+
+    model: str
+    task: str
+    method: str
+    adapter_method: str
+    role: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        return self.records[0]["primary_metric"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.records]
+
+    def values(self, metric: str | None = None) -> list[float]:
+        name = metric or self.metric
+        return [float(r["metrics"][name]) for r in self.records if name in r["metrics"]]
+
+    def footprint(self, name: str) -> list[float]:
+        return [float(r["footprint"][name]) for r in self.records if r.get("footprint", {}).get(name) is not None]
+
+    def schedule(self) -> str | None:
+        """The Hybrid's λ schedule as configured (``None`` for other methods)."""
+        if self.adapter_method != "hybrid":
+            return None
+        return str(self.records[0]["config"].get("adapter", {}).get("schedule", "adaptive"))
+
+
+def build_cells(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], Cell]:
+    """Group finished records by (model, task, method) in first-seen order, seeds sorted."""
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for r in records:
+        key = (r["model"], r["task"], r["method"])
+        if key not in cells:
+            cells[key] = Cell(r["model"], r["task"], r["method"], r.get("adapter_method", r["method"]), r.get("role", "main"))
+        cells[key].records.append(r)
+    for cell in cells.values():
+        cell.records.sort(key=lambda r: r["seed"])
+    return cells
+
+
+def is_percent(metric: str, values: Iterable[float]) -> bool:
+    """Fraction-valued metrics (accuracy in [0, 1]) are shown in percent."""
+    return metric in PERCENT_METRICS and all(0.0 <= v <= 1.0 for v in values)
+
+
+def scale(metric: str, values: list[float]) -> tuple[list[float], str]:
+    """Values in display units, and the unit suffix for headers."""
+    if is_percent(metric, values):
+        return [100.0 * v for v in values], " (%)"
+    return list(values), ""
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def mean_sd(summary: Summary, digits: int = 2) -> str:
+    return f"{summary.mean:.{digits}f} ± {summary.sd:.{digits}f}" if summary.n > 1 else f"{summary.mean:.{digits}f}"
+
+
+def find_reference(cells: dict[tuple[str, str, str], Cell], model: str, task: str, reference: str) -> Cell | None:
+    return cells.get((model, task, reference))
+
+
+def adaptive_hybrid(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> Cell | None:
+    """The main-role Hybrid with the adaptive schedule for a (model, task), if run."""
+    for (m, t, _), cell in cells.items():
+        if (m, t) == (model, task) and cell.role == "main" and cell.schedule() == "adaptive":
+            return cell
+    return None
+
+
+def compare(cell: Cell, other: Cell | None) -> Welch | None:
+    if other is None or other is cell:
+        return None
+    return welch(cell.values(), other.values(cell.metric))
+
+
+def tasks_in(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    return list(dict.fromkeys(c.task for c in cells.values()))
+
+
+def models_for(cells: dict[tuple[str, str, str], Cell], task: str) -> list[str]:
+    return list(dict.fromkeys(c.model for c in cells.values() if c.task == task))
+
+
+def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[Table]:
+    """Table I: one table per task, main-role methods."""
+    tables = []
+    for task in tasks_in(cells):
+        models = models_for(cells, task)
+        methods = list(dict.fromkeys(c.method for c in cells.values() if c.task == task and c.role == "main"))
+        if not methods:
+            continue
+        metric = next(c.metric for c in cells.values() if c.task == task)
+        header = ["Method"]
+        for model in models:
+            header += [f"{model}: per seed", f"{model}: mean ± s.d.", f"{model}: Δ vs {reference}", f"{model}: p (Welch)"]
+        rows = []
+        for method in methods:
+            row = [method]
+            for model in models:
+                cell = cells.get((model, task, method))
+                if cell is None:
+                    row += ["—"] * 4
+                    continue
+                ref = find_reference(cells, model, task, reference)
+                shown, _ = scale(metric, cell.values())
+                test = compare(cell, ref)
+                mark = DAGGER if test is not None and test.significant else ""
+                delta = None
+                if ref is not None and ref is not cell:
+                    ref_shown, _ = scale(metric, ref.values(metric))
+                    delta = summarize(shown).mean - summarize(ref_shown).mean
+                row += [" / ".join(fmt(v) for v in shown), mean_sd(summarize(shown)) + mark,
+                        "—" if delta is None else f"{delta:+.2f}", fmt_p(None if test is None else test.p)]
+            rows.append(row)
+        _, unit = scale(metric, [v for c in cells.values() if c.task == task for v in c.values()])
+        seeds = sorted({s for c in cells.values() if c.task == task for s in c.seeds})
+        tables.append(Table(
+            title=f"{task}: {metric}{unit}",
+            header=header, rows=rows,
+            note=(f"Per-seed values in seed order {seeds}; s.d. is the sample standard deviation (ddof = 1). "
+                  f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."),
+        ))
+    return tables
+
+
+def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, ...] = ("lora", "boft")) -> Table | None:
+    """Table II: single-branch baselines and every Hybrid schedule, per (model, task).
+
+    Returns None when no Hybrid variant besides the adaptive one was run.
+    """
+    hybrids = [c for c in cells.values() if c.adapter_method == "hybrid"]
+    if not any(c.schedule() != "adaptive" for c in hybrids):
+        return None
+    settings = list(dict.fromkeys((c.model, c.task) for c in hybrids))
+    methods = [m for m in singles if any(c.method == m for c in cells.values())]
+    methods += list(dict.fromkeys(c.method for c in hybrids if c.schedule() != "adaptive"))
+    methods += list(dict.fromkeys(c.method for c in hybrids if c.schedule() == "adaptive"))
+    header = ["Method", "λ schedule"] + [f"{task} ({model})" for model, task in settings]
+    rows = []
+    for method in methods:
+        sample = next(c for c in cells.values() if c.method == method)
+        row = [method, _schedule_label(sample)]
+        for model, task in settings:
+            cell = cells.get((model, task, method))
+            if cell is None:
+                row.append("—")
+                continue
+            shown, unit = scale(cell.metric, cell.values())
+            test = compare(cell, adaptive_hybrid(cells, model, task))
+            mark = DDAGGER if test is not None and test.significant else ""
+            row.append(f"{mean_sd(summarize(shown))}{mark}")
+        rows.append(row)
+    metrics = ", ".join(dict.fromkeys(f"{t}: {cells[next(k for k in cells if k[:2] == (m, t))].metric}" for m, t in settings))
+    return Table(
+        title="λ ablation (mean ± s.d. over seeds)",
+        header=header, rows=rows,
+        note=(f"Metrics: {metrics} (fractions shown in %). {DDAGGER}: p < 0.05 in Welch's t-test against the adaptive Hybrid "
+              "of the same column. λ is the weight of the LoRA-GA branch; 1 − λ weights the BOFT branch."),
+    )
+
+
+def _schedule_label(cell: Cell) -> str:
+    if cell.adapter_method != "hybrid":
+        return "λ = 1 (LoRA only)" if cell.adapter_method in ("lora", "lora_ga") else ("λ = 0 (BOFT only)" if cell.adapter_method == "boft" else "—")
+    adapter = cell.records[0]["config"].get("adapter", {})
+    schedule = cell.schedule()
+    if schedule == "fixed":
+        value = adapter.get("lam_fixed", 0.5)
+        return f"fixed λ = {value}" if value is not None else "fixed"
+    if schedule == "anneal":
+        start, end = adapter.get("anneal_start", 0.75), adapter.get("anneal_end", 0.25)
+        return f"anneal {start} → {end}"
+    return str(schedule)
+
+
+def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> Table:
+    """Table VII: per (model, task, method) the mean step time, peak memory and tunable parameters."""
+    mem_key = _memory_key(cells)
+    rows = []
+    for cell in cells.values():
+        ref = cells.get((cell.model, cell.task, reference))
+        step, mem = cell.footprint("step_time_s"), cell.footprint(mem_key)
+        params, total = cell.footprint("tunable_params"), cell.footprint("total_params")
+        ref_step = ref.footprint("step_time_s") if ref else []
+        ref_mem = ref.footprint(mem_key) if ref else []
+        rows.append([
+            cell.model, cell.task, cell.method,
+            mean_sd(summarize(step), 3) if step else "—",
+            f"{summarize(step).mean / summarize(ref_step).mean:.2f}×" if step and ref_step else "—",
+            mean_sd(summarize(mem), 0) if mem else "—",
+            f"{summarize(mem).mean / summarize(ref_mem).mean:.2f}×" if mem and ref_mem else "—",
+            f"{params[0] / 1e6:.3f}" if params else "—",
+            f"{100.0 * params[0] / total[0]:.2f}" if params and total and total[0] else "—",
+            fmt(summarize(cell.footprint("train_time_s")).mean, 1) if cell.footprint("train_time_s") else "—",
+        ])
+    what = "peak memory (MiB) is the device's allocator peak" if mem_key == "peak_memory_mb" else \
+        "peak memory (MiB) is the run process's peak resident set (CPU)"
+    return Table(
+        title="Training footprint (mean ± s.d. over seeds)",
+        header=["Model", "Task", "Method", "Step time (s)", f"vs {reference}", "Peak memory (MiB)", f"vs {reference}",
+                "Tunable params (M)", "Tunable (% of model)", "Train time (s)"],
+        rows=rows,
+        note=f"Step time is the mean wall time of one optimizer step (forward, backward, update); {what}.",
+    )
+
+
+def _memory_key(cells: dict[tuple[str, str, str], Cell]) -> str:
+    """Prefer the job's own peak-memory figure; fall back to the worker's peak RSS."""
+    has = any(c.footprint("peak_memory_mb") for c in cells.values())
+    return "peak_memory_mb" if has else "peak_rss_mb"
+
+
+def metrics_table(cells: dict[tuple[str, str, str], Cell]) -> Table:
+    """Every metric each cell reported, mean over seeds (raw units)."""
+    names = list(dict.fromkeys(name for c in cells.values() for r in c.records for name in r["metrics"]))
+    rows = []
+    for cell in cells.values():
+        row = [cell.model, cell.task, cell.method, str(len(cell.records))]
+        for name in names:
+            vals = cell.values(name)
+            row.append(fmt(summarize(vals).mean, 4) if vals else "—")
+        rows.append(row)
+    return Table(title="All reported metrics (mean over seeds, raw units)",
+                 header=["Model", "Task", "Method", "Seeds"] + names, rows=rows)

@@ -1,0 +1,312 @@
+"""Benchmark harness: grid expansion, resumable store, statistics, report rendering.
+
+Runs use a synthetic job (deterministic numbers per method and seed) so the
+harness is tested without training; the end-to-end run of benchmarks/quick.yaml
+is marked slow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
+                              summarize, welch, write_report)
+from hybridpeft.bench.tables import build_cells, main_tables
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
+_ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
+        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+_LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
+
+
+def synthetic_job(config: dict, run_dir: Path) -> dict:
+    """Pretend to train: numbers depend only on (method, seed); ``fail`` settings inject errors."""
+    run = config["run"]
+    fail = config.get("fail", {})
+    if fail.get("always"):
+        raise RuntimeError("synthetic failure")
+    if fail.get("first_attempt"):
+        marker = run_dir / "failed_once"
+        if not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError("synthetic first-attempt failure")
+    if fail.get("exit"):
+        os._exit(3)  # a hard crash: no exception, no cleanup
+    (run_dir / "calls").open("a").write("1\n")
+    acc = _ACC[run["method"]][run["seed"] % 3]
+    steps = list(range(1, 21))
+    scale = 1.0 + 0.1 * len(run["method"])
+    curves = {"train": [{"step": s, "loss": 2.0 / s, "grad_norm": scale * 5.0 / math.sqrt(s)} for s in steps],
+              "eval": [{"step": s, "val_loss": 1.0 + 1.0 / s} for s in steps[4::5]]}
+    lam = None
+    if config["adapter"]["method"] == "hybrid":
+        lam = {"layers": _LAYERS, "steps": steps,
+               "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
+    return {"metrics": {"accuracy": acc, "val_loss": 1.0 - acc}, "primary_metric": "accuracy", "curves": curves,
+            "lambda_history": lam,
+            "footprint": {"step_time_s": 0.1 * scale + 0.001 * run["seed"], "peak_memory_mb": 500.0 * scale + run["seed"],
+                          "tunable_params": 10_000 * len(run["method"]), "total_params": 1_000_000, "train_time_s": 2.0}}
+
+
+def _bench(tmp_path: Path, **extra) -> dict:
+    data = {
+        "name": "t", "seeds": [0, 1, 2], "output": str(tmp_path / "out"), "isolation": "inprocess",
+        "job": "test_bench:synthetic_job",
+        "shared": {"train": {"max_steps": 20, "lr": 1e-3, "batch_size": 4}, "data": {"train_limit": 64},
+                   "adapter": {"target_modules": ["query", "value"]}},
+        "grid": [{"model": "tiny", "tasks": ["sst2-cls", "rte-cls"]}],
+        "methods": ["lora", "boft", {"name": "hybrid"},
+                    {"name": "hybrid-fixed-0.5", "method": "hybrid", "role": "ablation",
+                     "adapter": {"schedule": "fixed", "lam_fixed": 0.5}},
+                    {"name": "full", "train": {"lr": 1e-5}}],
+        "overrides": [{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"train.max_steps": 40}}],
+    }
+    data.update(extra)
+    return data
+
+
+def test_grid_expansion_count_and_overrides(tmp_path):
+    runs = expand_grid(parse_bench(_bench(tmp_path)))
+    assert len(runs) == 5 * 2 * 3  # methods × tasks × seeds
+    assert len({r.key for r in runs}) == len(runs)
+    by = {(r.task, r.method, r.seed): r.config for r in runs}
+    # shared settings reach every run; the method's own train settings and per-cell overrides apply on top
+    assert by[("sst2-cls", "lora", 0)]["train"] == {"max_steps": 20, "lr": 1e-3, "batch_size": 4}
+    assert by[("sst2-cls", "full", 2)]["train"]["lr"] == 1e-5
+    assert by[("rte-cls", "hybrid", 1)]["train"]["max_steps"] == 40
+    assert by[("sst2-cls", "hybrid", 1)]["train"]["max_steps"] == 20
+    assert by[("rte-cls", "hybrid-fixed-0.5", 0)]["train"]["max_steps"] == 20  # matches label, not adapter method
+    assert by[("rte-cls", "hybrid-fixed-0.5", 0)]["adapter"] == {"method": "hybrid", "schedule": "fixed", "lam_fixed": 0.5,
+                                                                 "target_modules": ["query", "value"]}
+    assert by[("sst2-cls", "lora", 1)]["adapter"] == {"method": "lora", "target_modules": ["query", "value"]}
+    assert by[("sst2-cls", "boft", 2)]["run"] == {"model": "tiny", "task": "sst2-cls", "method": "boft", "seed": 2}
+    assert by[("sst2-cls", "lora", 0)]["data"] == {"train_limit": 64}
+
+
+def test_grid_exclude_and_adapter_method_match(tmp_path):
+    data = _bench(tmp_path, exclude=[{"method": "full", "task": "rte-cls"}],
+                  overrides=[{"where": {"adapter_method": "hybrid"}, "set": {"adapter": {"r": 4}}}])
+    runs = expand_grid(parse_bench(data))
+    assert len(runs) == 5 * 2 * 3 - 3
+    assert not any(r.method == "full" and r.task == "rte-cls" for r in runs)
+    assert all(r.config["adapter"].get("r") == (4 if r.adapter_method == "hybrid" else None) for r in runs)
+
+
+def test_bad_config_lists_every_error(tmp_path):
+    data = _bench(tmp_path, seeds=[0, 0], max_attempts=0, isolation="thread")
+    with pytest.raises(ValueError) as err:
+        parse_bench(data)
+    text = str(err.value)
+    assert "seeds=[0, 0]" in text and "max_attempts=0" in text and "isolation='thread'" in text
+
+
+def test_run_key_is_stable_and_follows_settings(tmp_path):
+    a = expand_grid(parse_bench(_bench(tmp_path)))
+    b = expand_grid(parse_bench(_bench(tmp_path)))
+    assert [r.key for r in a] == [r.key for r in b]
+    changed = _bench(tmp_path)
+    changed["shared"]["train"]["lr"] = 2e-3
+    c = expand_grid(parse_bench(changed))
+    assert a[0].key.split("#")[0] == c[0].key.split("#")[0] and a[0].key != c[0].key
+    assert run_key(a[0].config) == a[0].key
+
+
+def test_load_bench_yaml_with_overrides(tmp_path):
+    import yaml
+
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(_bench(tmp_path)))
+    bench = load_bench(path, ["seeds=[0]", "shared.train.max_steps=5"])
+    runs = expand_grid(bench)
+    assert len(runs) == 5 * 2 and all(r.config["train"]["max_steps"] in (5, 40) for r in runs)
+
+
+def _calls(out: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in out.glob("runs/*/calls"))
+
+
+def test_resume_skips_finished_and_retries_failed(tmp_path):
+    sys.path.insert(0, str(TESTS))
+    data = _bench(tmp_path, seeds=[0, 1], methods=["lora", "hybrid"])
+    data["overrides"] = [{"where": {"method": "hybrid", "seed": 1, "task": "rte-cls"}, "set": {"fail": {"first_attempt": True}}}]
+    bench = parse_bench(data)
+    first = run_bench(bench, progress=False)
+    assert first.total == 8 and len(first.ok) == 8 and first.failed == [] and first.skipped == 0
+    states = ResultStore(bench.output_dir).states()
+    retried = [k for k, s in states.items() if s.attempts == 2]
+    assert len(retried) == 1 and "rte-cls/hybrid/seed1" in retried[0] and states[retried[0]].status == "ok"
+    calls = _calls(bench.output_dir)
+    assert calls == 8
+    again = run_bench(bench, progress=False)
+    assert again.skipped == 8 and again.ok == [] and _calls(bench.output_dir) == calls  # nothing re-run
+
+
+def test_failed_run_given_up_after_max_attempts_then_retried_on_request(tmp_path):
+    data = _bench(tmp_path, seeds=[0], methods=["lora"], max_attempts=2)
+    data["overrides"] = [{"where": {"task": "rte-cls"}, "set": {"fail": {"always": True}}}]
+    bench = parse_bench(data)
+    out = run_bench(bench, job=synthetic_job, progress=False)
+    assert len(out.ok) == 1 and len(out.failed) == 1
+    records = read_records(bench.output_dir)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == 2 and "synthetic failure" in failed[-1]["error"]
+    out2 = run_bench(bench, job=synthetic_job, progress=False)
+    assert out2.skipped == 1 and out2.given_up == out.failed and out2.failed == []
+    out3 = run_bench(bench, job=synthetic_job, progress=False, max_attempts=3)
+    assert out3.failed == out.failed
+    assert sum(r["status"] == "failed" for r in read_records(bench.output_dir)) == 3
+
+
+def test_interrupted_run_is_retried_and_torn_line_skipped(tmp_path):
+    bench = parse_bench(_bench(tmp_path, seeds=[0], methods=["lora"]))
+    run = expand_grid(bench)[0]
+    store = ResultStore(bench.output_dir)
+    store.append({"key": run.key, "status": "running", "attempt": 1})  # the grid died mid-run
+    with store.file.open("a") as fh:
+        fh.write('{"key": "x", "status": "o')  # torn last line
+    with pytest.warns(UserWarning, match="skipped 1 unreadable line"):
+        out = run_bench(bench, job=synthetic_job, progress=False)
+    assert len(out.ok) == 2
+    with pytest.warns(UserWarning, match="unreadable"):
+        states = ResultStore(bench.output_dir).states()
+    assert states[run.key].attempts == 2 and states[run.key].status == "ok"
+
+
+def test_subprocess_isolation_survives_a_hard_crash(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    data = _bench(tmp_path, seeds=[0], methods=["lora"], isolation="subprocess", max_attempts=1)
+    data["overrides"] = [{"where": {"task": "rte-cls"}, "set": {"fail": {"exit": True}}}]
+    bench = parse_bench(data)
+    out = run_bench(bench, progress=False)
+    assert len(out.ok) == 1 and len(out.failed) == 1
+    records = read_records(bench.output_dir)
+    ok = next(r for r in records if r["status"] == "ok")
+    assert ok["metrics"]["accuracy"] == 0.80 and ok["footprint"]["peak_rss_mb"] > 0 and "torch" in ok["versions"]
+    bad = next(r for r in records if r["status"] == "failed")
+    assert "exited with code 3" in bad["error"]
+
+
+def test_summary_hand_checked():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    assert s.n == 4 and s.mean == 2.5
+    assert s.sd == pytest.approx(math.sqrt(5.0 / 3.0), abs=1e-12)  # Σ(x−x̄)² = 5, ddof = 1
+    assert summarize([7.0]).sd == 0.0
+    with pytest.raises(ValueError, match="values"):
+        summarize([])
+
+
+def test_welch_against_scipy_and_closed_form():
+    from scipy import stats
+
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0]
+    w = welch(a, b)
+    # s²_a/n = 5/12, s²_b/n = 5/3: t = −2.5/√(25/12) = −√3, ν = (25/12)² / ((5/12)²/3 + (5/3)²/3) = 75/17
+    assert w.t == pytest.approx(-math.sqrt(3.0), abs=1e-12)
+    assert w.df == pytest.approx(75.0 / 17.0, abs=1e-12)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w.p == pytest.approx(ref.pvalue, rel=1e-12) and w.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert w.p == pytest.approx(2 * stats.t.sf(math.sqrt(3.0), 75.0 / 17.0), rel=1e-10)
+    assert not w.significant
+    strong = welch([0.90, 0.91, 0.89], [0.80, 0.81, 0.79])
+    assert strong.significant and strong.p == pytest.approx(
+        stats.ttest_ind([0.90, 0.91, 0.89], [0.80, 0.81, 0.79], equal_var=False).pvalue, rel=1e-12)
+    assert welch([1.0], [2.0, 3.0]).p is None          # one value: undefined
+    assert welch([1.0, 1.0], [2.0, 2.0]).p is None     # no spread: undefined
+
+
+@pytest.fixture
+def synthetic_results(tmp_path):
+    bench = parse_bench(_bench(tmp_path, methods=["lora", "boft", {"name": "hybrid"},
+                                                  {"name": "hybrid-fixed-0.5", "method": "hybrid", "role": "ablation",
+                                                   "adapter": {"schedule": "fixed", "lam_fixed": 0.5}},
+                                                  {"name": "hybrid-anneal", "method": "hybrid", "role": "ablation",
+                                                   "adapter": {"schedule": "anneal"}},
+                                                  "full"]))
+    run_bench(bench, job=synthetic_job, progress=False)
+    return bench.output_dir
+
+
+def test_main_table_marks_significance(synthetic_results):
+    from hybridpeft.bench.store import finished
+
+    cells = build_cells(finished(read_records(synthetic_results)))
+    table = next(t for t in main_tables(cells) if t.title.startswith("sst2-cls"))
+    rows = {r[0]: r for r in table.rows}
+    assert set(rows) == {"lora", "boft", "hybrid", "full"}  # ablation rows stay out of Table I
+    assert rows["lora"][1] == "80.00 / 81.00 / 79.00" and rows["lora"][2] == "80.00 ± 1.00"
+    assert rows["hybrid"][2] == "90.00 ± 1.00†" and rows["hybrid"][3] == "+10.00"
+    assert "†" not in rows["boft"][2] and rows["lora"][4] == "n/a"
+
+
+def test_report_renders_every_table_and_figure(synthetic_results, tmp_path):
+    out = tmp_path / "report"
+    paths = write_report(synthetic_results, out, title="Synthetic")
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for heading in ("Main results", "λ ablation", "Training footprint", "All reported metrics", "paper's claims", "Failed runs"):
+        assert heading in md and html_escape(heading) in page
+    assert "| hybrid | 90.00 / 91.00 / 89.00 | 90.00 ± 1.00† | +10.00 |" in md
+    assert "| hybrid-fixed-0.5 | fixed λ = 0.5 | 85.00 ± 1.00‡ |" in md           # ablation row, significant vs adaptive
+    assert "| hybrid-anneal | anneal 0.75 → 0.25 |" in md
+    assert "Hybrid beats lora: supported" in md and "Hybrid beats full: not supported" in md
+    assert "| tiny | sst2-cls | lora | 0.141 ± 0.001 | 1.00× | 701 ± 1 | 1.00× | 0.040 | 4.00 | 2.0 |" in md  # footprint
+    assert "| tiny | sst2-cls | hybrid | 0.161 ± 0.001 | 1.14× | 801 ± 1 | 1.14× | 0.060 | 6.00 |" in md
+    figures = ["footprint", "curves_tiny_sst2-cls", "curves_tiny_rte-cls", "lambda_tiny_sst2-cls", "lambda_tiny_rte-cls"]
+    for name in figures:
+        png = out / "figures" / f"{name}.png"
+        assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"figures/{name}.png" in md and f"figures/{name}.png" in page
+        assert paths[name] == png
+    assert "<table>" in page and page.count("<img") == len(figures)
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+def test_report_lists_failures_and_rejects_empty(tmp_path):
+    data = _bench(tmp_path, seeds=[0, 1], methods=["lora", "hybrid"], max_attempts=1)
+    data["overrides"] = [{"where": {"task": "rte-cls", "method": "lora"}, "set": {"fail": {"always": True}}}]
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    write_report(bench.output_dir, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "tiny/rte-cls/lora/seed0" in md and "RuntimeError: synthetic failure" in md
+    empty = tmp_path / "empty"
+    ResultStore(empty).append({"key": "k", "status": "running"})
+    with pytest.raises(ValueError, match="no finished run"):
+        write_report(empty, tmp_path / "r2")
+
+
+def test_cli_entry_points(tmp_path, capsys):
+    from hybridpeft.bench.__main__ import main
+
+    bench = parse_bench(_bench(tmp_path, seeds=[0, 1], methods=["lora", "hybrid"],
+                               grid=[{"model": "tiny", "tasks": ["sst2-cls"]}]))
+    run_bench(bench, job=synthetic_job, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "hybridpeft.cli", "report", str(bench.output_dir), "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c" / "report.html").stat().st_size > 1000 and "wrote" in proc.stdout
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "d")]) == 2
+    assert "no results file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_preset_end_to_end(tmp_path):
+    """benchmarks/quick.yaml with real training (minutes on 2 CPU cores)."""
+    bench = load_bench(REPO / "benchmarks" / "quick.yaml", [f"output={tmp_path / 'quick'}"])
+    out = run_bench(bench, progress=False)
+    assert out.failed == [] and len(out.ok) == out.total
+    paths = write_report(bench.output_dir, tmp_path / "report")
+    assert paths["markdown"].stat().st_size > 0
