@@ -104,10 +104,10 @@ def curves_figure(cells: list[Cell], path: Path, title: str) -> Path:
             (line,) = ax.plot(steps, mean, marker="o" if len(steps) <= 12 else None, ms=3, label=cell.method)
             ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
     left.set_xlabel("Optimizer step")
-    left.set_ylabel("Gradient norm ‖∇θ L‖₂ (trainable params)")
+    left.set_ylabel("Gradient norm ‖∇θ L‖₂ before clipping")
     left.set_title("Gradient norm during training")
     right.set_xlabel("Optimizer step")
-    right.set_ylabel("Validation loss (mean token cross-entropy, nats)")
+    right.set_ylabel("Validation loss (cross-entropy, nats)")
     right.set_title("Validation loss")
     for ax in (left, right):
         ax.grid(alpha=0.3)

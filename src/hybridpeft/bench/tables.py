@@ -241,8 +241,11 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
             f"{100.0 * params[0] / total[0]:.2f}" if params and total and total[0] else "—",
             fmt(summarize(cell.footprint("train_time_s")).mean, 1) if cell.footprint("train_time_s") else "—",
         ])
-    what = "peak memory (MiB) is the device's allocator peak" if mem_key == "peak_memory_mb" else \
-        "peak memory (MiB) is the run process's peak resident set (CPU)"
+    kinds = {r.get("footprint", {}).get("peak_memory_kind") for c in cells.values() for r in c.records}
+    if mem_key == "peak_rss_mb" or kinds <= {"cpu_max_rss"}:
+        what = "peak memory (MiB) is the training process's peak resident set size (CPU: model, data, activations, optimizer state and the Python runtime)"
+    else:
+        what = "peak memory (MiB) is the device allocator's peak (torch.cuda.max_memory_allocated)"
     return Table(
         title="Training footprint (mean ± s.d. over seeds)",
         header=["Model", "Task", "Method", "Step time (s)", f"vs {reference}", "Peak memory (MiB)", f"vs {reference}",
