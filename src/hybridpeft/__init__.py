@@ -22,3 +22,7 @@ from .api import (  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
 from .inject import adapted_layers, inject  # noqa: E402
 from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer  # noqa: E402
+from .adapters.lora_ga import LoraGAConfig  # noqa: E402
+from .lora_ga import lora_ga_init  # noqa: E402
+from .adapters.hybrid import HybridConfig  # noqa: E402
+from .mixing import mixing_state  # noqa: E402

@@ -27,3 +27,7 @@ from .boft import BoftAdapter, BoftConfig  # noqa: E402
 register(BoftConfig, BoftAdapter)
 from .unitary import UnitaryAdapter, UnitaryConfig  # noqa: E402
 register(UnitaryConfig, UnitaryAdapter)
+from .lora_ga import LoraGAAdapter, LoraGAConfig  # noqa: E402
+register(LoraGAConfig, LoraGAAdapter)
+from .hybrid import HybridAdapter, HybridConfig  # noqa: E402
+register(HybridConfig, HybridAdapter)

@@ -1,0 +1,218 @@
+"""The Hybrid: a LoRA-GA branch and an output-side BOFT branch mixed per layer by λ.
+
+For a frozen ``h = W x`` (computed once),
+
+    y = λ h + (1 − λ) R h + λ s (B A − B0 A0) x            (+ b, added by the host)
+      = lerp(R h, h + lora(x), λ),
+
+i.e. ``W' = W + λ ΔW_LoRA + (1 − λ)(R − I) W`` (the paper's Algorithm 2 with the
+start point cancelled). ``R = I`` and ``ΔW_LoRA = 0`` at initialization, so the
+output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
+``BoftAdapter`` (composed, not copied); λ is a persistent buffer (at least float32) moved by
+``after_optimizer_step`` according to ``hybridpeft.mixing``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..config import AdapterConfig, check
+from ..mixing import NORM_RULES, SCHEDULES, MixingRule, grad_norm, reduce_norms
+from .base import Adapter, BaseMatmul
+from .boft import BoftAdapter, BoftConfig
+from .lora_ga import LoraGAAdapter, LoraGAConfig
+
+_FLOAT32_BUFFERS = ("mix_lambda", "grad_norm_lora", "grad_norm_boft")
+
+
+def _unit(value: Any) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+@dataclass
+class HybridConfig(AdapterConfig):
+    """Args (flat; ``lora_*``/``ga_*`` feed the LoRA-GA branch, ``boft_*`` the BOFT branch):
+        lora_r, lora_alpha, lora_dropout, lora_rslora: ``LoraGAConfig``'s ``r``, ``alpha``, ``dropout``, ``rslora``.
+        ga_direction, ga_scale, ga_stable_gamma, ga_init_form, ga_num_batches, ga_svd_niter:
+            ``LoraGAConfig``'s ``direction``, ``scale``, ``stable_gamma``, ``init_form``,
+            ``num_batches``, ``svd_niter``. (The start point always stays in the adapter:
+            subtracting it from the ``W`` that the BOFT branch also rotates would change the output.)
+        boft_block_size, boft_n_factors: ``BoftConfig``'s ``block_size``, ``n_factors`` (output side).
+        schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.mixing``.
+        lam_init: λ at the start of ``"adaptive"``.
+        lam_fixed: λ of ``"fixed"``.
+        anneal_start, anneal_end, anneal_steps: the ``"anneal"`` line, over ``anneal_steps``
+            optimizer steps (``None``: set later, e.g. by the Trainer callback from ``max_steps``).
+        ema: smoothing of ``"adaptive"`` (weight of the previous λ).
+        lam_min, lam_max: clamp of ``"adaptive"``.
+        norm_rule: ``"relative"`` (default: each branch's gradient norm divided by its
+            coefficient, λ or 1 − λ) or ``"paper_literal"``.
+    """
+
+    method = "hybrid"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_rslora: bool = False
+    ga_direction: str = "ArB2r"
+    ga_scale: str = "stable"
+    ga_stable_gamma: float = 16.0
+    ga_init_form: str = "lora_ga"
+    ga_num_batches: int = 8
+    ga_svd_niter: int = 4
+    boft_block_size: int = 8
+    boft_n_factors: int = 3
+    schedule: str = "adaptive"
+    lam_init: float = 0.5
+    lam_fixed: float = 0.5
+    anneal_start: float = 0.75
+    anneal_end: float = 0.25
+    anneal_steps: int | None = None
+    ema: float = 0.9
+    lam_min: float = 0.05
+    lam_max: float = 0.95
+    norm_rule: str = "relative"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {list(SCHEDULES)}")
+        check(self.norm_rule in NORM_RULES, "norm_rule", self.norm_rule, f"one of {list(NORM_RULES)}")
+        check(_unit(self.lam_min) and self.lam_min > 0, "lam_min", self.lam_min, "a number in (0, 1]")
+        check(_unit(self.lam_max) and self.lam_max < 1 and self.lam_max >= self.lam_min, "lam_max", self.lam_max,
+              f"a number in [lam_min={self.lam_min}, 1)")
+        check(_unit(self.lam_init) and self.lam_min <= self.lam_init <= self.lam_max, "lam_init", self.lam_init,
+              f"a number in [lam_min, lam_max] = [{self.lam_min}, {self.lam_max}]")
+        check(_unit(self.lam_fixed), "lam_fixed", self.lam_fixed, "a number in [0, 1]")
+        check(_unit(self.anneal_start), "anneal_start", self.anneal_start, "a number in [0, 1]")
+        check(_unit(self.anneal_end), "anneal_end", self.anneal_end, "a number in [0, 1]")
+        check(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps > 0),
+              "anneal_steps", self.anneal_steps, "None or a positive integer")
+        check(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, "ema", self.ema, "a number in [0, 1)")
+        self.lora_ga_config()  # validate the branch fields now, under their hybrid names
+        self.boft_config()
+
+    def lora_ga_config(self) -> LoraGAConfig:
+        """The LoRA-GA branch's config (read by ``lora_ga_init``)."""
+        return self._sub(LoraGAConfig, _LORA_GA_FIELDS)
+
+    def boft_config(self) -> BoftConfig:
+        return self._sub(BoftConfig, _BOFT_FIELDS, side="output")
+
+    def mixing_rule(self) -> MixingRule:
+        return MixingRule(
+            schedule=self.schedule, lam_init=self.lam_init, lam_fixed=self.lam_fixed, anneal_start=self.anneal_start,
+            anneal_end=self.anneal_end, anneal_steps=self.anneal_steps, ema=self.ema, lam_min=self.lam_min,
+            lam_max=self.lam_max, norm_rule=self.norm_rule,
+        )
+
+    def _sub(self, cls: Callable[..., Any], names: dict[str, str], **fixed: Any) -> Any:
+        values = {sub: getattr(self, hybrid) for sub, hybrid in names.items()}
+        try:
+            return cls(target_modules=self.target_modules, adapter_dtype=self.adapter_dtype, **values, **fixed)
+        except ValueError as err:
+            raise _renamed(err, names) from None
+
+
+_LORA_GA_FIELDS = {
+    "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "lora_rslora",
+    "direction": "ga_direction", "scale": "ga_scale", "stable_gamma": "ga_stable_gamma",
+    "init_form": "ga_init_form", "num_batches": "ga_num_batches", "svd_niter": "ga_svd_niter",
+}
+_BOFT_FIELDS = {"block_size": "boft_block_size", "n_factors": "boft_n_factors"}
+
+
+def _renamed(err: ValueError, names: dict[str, str]) -> ValueError:
+    """A branch's "field=value is invalid" error, re-worded with the hybrid's field name."""
+    message = str(err)
+    for sub, hybrid in names.items():
+        if message.startswith(f"{sub}="):
+            return ValueError(hybrid + message[len(sub):])
+    return ValueError(f"{'/'.join(names.values())}: {message}")
+
+
+class HybridAdapter(Adapter):
+    """``W' x = lerp(R (W x), W x + lora(x), λ)``; see the module docstring.
+
+    Attributes:
+        lora: the ``LoraGAAdapter`` branch (``lora_ga_init`` starts it).
+        boft: the output-side ``BoftAdapter`` branch.
+        rule: the ``MixingRule`` that moves λ.
+
+    Buffers: ``mix_lambda`` (λ, at least float32, saved), ``mix_step`` (optimizer steps seen, saved),
+    ``grad_norm_lora`` / ``grad_norm_boft`` (last norms, for logging; not saved).
+
+    Raises:
+        ValueError: a branch does not fit the layer (the message names the hybrid field).
+    """
+
+    method = "hybrid"
+
+    def __init__(self, d_in: int, d_out: int, config: HybridConfig) -> None:
+        super().__init__(d_in, d_out)
+        try:
+            self.lora = LoraGAAdapter(d_in, d_out, config.lora_ga_config())
+        except ValueError as err:
+            raise _renamed(err, _LORA_GA_FIELDS) from None
+        try:
+            self.boft = BoftAdapter(d_in, d_out, config.boft_config())
+        except ValueError as err:
+            raise _renamed(err, _BOFT_FIELDS) from None
+        self.rule = config.mixing_rule()
+        self.register_buffer("mix_lambda", torch.tensor(self.rule.initial(), dtype=torch.float32))
+        self.register_buffer("mix_step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("grad_norm_lora", torch.tensor(float("nan")), persistent=False)
+        self.register_buffer("grad_norm_boft", torch.tensor(float("nan")), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # λ and the logged norms stay at least float32 when the adapter is cast (e.g. to bf16):
+        # an EMA step of 1e-3 would vanish in bf16's 8-bit mantissa. A float64 cast is followed.
+        kept = {name: self._buffers[name] for name in _FLOAT32_BUFFERS}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            self._buffers[name] = old.to(device=new.device, dtype=torch.promote_types(new.dtype, torch.float32))
+        return out
+
+    @property
+    def lora_ga_adapter(self) -> LoraGAAdapter:
+        return self.lora
+
+    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        h = base(x)  # (..., d_out), the only base matmul
+        rh = self.boft.rotate(h)  # (..., d_out)
+        h_lora = self.lora(x, lambda _: h)  # h + lora(x), the add fused into the branch's last GEMM
+        return torch.lerp(rh, h_lora.to(h.dtype), self.mix_lambda.to(h.dtype))  # R h + λ (h + lora − R h)
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """``λ W + (1 − λ) R W + λ ΔW_LoRA`` (``R W`` by rotating columns; no dense ``R``)."""
+        lam = self.mix_lambda.to(weight.dtype)
+        rotated = self.boft.merged_weight(weight)  # (d_out, d_in)
+        return lam * (weight + self.lora.delta_weight().to(weight.dtype)) + (1 - lam) * rotated
+
+    def unmerged_weight(self, merged: Tensor) -> Tensor:
+        """``W = M⁻¹ (W' − λ ΔW_LoRA)``, ``M = λ I + (1 − λ) R`` (invertible unless R has an
+        eigenvalue −1 and λ = ½; Cayley blocks exclude −1 but their butterfly product need not)."""
+        lam = self.mix_lambda.to(merged.dtype)
+        eye = torch.eye(self.d_out, dtype=merged.dtype, device=merged.device)
+        m = lam * eye + (1 - lam) * self.boft.dense_rotation().to(merged.dtype)  # (d_out, d_out)
+        return torch.linalg.solve(m, merged - lam * self.lora.delta_weight().to(merged.dtype))
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step."""
+        norms = torch.stack([grad_norm(list(self.lora.parameters())), grad_norm(list(self.boft.parameters()))])
+        norms = reduce_norms(norms.to(self.mix_lambda.device))
+        step = self.mix_step + 1
+        lam = self.rule.next(self.mix_lambda, step, norms[0], norms[1])  # may raise: change nothing before
+        self.mix_lambda.copy_(lam)
+        self.mix_step.copy_(step)
+        self.grad_norm_lora.copy_(norms[0])
+        self.grad_norm_boft.copy_(norms[1])
+        self.lora.after_optimizer_step()
+        self.boft.after_optimizer_step()
+
+    def extra_repr(self) -> str:
+        return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"
