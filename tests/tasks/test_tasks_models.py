@@ -1,0 +1,198 @@
+"""Model-side evaluation: label scoring, batched generation, validation loss, every task end to end.
+
+A tiny random-init Llama with the SmolLM2 tokenizer (the only module that needs
+it: in a fresh CI cache the first ``resolve`` de-quantizes the GGUF once, ~40 s).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from hybridpeft.tasks import Example, get_task
+from hybridpeft.tasks.lm import generate, label_log_likelihoods, validation_loss
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from hybridpeft.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    assert tok.chat_template and tok.pad_token_id is not None
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config).double().eval()
+
+
+class Favour(nn.Module):
+    """A stand-in LM whose every next-token distribution prefers one token."""
+
+    def __init__(self, vocab: int, token: int, margin: float = 5.0) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # gives the model a device
+        self.vocab, self.token, self.margin = vocab, token, margin
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.token] = self.margin
+        return SimpleNamespace(logits=logits)
+
+
+def _sst2_examples(task, labels=(1, 0, 1, 1)):
+    examples = [Example(prompt=f"review number {i} " * (i + 1), label=lab) for i, lab in enumerate(labels)]
+    for ex in examples:
+        task.decorate(ex)
+    return examples
+
+
+# --------------------------------------------------------------------------- verbalizer scoring
+
+
+@pytest.mark.parametrize("targets", [
+    [" positive", " negative", " not sure at all"],   # multi-token: one row per (prompt, target)
+    [" positive", " negative", " yes"],               # single tokens: the one-row-per-prompt path
+], ids=["multi-token", "single-token"])
+def test_label_log_likelihoods_equal_unbatched_sums(tiny_lm, tokenizer, targets):
+    prompts = ["Short prompt:", "A considerably longer prompt, with more tokens in it than the other one:", "Mid one:"]
+    assert (max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets) == 1) == (targets[-1] == " yes")
+    batched = label_log_likelihoods(tiny_lm, tokenizer, prompts, targets, batch_size=2)
+    for i, p in enumerate(prompts):
+        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        for j, t in enumerate(targets):
+            t_ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(tiny_lm(torch.tensor([p_ids + t_ids])).logits[0], -1)
+            manual = sum(logp[len(p_ids) + k - 1, tok].item() for k, tok in enumerate(t_ids))
+            assert batched[i, j].item() == pytest.approx(manual, abs=1e-9)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize("word,label", [("positive", 1), ("negative", 0)])
+def test_verbalizer_picks_the_more_likely_label(tokenizer, chat, word, label):
+    task = get_task("sst2", use_chat_template=chat, progress=False, report_loss=False)
+    examples = _sst2_examples(task)
+    first = tokenizer(task.render_target(tokenizer, examples[0], word), add_special_tokens=False)["input_ids"][0]
+    model = Favour(len(tokenizer), first)
+    scores = task.predict(model, tokenizer, examples)
+    assert scores.shape == (4, 2) and (scores[:, label] > scores[:, 1 - label]).all()
+    result = task.evaluate(model, tokenizer, examples)
+    assert task.last_outputs == [label] * 4
+    assert result["accuracy"] == pytest.approx(sum(ex.label == label for ex in examples) / 4)
+
+
+def test_encode_renders_prompt_and_supervises_only_the_answer(tokenizer):
+    ex = _sst2_examples(get_task("sst2"), labels=(1,))
+    for chat, expected in [(True, "positive<|im_end|>"), (False, " positive<|im_end|>")]:
+        task = get_task("sst2", use_chat_template=chat)
+        batch = task.encode(tokenizer, ex, max_length=256)
+        supervised = batch["input_ids"][0][batch["labels"][0] != -100]
+        assert tokenizer.decode(supervised) == expected
+        assert ("<|im_start|>assistant" in tokenizer.decode(batch["input_ids"][0])) == chat
+
+
+def test_humaneval_chat_target_is_a_code_block(tokenizer):
+    task = get_task("humaneval")
+    ex = task.load("test[:1]")[0]
+    batch = task.encode(tokenizer, [ex], max_length=1024)
+    answer = tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != -100])
+    assert answer.startswith("```python\n") and "def has_close_elements" in answer and answer.endswith("```<|im_end|>")
+
+
+# --------------------------------------------------------------------------- generation and loss
+
+
+def test_left_padded_batches_generate_what_single_prompts_do(tiny_lm, tokenizer):
+    prompts = ["Hello", "Translate this long English sentence into Spanish please:", "2 + 2 ="]
+    batched = generate(tiny_lm, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
+    single = [generate(tiny_lm, tokenizer, [p], max_new_tokens=6, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert any(batched)  # a random model still emits text
+
+
+def test_validation_loss_is_token_weighted_mean(tiny_lm, tokenizer):
+    task = get_task("translate-en-es", use_chat_template=False)
+    examples = [Example(prompt="English: Hi.\nSpanish:", target="Hola."),
+                Example(prompt="English: The cat sleeps on the sofa all day.\nSpanish:", target="El gato duerme en el sofá todo el día."),
+                Example(prompt="English: Yes.\nSpanish:", target="Sí.")]
+    batch = task.encode(tokenizer, examples, max_length=256)
+    with torch.no_grad():
+        reference = tiny_lm(**batch).loss.item()  # HF: mean over every supervised token of the batch
+    one_batch = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=3)
+    pooled = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=1)
+    assert one_batch["val_loss"] == pytest.approx(reference, rel=1e-6)  # HF computes its loss in float32
+    assert pooled["val_loss"] == pytest.approx(one_batch["val_loss"], rel=1e-12)  # pooled over tokens, not per batch
+    assert one_batch["val_ppl"] == pytest.approx(math.exp(reference))
+
+
+# --------------------------------------------------------------------------- every task end to end
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize("name,split,kwargs,metric", [
+    ("sst2", "dev", {}, "accuracy"),
+    ("rte", "dev[50%:]", {}, "accuracy"),
+    ("xnli", "dev", {}, "accuracy_en"),
+    ("gsm8k", "test", {"max_new_tokens": 4}, "accuracy"),
+    ("translate-en-zh", "test", {"max_new_tokens": 4}, "bleu"),
+    ("translate-en-es", "test", {"max_new_tokens": 4}, "chrf"),
+    ("humaneval", "dev", {"max_new_tokens": 4, "n_samples": 2, "ks": (1, 2, 10), "temperature": 1.0}, "pass@2"),
+])
+def test_causal_task_evaluates(tiny_lm, tokenizer, name, split, kwargs, metric):
+    task = get_task(name, progress=False, **kwargs)
+    examples = task.load(split, data_dir=str(DATA) if name != "humaneval" else None, limit=2)
+    result = task.evaluate(tiny_lm, tokenizer, examples, batch_size=2)
+    assert metric in result and task.metric in result and result["n"] == 2
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] > 0
+    assert len(task.last_outputs) == 2 * kwargs.get("n_samples", 1)
+    if name == "humaneval":
+        assert "pass@10" not in result  # k above n_samples is left out
+
+
+class FixedHead(nn.Module):
+    """A stand-in encoder classifier: the same logits for every input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(logits))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
+        return SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], -1))
+
+
+def test_sequence_classification_evaluate():
+    from transformers import AutoTokenizer
+
+    from hybridpeft.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("minilm-l6"))
+    task = get_task("rte-cls", progress=False)
+    examples = [Example("a premise", text_pair="a hypothesis", label=lab) for lab in (0, 1, 1, 0, 1)]
+    batch = task.encode(tok, examples)
+    assert "token_type_ids" in batch and batch["labels"].tolist() == [0, 1, 1, 0, 1]
+    model = FixedHead([0.0, 1.0])
+    result = task.evaluate(model, tok, examples, batch_size=2)
+    assert result["accuracy"] == pytest.approx(0.6)
+    expected = -(3 * math.log(1 / (1 + math.e ** -1)) + 2 * math.log(1 / (1 + math.e))) / 5
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="num_labels=2"):
+        task.evaluate(FixedHead([0.0, 1.0, 2.0]), tok, examples)
