@@ -133,3 +133,15 @@ def test_aborted_training_exits_with_status_3(tiny_model, tmp_path, capsys):
         code = cli.main(["train", *[a for s in sets for a in ("--set", s)]])
     assert code == cli.EXIT_ABORTED
     assert "2 consecutive steps" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_job_runs_end_to_end_on_smollm2(tmp_path, capsys):
+    """The embedded default job, shortened: real SmolLM2-135M, the Hybrid, arith (minutes on CPU)."""
+    code = cli.main(["train", "--run-dir", str(tmp_path / "run"), "--max-steps", "2", "--set", "eval.limit=4",
+                     "--set", "eval.every=1", "--set", "adapter.hybrid.ga_num_batches=1", "--set", "train.progress=false"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 2 and summary["before"]["n"] == 4 and summary["after"]["n"] == 4
+    steps = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(steps[-1]["mixing"]) == 60  # λ for q_proj and v_proj of all 30 layers

@@ -69,7 +69,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     # Same job, slowed down so the kill lands mid-training; SIGKILL once checkpoint 4 is complete.
-    proc = subprocess.Popen(_cli(_train_args(tiny_model, crash_dir, steps, ["debug.step_sleep_s=0.25"])),
+    proc = subprocess.Popen(_cli(_train_args(tiny_model, crash_dir, steps, ["debug.step_sleep_s=0.5"])),
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = crash_dir / "checkpoints" / "step-000004" / ckpt.MARKER
     deadline = time.time() + 240
@@ -276,6 +276,7 @@ def test_run_dir_records_config_versions_and_seed(tiny_model, tmp_path):
     meta = json.loads((run / "run.json").read_text())
     assert meta["seed"] == 7 and meta["versions"]["torch"] == torch.__version__ and "transformers" in meta["versions"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 7
+    assert load_config(run / "config.yaml").to_dict() == job.to_dict()  # the recorded config reruns the job
     record = _steps(run)[0]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= set(record)
     assert math.isfinite(record["loss"]) and record["tokens_per_s"] > 0
@@ -364,3 +365,33 @@ def test_every_method_resumes_exactly_in_process(method, extra, tiny_model, tmp_
         assert [r["mixing"] for r in a] == [r["mixing"] for r in b]
     wa, wb = load_file(str(ref.adapter_dir / "adapter.safetensors")), load_file(str(resumed.adapter_dir / "adapter.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tensorboard_gets_scalars_and_lambda(tmp_path, monkeypatch):
+    import types
+
+    from hybridpeft.train.records import RunLog
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir, self.purge_step = log_dir, purge_step
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append(("closed", None, None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "loss"')  # cut by a crash
+    log = RunLog(tmp_path, enabled=True, tensorboard=True, resume_step=2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert log.writer.purge_step == 2
+    log.step({"step": 3, "loss": 1.5, "lr": 0.1, "grad_norm": float("nan"), "mixing": {"layer.0": {"lambda": 0.4}}})
+    log.eval({"step": 3, "val_loss": 2.0})
+    log.close()
+    assert ("train/loss", 1.5, 3) in scalars and ("lambda/layer.0", 0.4, 3) in scalars and ("eval/val_loss", 2.0, 3) in scalars
+    assert not any(tag == "train/grad_norm" for tag, _, _ in scalars)  # non-finite values are not plotted
+    assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["grad_norm"] == "nan"

@@ -34,7 +34,6 @@ import yaml
 from ..config import AdapterConfig, config_class, known_methods
 
 SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -614,12 +613,6 @@ def resolve_mapping(path: str | os.PathLike | None = None, overrides: list[str] 
     if errors:
         raise ConfigError(errors)
     return resolved
-
-
-def default_config_path() -> Path | None:
-    """``configs/default.yaml`` of a source checkout, else None (installed wheels use the
-    packaged copy returned by ``default_config_text``)."""
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
 def dump_yaml(job: JobConfig) -> str:

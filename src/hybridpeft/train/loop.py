@@ -499,7 +499,9 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
             _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
             results["after"] = task_metrics(run.unwrapped, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
         results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
-                       best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now())
+                       best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now(),
+                       trainable_params=sum(p.numel() for p in run.params),
+                       total_params=sum(p.numel() for p in run.unwrapped.parameters()))
         write_json(run.run_dir / "results.json", results)
         _say(accelerator, f"before training: {_format_metrics(results.get('before'))}")
         _say(accelerator, f"after training:  {_format_metrics(results.get('after'))}")
