@@ -181,6 +181,19 @@ def test_interrupted_run_is_retried_and_torn_line_skipped(tmp_path):
     assert states[run.key].attempts == 2 and states[run.key].status == "ok"
 
 
+def test_user_interrupt_stops_the_grid_without_using_an_attempt(tmp_path):
+    def interrupted(config, run_dir):
+        raise KeyboardInterrupt
+
+    bench = parse_bench(_bench(tmp_path, seeds=[0], methods=["lora"], max_attempts=1))
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(bench, job=interrupted, progress=False)
+    records = read_records(bench.output_dir)
+    assert [r["status"] for r in records] == ["running", "failed"] and records[-1]["interrupted"]
+    assert ResultStore(bench.output_dir).states()[records[0]["key"]].attempts == 0
+    assert len(run_bench(bench, job=synthetic_job, progress=False).ok) == 2  # max_attempts=1 still allows the rerun
+
+
 def test_subprocess_isolation_survives_a_hard_crash(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     data = _bench(tmp_path, seeds=[0], methods=["lora"], isolation="subprocess", max_attempts=1)
@@ -245,6 +258,9 @@ def test_main_table_marks_significance(synthetic_results):
     assert rows["lora"][1] == "80.00 / 81.00 / 79.00" and rows["lora"][2] == "80.00 ± 1.00"
     assert rows["hybrid"][2] == "90.00 ± 1.00†" and rows["hybrid"][3] == "+10.00"
     assert "†" not in rows["boft"][2] and rows["lora"][4] == "n/a"
+    partial = [r for r in finished(read_records(synthetic_results)) if not (r["method"] == "boft" and r["seed"] == 1)]
+    table = next(t for t in main_tables(build_cells(partial)) if t.title.startswith("sst2-cls"))
+    assert {r[0]: r for r in table.rows}["boft"][1] == "80.50 / — / 81.00"  # a missing seed keeps its column
 
 
 def test_report_renders_every_table_and_figure(synthetic_results, tmp_path):

@@ -138,6 +138,7 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
         if not methods:
             continue
         metric = next(c.metric for c in cells.values() if c.task == task)
+        seeds = sorted({s for c in cells.values() if c.task == task for s in c.seeds})
         header = ["Method"]
         for model in models:
             header += [f"{model}: per seed", f"{model}: mean ± s.d.", f"{model}: Δ vs {reference}", f"{model}: p (Welch)"]
@@ -151,21 +152,21 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
                     continue
                 ref = find_reference(cells, model, task, reference)
                 shown, _ = scale(metric, cell.values())
+                by_seed = dict(zip(cell.seeds, shown))
                 test = compare(cell, ref)
                 mark = DAGGER if test is not None and test.significant else ""
                 delta = None
                 if ref is not None and ref is not cell:
                     ref_shown, _ = scale(metric, ref.values(metric))
                     delta = summarize(shown).mean - summarize(ref_shown).mean
-                row += [" / ".join(fmt(v) for v in shown), mean_sd(summarize(shown)) + mark,
+                row += [" / ".join(fmt(by_seed.get(seed)) for seed in seeds), mean_sd(summarize(shown)) + mark,
                         "—" if delta is None else f"{delta:+.2f}", fmt_p(None if test is None else test.p)]
             rows.append(row)
         _, unit = scale(metric, [v for c in cells.values() if c.task == task for v in c.values()])
-        seeds = sorted({s for c in cells.values() if c.task == task for s in c.seeds})
         tables.append(Table(
             title=f"{task}: {metric}{unit}",
             header=header, rows=rows,
-            note=(f"Per-seed values in seed order {seeds}; s.d. is the sample standard deviation (ddof = 1). "
+            note=(f"Per-seed values in seed order {seeds} (— = that seed did not finish); s.d. is the sample standard deviation (ddof = 1). "
                   f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."),
         ))
     return tables
