@@ -395,3 +395,11 @@ def test_tensorboard_gets_scalars_and_lambda(tmp_path, monkeypatch):
     assert ("train/loss", 1.5, 3) in scalars and ("lambda/layer.0", 0.4, 3) in scalars and ("eval/val_loss", 2.0, 3) in scalars
     assert not any(tag == "train/grad_norm" for tag, _, _ in scalars)  # non-finite values are not plotted
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["grad_norm"] == "nan"
+
+
+@pytest.mark.skipif("hybrid" not in __import__("hybridpeft").config.known_methods(), reason="no hybrid method")
+def test_hybrid_anneal_schedule_spans_the_run(tiny_model, tmp_path):
+    """``anneal`` without explicit length gets the run's step count from the loop."""
+    result = train(_job(tiny_model, tmp_path / "run", 4, ["adapter.method=hybrid", "adapter.hybrid.schedule=anneal"]))
+    lams = {r["step"]: [v["lambda"] for v in r["mixing"].values()] for r in _steps(result.run_dir)}
+    assert lams[2] == pytest.approx([0.5] * 4) and lams[4] == pytest.approx([0.25] * 4)  # 0.75 → 0.25 over 4 steps
