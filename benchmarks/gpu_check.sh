@@ -91,7 +91,8 @@ sys.exit(0 if get_fbd_cuda() else 1)" >>"$LOG" 2>&1; then
 fi
 
 # ---------------------------------------------------------------- 2. 1B, every method
-ALL1="floor full full-bwd lora boft boft-m1 unitary unitary-full lora_ga hybrid peft-lora peft-boft peft-oft"
+# most important first: a part cut short by its timeout loses the tail
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd unitary-full-f32 boft-m1"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 3. 8B, the large-shape subset

@@ -37,8 +37,12 @@ from torch import Tensor, nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
+# Ops that only rewrite metadata or compute on Python scalars: no kernel behind them.
+METADATA_OPS = frozenset({"_unsafe_view", "promote_types", "result_type", "detach", "lift_fresh"})
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts ATen ops by name; ``kernels`` excludes pure views."""
+    """Counts ATen ops by name; ``kernels`` excludes views and metadata-only ops."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,7 +50,8 @@ class OpCounter(TorchDispatchMode):
         self.views: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        (self.views if func.is_view else self.kernels)[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        (self.views if func.is_view or name in METADATA_OPS else self.kernels)[name] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -112,8 +117,15 @@ MODULES: dict[str, Callable[[int], tuple[nn.Module, Callable[[], None]]]] = {
 
 
 def count_passes(module: nn.Module, after_step: Callable[[], None], x: Tensor) -> dict[str, Any]:
-    """Kernel and view counts of one forward, one backward and one ``after_step``."""
+    """Kernel and view counts of one forward, one backward and one ``after_step``, and the
+    bytes autograd saves for backward beyond the module's own tensors and the input ``x``
+    (which a network keeps for other reasons): the per-module activation cost."""
     out: dict[str, Any] = {}
+    # Saved bytes at N and 2N tokens split into a per-token part and a fixed part (Cayley blocks, factors).
+    n = x.numel() // x.shape[-1]
+    small, large = saved_bytes(module, x), saved_bytes(module, torch.cat([x, x], dim=0).detach().requires_grad_())
+    out["saved_bytes_per_token"] = (large - small) / n
+    out["saved_bytes_fixed"] = 2 * small - large
     with OpCounter() as fwd:
         y = module(x)
     probe = torch.randn_like(y)
@@ -125,6 +137,24 @@ def count_passes(module: nn.Module, after_step: Callable[[], None], x: Tensor) -
         out[name] = {"kernels": sum(counter.kernels.values()), "views": sum(counter.views.values()),
                      "ops": dict(counter.kernels.most_common())}
     return out
+
+
+def saved_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in one forward, other than the module's own
+    tensors and ``x`` itself."""
+    own = {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers())}
+    own.add(x.untyped_storage().data_ptr())
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(saved.values())
 
 
 def time_fwd_bwd(module: Callable[[Tensor], Tensor], x: Tensor, reps: int) -> float:
@@ -173,17 +203,19 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f"- date: {meta['date']}; torch {meta['torch']}; {meta['machine']}",
         f"- one frozen {meta['d']}×{meta['d']} linear + adapter; activations {tuple(meta['tokens'])} × {meta['d']}, "
         "requiring grad; ATen ops counted below autograd with a TorchDispatchMode (≈ kernel launches on a GPU)",
-        "- views (view/t/permute/…) are counted apart: they launch nothing",
+        "- views and metadata-only ops (view/t/permute/_unsafe_view/…) are counted apart: they launch nothing",
         f"- `fwd+bwd ms`: median of {meta['reps']} eager forward+backward passes of this one module on the CPU"
         + ("; `compiled`: the same through `torch.compile`" if meta["compiled"] else ""),
+        "- `saved B/token`: bytes autograd keeps for backward per token, beyond the module's own tensors and its "
+        "input (float32; halve for bf16); `saved fixed KiB`: the token-independent rest (e.g. Cayley blocks)",
         "",
-        "| module | fwd kernels | bwd kernels | after_step kernels | fwd+bwd ms" + (" | compiled ms" if meta["compiled"] else "")
-        + " | forward ops |",
-        "|---|---:|---:|---:|---:|" + ("---:|" if meta["compiled"] else "") + "---|",
+        "| module | fwd kernels | bwd kernels | after_step kernels | saved B/token | saved fixed KiB | fwd+bwd ms"
+        + (" | compiled ms" if meta["compiled"] else "") + " | forward ops |",
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if meta["compiled"] else "") + "---|",
     ]
     for name, row in results.items():
         if "error" in row:
-            lines.append(f"| {name} | error: {row['error'][:100]} |  |  |  |" + (" |" if meta["compiled"] else "") + "  |")
+            lines.append(f"| {name} | error: {row['error'][:100]} |  |  |  |  |  |" + (" |" if meta["compiled"] else "") + "  |")
             continue
         ops = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in row["forward"]["ops"].items())
         compiled = ""
@@ -191,7 +223,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
             compiled = f" {row['compiled_fwd_bwd_s'] * 1e3:.2f} |" if "compiled_fwd_bwd_s" in row else \
                 (" failed |" if "compiled_error" in row else " — |")
         lines.append(f"| {name} | {row['forward']['kernels']} | {row['backward']['kernels']} | "
-                     f"{row['after_step']['kernels']} | {row['fwd_bwd_s'] * 1e3:.2f} |{compiled} {ops} |")
+                     f"{row['after_step']['kernels']} | {row['saved_bytes_per_token']:.0f} | "
+                     f"{row['saved_bytes_fixed'] / 1024:.1f} | {row['fwd_bwd_s'] * 1e3:.2f} |"
+                     f"{compiled} {ops} |")
     return "\n".join(lines) + "\n"
 
 

@@ -213,6 +213,12 @@ OURS: tuple[Method, ...] = (
         _registered("unitary"),
     ),
     Method(
+        "unitary-full-f32", "ours", "full capacity, b32, float32 blocks (its docstring's advice for bf16 models)",
+        _ours("unitary", lambda s: {"parameterization": "full", "block_size": s.oft_block, "adapter_dtype": "float32"},
+              lambda s: f"oft b{s.oft_block} f32"),
+        _registered("unitary"),
+    ),
+    Method(
         "lora_ga", "ours", "r16 α32, gradient-SVD start",
         _ours("lora_ga", _lora_fields, lambda s: f"lora_ga r{s.r}", init=_gradient_init),
         _registered("lora_ga"),

@@ -131,26 +131,30 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- load average at start: {machine.get('load_average')}",
         f"- model: random-init Llama `{spec['size']}` ({meta['model']['hidden']} wide, {meta['model']['layers']} layers), "
         f"targets q/k/v/o/gate/up/down, {meta['tokens_per_step']} tokens/step, AdamW",
-        f"- timing: median of {spec['steps']} steps × {meta.get('rounds', 1)} round(s), each after {spec['warmup']} warm-up steps "
+        f"- timing: median of {spec['steps']} steps after {spec['warmup']} warm-up steps"
+        + (f", the quietest of {meta['rounds']} interleaved rounds" if meta.get("rounds", 1) > 1 else "") + " "
         f"(fwd + bwd + optimizer step{', device synchronized' if spec['device'].startswith('cuda') else ''}); "
         f"{'one subprocess per method' if meta.get('isolated_subprocesses') else 'all methods in one process'}",
         f"- peak memory: {next((x['memory_method'] for x in rows if x.get('memory_method')), '—')}, "
-        "from before the model is built (so weights are included)",
+        "from before the model is built (so weights are included; the process is warmed up first so that "
+        "imports and library buffers are not charged to a method)",
         f"- command: `{meta['command']}`",
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
     lines += [
         "",
-        "Ratios are this row ÷ the reference: × floor (frozen fwd+bwd), × our LoRA, × PEFT at equal settings.",
+        "Ratios are this row ÷ the reference: × floor (frozen fwd+bwd), × our LoRA, × PEFT at equal settings. "
+        "`kernels/step`: ATen ops one step dispatches, views excluded (≈ kernel launches on a GPU); "
+        "`syncs/step`: host waits for the device in one step (CUDA only).",
         "",
-        "| method | family | settings | step s | min s | × floor | × our LoRA | × PEFT | peak mem | × floor | × our LoRA | × PEFT | tunable |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | family | settings | step s | min s | × floor | × our LoRA | × PEFT | peak mem | × floor | × our LoRA | × PEFT | tunable | kernels/step | syncs/step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row.get("status") != "ok":
             lines.append(f"| {row['method']} | {row['family']} | {row['summary']} | {row.get('status')}: "
-                         f"{row.get('reason', '')[:120]} |  |  |  |  |  |  |  |  |  |")
+                         f"{row.get('reason', '')[:120]} |  |  |  |  |  |  |  |  |  |  |  |")
             continue
         q = r[row["method"]]
         settings = row["summary"] + (f" (ran as {row['match']})" if "note_effective" in row else "")
@@ -158,7 +162,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {row['method']} | {row['family']} | {settings} | {row['median_s']:.4f} | {row['min_s']:.4f} | {_x(q['time_vs_floor'])} | "
             f"{_x(q['time_vs_our_lora'])} | {_x(q['time_vs_peft'])} | {_bytes(row['peak_bytes'])} | "
             f"{_x(q['memory_vs_floor'])} | {_x(q['memory_vs_our_lora'])} | {_x(q['memory_vs_peft'])} | "
-            f"{_count(row['tunable_params'])} |"
+            f"{_count(row['tunable_params'])} | {row.get('kernels_per_step', '—')} | {row.get('host_syncs_per_step', '—')} |"
         )
     lines += ["", "## Targets (benchmark figures, not test assertions)", ""]
     lines += [f"- {line}" for line in target_checks(rows)]

@@ -9,11 +9,15 @@ references: the frozen fwd+bwd floor (nothing trains, but backward still runs
 through every layer) and full fine-tuning.
 
 Peak memory:
-  * CUDA: ``torch.cuda.max_memory_allocated`` from before the model is built
-    to the last step (weights, adapters, gradients, optimizer state, activations).
-  * CPU: the process's resident-set high-water mark (``VmHWM``, reset through
-    ``/proc/self/clear_refs`` just before the model is built) minus the resident
-    set at that moment — the same quantity as on CUDA, plus allocator slack.
+  * CUDA: ``torch.cuda.max_memory_allocated`` over the training steps, minus
+    what was allocated before the model was built (so weights, adapters,
+    gradients, optimizer state and activations count). A method's preparation
+    (e.g. LoRA-GA's gradient estimate) has its own peak, ``prepare_peak_bytes``.
+  * CPU: the process's resident-set high-water mark over the training steps
+    (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set
+    just before the model was built — the same quantity as on CUDA, plus
+    allocator slack. The process is warmed up first (``warm_up_process``) so
+    that lazily imported code is not charged to a method.
     Each method runs in a fresh subprocess (``--isolate``, the CPU default)
     so that memory freed by one method cannot hide another's peak.
 
@@ -112,6 +116,18 @@ class MemoryMeter:
             self.method = "ru_maxrss - VmRSS (no reset available: an upper bound)"
         self.base = _proc_status_bytes("VmRSS")
 
+    def restart_peak(self) -> None:
+        """Forget the peak so far (keeping the baseline): the next ``peak()`` covers only what follows."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
     def current(self) -> int:
         if self.cuda:
             return torch.cuda.memory_allocated() - self.base
@@ -159,6 +175,62 @@ def train_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.opt
     return loss.detach()
 
 
+def step_profile(step: Callable[[], Any], device: str) -> dict[str, Any]:
+    """ATen kernels one step dispatches (≈ kernel launches on a GPU; views not counted) and,
+    on CUDA, how often it makes the host wait for the device (``set_sync_debug_mode``):
+    every such wait stalls the kernel queue, which at 224 adapted modules adds up."""
+    import warnings
+
+    from op_counts import OpCounter
+
+    out: dict[str, Any] = {}
+    cuda = device.startswith("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with OpCounter() as counter:
+                step()
+            _sync(device)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(previous)
+    out["kernels_per_step"] = sum(counter.kernels.values())
+    if cuda:
+        out["host_syncs_per_step"] = sum("synchroniz" in str(w.message).lower() for w in caught)
+    return out
+
+
+_WARM: set[tuple[str, torch.dtype]] = set()
+
+
+def warm_up_process(device: str, dtype: torch.dtype) -> None:
+    """Import every library a method may touch and run one tiny training step, once per process.
+
+    Otherwise the first method's memory would include lazily imported modules
+    (``import peft`` alone pulls ~150 MB of transformers code into the resident
+    set) and first-use buffers of the math libraries, and methods would be
+    charged differently depending on what they happen to import.
+    """
+    if (device, dtype) in _WARM:
+        return
+    import hybridpeft  # noqa: F401
+    import hybridpeft.lora_ga  # noqa: F401
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        pass
+    size = SIZES["tiny"]
+    model = build_model(size, device, dtype, seed=0)
+    batch = make_batch(size, device, seed=0)
+    model(input_ids=batch, labels=batch).loss.backward()
+    del model, batch
+    gc.collect()
+    _WARM.add((device, dtype))
+
+
 def measure(name: str, spec: RunSpec) -> dict[str, Any]:
     """Build, adapt and time one method; returns one result row (see ``perf_report``)."""
     method = perf_methods.ALL[name]
@@ -170,6 +242,7 @@ def measure(name: str, spec: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads)
     size = SIZES[spec.size]
     dtype = DTYPES[spec.dtype]
+    warm_up_process(spec.device, dtype)
     meter = MemoryMeter(spec.device)
     gc.collect()
     if spec.device.startswith("cuda"):
@@ -187,7 +260,8 @@ def measure(name: str, spec: RunSpec) -> dict[str, Any]:
     prepared = method.prepare(model, spec.settings, batch)
     _sync(spec.device)
     row["prepare_s"] = time.perf_counter() - t_prep
-    row["prepare_peak_bytes"] = meter.peak()
+    row["prepare_peak_bytes"] = meter.peak()  # e.g. LoRA-GA's gradient estimate
+    meter.restart_peak()  # peak_bytes below: the training steps alone
     row.update(prepared.info)
     row["tunable_params"] = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     row["total_params"] = sum(p.numel() for p in prepared.model.parameters())
@@ -211,6 +285,9 @@ def measure(name: str, spec: RunSpec) -> dict[str, Any]:
         if spec.budget_s is not None and remaining and spent + remaining * statistics.median(times) > spec.budget_s:
             row["note_budget"] = f"stopped after {len(times)} timed steps to stay within {spec.budget_s:.0f} s"
             break
+    if not spec.compile:  # one more, untimed step: what it launches and where it waits for the device
+        row.update(step_profile(lambda: train_step(step_model, batch, prepared.optimizer, prepared.after_step),
+                                spec.device))
     row.update(
         status="ok",
         median_s=statistics.median(times),
@@ -266,7 +343,7 @@ def run_benchmark(spec: RunSpec, methods: list[str], isolate: bool = False, meth
 
     Rounds interleave the methods (round ``j`` starts at method ``j``), so a change
     of machine load over the run spreads over every method instead of landing on
-    a few; each method's timed steps from all rounds are pooled (``merge_rounds``).
+    a few; each method keeps its quietest round (``merge_rounds``).
     ``on_row(latest, merged_rows)`` runs after every measurement (the CLI rewrites
     the tables then, so a run cut short keeps what it measured).
     """
@@ -288,18 +365,16 @@ def run_benchmark(spec: RunSpec, methods: list[str], isolate: bool = False, meth
 
 
 def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from a method's rounds: timed steps pooled, median and min over all of
-    them, the largest peak memory; the other fields from the first round."""
+    """One row from a method's rounds: the round with the lowest median step is kept
+    (other load only ever adds time, so the quietest round is the best estimate;
+    on a shared machine rounds differed 3× in one run), with every round's median
+    and the largest peak memory recorded beside it."""
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         return rows[-1]
-    merged = dict(ok[0])
-    times = [t for r in ok for t in r["times_s"]]
+    best = min(ok, key=lambda r: r["median_s"])
+    merged = dict(best)
     merged.update(
-        times_s=times,
-        median_s=statistics.median(times),
-        min_s=min(times),
-        steps_timed=len(times),
         rounds=len(ok),
         round_medians_s=[r["median_s"] for r in ok],
         peak_bytes=max(r["peak_bytes"] for r in ok),
@@ -375,7 +450,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one subprocess per method (default: on for CPU, off for CUDA)")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat every method this often, interleaved, pooling the timed steps (noisy machines)")
+                   help="repeat every method this often, interleaved, keeping each one's quietest round (noisy machines)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")

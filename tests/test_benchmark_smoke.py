@@ -44,6 +44,7 @@ def test_tiny_run_measures_and_writes_tables(tmp_path):
     kv = size.hidden // size.heads * size.kv_heads
     per_layer = 16 * ((size.hidden * 2) * 2 + (size.hidden + kv) * 2 + (size.hidden + size.intermediate) * 3)
     assert by["lora"]["tunable_params"] == size.layers * per_layer
+    assert by["lora"]["kernels_per_step"] > by["floor"]["kernels_per_step"] > 0
 
     r = perf_report.ratios(rows)
     assert r["lora"]["peft_pair"] == "peft-lora"
@@ -72,13 +73,14 @@ def test_isolated_subprocess_worker_round_trip():
     assert rows[0]["memory_method"].startswith("VmHWM") or "ru_maxrss" in rows[0]["memory_method"]
 
 
-def test_rounds_pool_timed_steps():
+def test_rounds_keep_the_quietest_round():
     merged = step_time.merge_rounds([
-        {"status": "ok", "times_s": [1.0, 3.0], "median_s": 2.0, "peak_bytes": 5},
-        {"status": "ok", "times_s": [2.0], "median_s": 2.0, "peak_bytes": 7},
+        {"status": "ok", "times_s": [3.0, 5.0], "median_s": 4.0, "peak_bytes": 5},
+        {"status": "ok", "times_s": [1.0, 2.0], "median_s": 1.5, "peak_bytes": 7},
+        {"status": "error", "reason": "x"},
     ])
-    assert merged["times_s"] == [1.0, 3.0, 2.0] and merged["median_s"] == 2.0 and merged["min_s"] == 1.0
-    assert merged["peak_bytes"] == 7 and merged["rounds"] == 2
+    assert merged["times_s"] == [1.0, 2.0] and merged["median_s"] == 1.5
+    assert merged["peak_bytes"] == 7 and merged["rounds"] == 2 and merged["round_medians_s"] == [4.0, 1.5]
 
 
 def test_budget_stops_the_timed_loop_early():
@@ -129,3 +131,25 @@ def test_model_sizes_match_llama_configs():
                   for name in ("1b", "8b")}
     assert counts["1b"] == pytest.approx(1.236e9, rel=0.01)
     assert counts["8b"] == pytest.approx(8.03e9, rel=0.01)
+
+
+def test_op_counter_separates_kernels_from_views():
+    from op_counts import OpCounter
+
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    with OpCounter() as counter:
+        torch.mm(a, b).t().unsqueeze(0)
+    assert counter.kernels == {"mm": 1} and sum(counter.views.values()) == 2
+
+
+def test_per_module_counts_and_saved_activations():
+    """LoRA keeps only (N, r) for backward beyond its input; a frozen layer keeps nothing per token."""
+    import op_counts
+
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    lora, after = op_counts.MODULES["lora"](32)
+    row = op_counts.count_passes(lora, after, x)
+    assert row["saved_bytes_per_token"] == 16 * 4  # r = 16 float32 values per token
+    assert row["forward"]["kernels"] >= 3 and row["backward"]["kernels"] >= 3
+    frozen, after = op_counts.MODULES["frozen linear"](32)
+    assert op_counts.count_passes(frozen, after, x)["saved_bytes_per_token"] == 0
