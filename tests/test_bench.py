@@ -254,7 +254,7 @@ def test_main_table_marks_significance(synthetic_results):
     cells = build_cells(finished(read_records(synthetic_results)))
     table = next(t for t in main_tables(cells) if t.title.startswith("sst2-cls"))
     rows = {r[0]: r for r in table.rows}
-    assert set(rows) == {"lora", "boft", "hybrid", "full"}  # ablation rows stay out of Table I
+    assert list(rows) == ["full", "lora", "boft", "hybrid"]  # paper order; ablation rows stay out of Table I
     assert rows["lora"][1] == "80.00 / 81.00 / 79.00" and rows["lora"][2] == "80.00 ± 1.00"
     assert rows["hybrid"][2] == "90.00 ± 1.00†" and rows["hybrid"][3] == "+10.00"
     assert "†" not in rows["boft"][2] and rows["lora"][4] == "n/a"

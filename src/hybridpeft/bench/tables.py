@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from .stats import Summary, Welch, summarize, welch
 
+METHOD_ORDER = ("full", "lora", "lora_ga", "boft", "unitary", "hybrid")  # the paper's row order
 PERCENT_METRICS = ("accuracy", "exact_match", "macro_accuracy", "f1", "pass@1", "pass@10")
 DAGGER, DDAGGER = "†", "‡"
 
@@ -65,7 +66,12 @@ class Cell:
 
 
 def build_cells(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], Cell]:
-    """Group finished records by (model, task, method) in first-seen order, seeds sorted."""
+    """Group finished records by (model, task, method), seeds sorted.
+
+    Order: models and tasks as first seen; within them the paper's method order
+    (``METHOD_ORDER``), main rows before ablation rows, then first seen — so tables
+    do not depend on which run happened to finish first.
+    """
     cells: dict[tuple[str, str, str], Cell] = {}
     for r in records:
         key = (r["model"], r["task"], r["method"])
@@ -74,7 +80,16 @@ def build_cells(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str],
         cells[key].records.append(r)
     for cell in cells.values():
         cell.records.sort(key=lambda r: r["seed"])
-    return cells
+    models = list(dict.fromkeys(k[0] for k in cells))
+    tasks = list(dict.fromkeys(k[1] for k in cells))
+    seen = list(cells)
+
+    def rank(key: tuple[str, str, str]) -> tuple[int, int, int, int, int]:
+        cell = cells[key]
+        method = METHOD_ORDER.index(cell.adapter_method) if cell.adapter_method in METHOD_ORDER else len(METHOD_ORDER)
+        return (models.index(cell.model), tasks.index(cell.task), int(cell.role != "main"), method, seen.index(key))
+
+    return {key: cells[key] for key in sorted(cells, key=rank)}
 
 
 def is_percent(metric: str, values: Iterable[float]) -> bool:
@@ -172,7 +187,7 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
     return tables
 
 
-def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, ...] = ("lora", "boft")) -> Table | None:
+def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, ...] = ("lora", "lora_ga", "boft")) -> Table | None:
     """Table II: single-branch baselines and every Hybrid schedule, per (model, task).
 
     Returns None when no Hybrid variant besides the adaptive one was run.
@@ -182,7 +197,8 @@ def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, 
         return None
     settings = list(dict.fromkeys((c.model, c.task) for c in hybrids))
     methods = [m for m in singles if any(c.method == m for c in cells.values())]
-    methods += list(dict.fromkeys(c.method for c in hybrids if c.schedule() != "adaptive"))
+    variants = sorted({c.method: c for c in hybrids if c.schedule() != "adaptive"}.values(), key=_variant_order)
+    methods += [c.method for c in variants]
     methods += list(dict.fromkeys(c.method for c in hybrids if c.schedule() == "adaptive"))
     header = ["Method", "λ schedule"] + [f"{task} ({model})" for model, task in settings]
     rows = []
@@ -208,9 +224,17 @@ def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, 
     )
 
 
+def _variant_order(cell: Cell) -> tuple[int, float]:
+    """Fixed λ by value, then anneal, then anything else."""
+    adapter = cell.records[0]["config"].get("adapter", {})
+    schedule = cell.schedule()
+    return ({"fixed": 0, "anneal": 1}.get(schedule or "", 2), float(adapter.get("lam_fixed", 0.5)) if schedule == "fixed" else 0.0)
+
+
 def _schedule_label(cell: Cell) -> str:
     if cell.adapter_method != "hybrid":
-        return "λ = 1 (LoRA only)" if cell.adapter_method in ("lora", "lora_ga") else ("λ = 0 (BOFT only)" if cell.adapter_method == "boft" else "—")
+        return {"lora": "plain LoRA alone", "lora_ga": "λ = 1 (LoRA-GA branch alone)",
+                "boft": "λ = 0 (BOFT branch alone)"}.get(cell.adapter_method, "—")
     adapter = cell.records[0]["config"].get("adapter", {})
     schedule = cell.schedule()
     if schedule == "fixed":
