@@ -318,6 +318,25 @@ def test_cli_entry_points(tmp_path, capsys):
     assert "no results file" in capsys.readouterr().err
 
 
+def test_training_job_helpers():
+    from hybridpeft.bench.job import _eval_curve, job_mapping, lambda_history
+
+    steps = [{"step": k, "grad_norm": float(k), "mixing": {"m.layers.10.q": {"lambda": 0.1 * k}, "m.layers.2.q": {"lambda": 0.5}}}
+             for k in range(1, 11)]
+    hist = lambda_history(steps, max_points=4)
+    assert hist["layers"] == ["m.layers.2.q", "m.layers.10.q"]          # numeric order, not string order
+    assert hist["steps"] == [1, 4, 7, 10] and hist["values"][-1] == [0.5, pytest.approx(1.0)]
+    assert lambda_history([{"step": 1, "grad_norm": 1.0}]) is None
+    curve = _eval_curve([{"step": 4, "val_loss": 2.0}, {"step": 10, "val_loss": 1.5}], steps)
+    assert curve == [{"step": 4, "val_loss": 2.0, "grad_norm": 2.5}, {"step": 10, "val_loss": 1.5, "grad_norm": 7.5}]
+    config = {"run": {"model": "m", "task": "t", "method": "x", "seed": 3}, "train": {"lr": 0.1}, "adapter": {"method": "lora"}}
+    mapping = job_mapping(config, Path("out"))
+    assert mapping["model"]["name"] == "m" and mapping["data"]["task"] == "t" and mapping["train"] == {"lr": 0.1, "seed": 3, "progress": False}
+    assert mapping["output"] == {"run_dir": str(Path("out") / "train"), "overwrite": True} and "run" not in mapping
+    with pytest.raises(ValueError, match="bogus"):
+        job_mapping({**config, "bogus": {}})
+
+
 @pytest.mark.slow
 def test_quick_preset_end_to_end(tmp_path):
     """benchmarks/quick.yaml with real training (minutes on 2 CPU cores)."""
