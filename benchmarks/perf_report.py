@@ -119,7 +119,8 @@ def _x(v: float | None) -> str:
 
 def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     spec, machine = meta["spec"], meta["machine"]
-    where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_cores')} cores, {machine.get('torch_threads')} torch threads)"
+    threads = spec.get("threads") or machine.get("torch_threads")
+    where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_cores')} cores, {threads} torch thread(s))"
     r = ratios(rows)
     lines = [
         f"# Step time and memory: {spec['device']}, {spec['size']}, {spec['dtype']}"
@@ -128,7 +129,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- date: {meta['date']}",
         f"- machine: {where}; torch {machine.get('torch')}, transformers {machine.get('transformers')}, "
         f"peft {machine.get('peft')}" + (f", CUDA {machine['cuda']}" if machine.get("cuda") else ""),
-        f"- load average at start: {machine.get('load_average')}",
+        f"- load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in machine.get('load_average') or [])}",
         f"- model: random-init Llama `{spec['size']}` ({meta['model']['hidden']} wide, {meta['model']['layers']} layers), "
         f"targets q/k/v/o/gate/up/down, {meta['tokens_per_step']} tokens/step, AdamW",
         f"- timing: median of {spec['steps']} steps after {spec['warmup']} warm-up steps"

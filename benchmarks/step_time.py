@@ -37,6 +37,7 @@ import gc
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[spec.size]
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/step_time.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine_description(spec.device),
         "spec": dataclasses.asdict(spec),
         "tokens_per_step": (spec.batch or size.batch) * (spec.seq or size.seq),
