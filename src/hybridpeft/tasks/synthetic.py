@@ -5,7 +5,10 @@ embedded default job — not a benchmark from the literature. Each problem is on
 of four templates (add, subtract, multiply, two steps) with small numbers, e.g.::
 
     Question: Mia has 7 pencils. She gets 5 more. How many pencils does Mia have now?
-    Answer: 12
+    Answer: 7 + 5 = 12
+
+The target is the worked expression and its value (a one-line "chain of
+thought"), which small instruction-tuned models already tend to write.
 
 Splits are disjoint by construction: a problem's split is fixed by a hash of its
 arithmetic content (operation and numbers), so no test problem's numbers appear
@@ -35,25 +38,28 @@ def _bucket(key: tuple) -> int:
     return int(hashlib.sha1(repr(key).encode()).hexdigest(), 16) % 10
 
 
-def _problem(rng: random.Random, max_value: int) -> tuple[tuple, str, int]:
-    """(content key, question text, answer) for one random problem."""
+def _problem(rng: random.Random, max_value: int) -> tuple[tuple, str, str, int]:
+    """(content key, question text, worked expression, answer) for one random problem."""
     name, pronoun = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     op = rng.choice(("add", "sub", "mul", "two"))
     if op == "add":
         a, b = rng.randint(1, max_value), rng.randint(1, max_value)
-        return (op, a, b), f"{name} has {a} {item}. {pronoun} gets {b} more. How many {item} does {name} have now?", a + b
+        text = f"{name} has {a} {item}. {pronoun} gets {b} more. How many {item} does {name} have now?"
+        return (op, a, b), text, f"{a} + {b}", a + b
     if op == "sub":
         a = rng.randint(2, max_value)
         b = rng.randint(1, a - 1)
-        return (op, a, b), f"{name} has {a} {item} and gives {b} away. How many {item} does {name} have left?", a - b
+        text = f"{name} has {a} {item} and gives {b} away. How many {item} does {name} have left?"
+        return (op, a, b), text, f"{a} - {b}", a - b
     if op == "mul":
         a, b = rng.randint(2, min(max_value, 12)), rng.randint(2, min(max_value, 12))
-        return (op, a, b), f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?", a * b
+        text = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that?"
+        return (op, a, b), text, f"{a} * {b}", a * b
     a, b = rng.randint(1, max_value), rng.randint(1, max_value)
-    c = rng.randint(1, a + b - 1) if a + b > 1 else 0
+    c = rng.randint(1, a + b - 1)
     text = f"{name} has {a} {item}, finds {b} more and then loses {c}. How many {item} does {name} have?"
-    return (op, a, b, c), text, a + b - c
+    return (op, a, b, c), text, f"{a} + {b} - {c}", a + b - c
 
 
 def extract_int(text: str) -> int | None:
@@ -65,7 +71,7 @@ def extract_int(text: str) -> int | None:
 
 @register_task
 class ArithTask(Task):
-    """Synthetic arithmetic word problems (causal LM, exact-match via greedy generation).
+    """Synthetic arithmetic word problems (causal LM, exact match of the final number via greedy generation).
 
     Args:
         max_value: largest operand (multiplication operands stay ≤ 12).
@@ -77,7 +83,7 @@ class ArithTask(Task):
     kind = "causal"
     metric = "exact_match"
 
-    def __init__(self, max_value: int = 20, max_new_tokens: int = 12, progress: bool = False) -> None:
+    def __init__(self, max_value: int = 20, max_new_tokens: int = 16, progress: bool = False) -> None:
         if not isinstance(max_value, int) or max_value < 2:
             raise ValueError(f"max_value={max_value!r} is invalid: expected an integer >= 2")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -104,11 +110,11 @@ class ArithTask(Task):
         attempts = 0
         while len(examples) < size and attempts < 200 * size:
             attempts += 1
-            key, question, answer = _problem(rng, self.max_value)
+            key, question, worked, answer = _problem(rng, self.max_value)
             if key in seen or _bucket(key) not in _SPLIT_BUCKETS[split]:
                 continue
             seen.add(key)
-            examples.append(Example(prompt=f"Question: {question}\nAnswer:", target=f" {answer}",
+            examples.append(Example(prompt=f"Question: {question}\nAnswer:", target=f" {worked} = {answer}",
                                     meta={"answer": answer}))
         return examples
 
