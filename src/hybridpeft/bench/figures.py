@@ -40,7 +40,7 @@ def footprint_figure(cells: list[Cell], path: Path, memory_key: str = "peak_memo
     methods = list(dict.fromkeys(c.method for c in cells))
     settings = list(dict.fromkeys((c.model, c.task) for c in cells))
     by_key = {(c.model, c.task, c.method): c for c in cells}
-    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.3 * len(methods) * 2), 4.2))
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.9 * len(methods) + 2.0), 8.0))  # stacked: stays legible with many methods
     width = 0.8 / max(1, len(settings))
     x = np.arange(len(methods))
     panels = [("step_time_s", "Step time (s)", 1.0), (memory_key, "Peak memory (MiB)", 1.0)]
