@@ -163,8 +163,9 @@ def run_bench(
         else:
             pending.append(run)
     use_subprocess = job is None and bench.isolation == "subprocess"
-    inproc_job = job or (None if use_subprocess else load_job(bench.job))
-    validate_runs(job or load_job(bench.job), pending)
+    configured = job or load_job(bench.job)  # imported here too, so a bad 'job' fails before any run
+    inproc_job = None if use_subprocess else configured
+    validate_runs(configured, pending)
     env_versions = versions()
     bar = tqdm(total=len(runs), initial=outcome.skipped, disable=not progress, desc=f"bench {bench.name}", unit="run")
     previous_handler = _interrupt_on_sigterm()
@@ -180,7 +181,8 @@ def run_bench(
                 if record["status"] == "ok":
                     outcome.ok.append(run.key)
                     break
-                bar.write(f"[bench] {run.key} failed (attempt {attempts}/{limit}): {record['error'].strip().splitlines()[-1:]}")
+                last_line = (record["error"].strip().splitlines() or ["?"])[-1]
+                bar.write(f"[bench] {run.key} failed (attempt {attempts}/{limit}): {last_line}")
             else:
                 outcome.failed.append(run.key)
             bar.update(1)

@@ -133,6 +133,7 @@ class BenchConfig:
             (self.isolation in ("subprocess", "inprocess"), "isolation", self.isolation, "'subprocess' or 'inprocess'"),
             (self.timeout_s is None or self.timeout_s > 0, "timeout_s", self.timeout_s, "None or a positive number of seconds"),
             (isinstance(self.job, str) and ":" in self.job, "job", self.job, "'module:function'"),
+            ("run" not in self.shared, "shared.run", self.shared.get("run"), "absent (the grid fills in the run section)"),
         ]
         for i, (model, tasks) in enumerate(self.grid):
             out.append((isinstance(model, str) and model != "", f"grid[{i}].model", model, "a model name"))
