@@ -38,7 +38,7 @@ def retract(u: Tensor, direction: Tensor, lr: float, retraction: str) -> Tensor:
         return torch.linalg.matrix_exp(-lr * direction) @ u
     eye = torch.eye(direction.shape[-1], dtype=direction.dtype, device=direction.device)
     half = (lr / 2) * direction
-    return torch.linalg.solve(eye + half, (eye - half) @ u)  # (I + η/2 A)⁻¹ (I − η/2 A) U
+    return torch.linalg.solve_ex(eye + half, (eye - half) @ u)[0]  # (I + η/2 A)⁻¹ (I − η/2 A) U
 
 
 def _check_manifold_param(p: Tensor) -> None:

@@ -303,7 +303,9 @@ class BoftAdapter(Adapter):
         skew[..., self.triu[0], self.triu[1]] = q
         skew = skew - skew.transpose(-1, -2)  # (m, k, b, b)
         eye = torch.eye(b, dtype=q.dtype, device=q.device)
-        return torch.linalg.solve(eye - skew, eye + skew)
+        # solve_ex skips solve's invertibility check, which waits on the device once per call;
+        # I − Q is always invertible for skew Q (its eigenvalues are 1 − iθ).
+        return torch.linalg.solve_ex(eye - skew, eye + skew)[0]
 
     def _run(self, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool) -> Tensor:
         if h.shape[-1] != self.dim:
