@@ -261,9 +261,10 @@ def render_markdown(blocks: list[Block]) -> str:
 
 
 def _inline_html(text: str) -> str:
-    """Escape, then the two inline Markdown forms the report uses: **bold** and `code`."""
+    """Escape, then the inline Markdown forms the report uses: **bold**, *emphasis* and `code`."""
     text = html.escape(text)
     text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"(?<![\w*])\*(\S.*?)\*(?![\w*])", r"<em>\1</em>", text)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
 
 
@@ -281,7 +282,12 @@ def render_html(blocks: list[Block]) -> str:
         if isinstance(block, Heading):
             parts.append(f"<h{block.level}>{_inline_html(block.text)}</h{block.level}>")
         elif isinstance(block, Para):
-            parts += [f"<p>{_inline_html(p)}</p>" for p in block.text.split("\n\n")]
+            for chunk in block.text.split("\n\n"):
+                if chunk.startswith("- "):  # a Markdown list in hand-written notes
+                    items = [item.strip() for item in ("\n" + chunk).split("\n- ") if item.strip()]
+                    parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in items) + "</ul>")
+                else:
+                    parts.append(f"<p>{_inline_html(chunk)}</p>")
         elif isinstance(block, Bullets):
             parts.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in block.items) + "</ul>")
         elif isinstance(block, Table):
