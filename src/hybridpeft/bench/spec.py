@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import check
+from ..train.config import set_dotted
 
 ROLES = ("main", "ablation")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"
@@ -189,24 +190,12 @@ def run_key(config: dict[str, Any]) -> str:
     return f"{run['model']}/{run['task']}/{run['method']}/seed{run['seed']}#{digest}"
 
 
-def set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(d, "train.lr", 1e-3)`` sets ``d["train"]["lr"]``, creating sections."""
-    *parents, leaf = key.split(".")
-    node = target
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = copy.deepcopy(value)
-
-
 def deep_update(target: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """Merge ``changes`` into ``target`` in place: dicts merge recursively, anything else
     replaces; dotted keys address nested sections."""
     for key, value in changes.items():
         if "." in key:
-            set_dotted(target, key, value)
+            set_dotted(target, key, copy.deepcopy(value))
         elif isinstance(value, dict) and isinstance(target.get(key), dict):
             deep_update(target[key], value)
         else:
