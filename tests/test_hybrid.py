@@ -16,17 +16,13 @@ from hybridpeft.adapters.hybrid import HybridAdapter
 from hybridpeft.mixing import MixingRule, mixing_target, set_anneal_steps
 
 transformers = pytest.importorskip("transformers")
+import tiny_models
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_llama(dtype=torch.float64):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_models.tiny_llama(dtype)
 
 
 def hybrid(build=tiny_llama, **kw):

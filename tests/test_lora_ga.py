@@ -13,22 +13,16 @@ from hybridpeft.adapters.lora_ga import LoraGAAdapter
 from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets, start_factors
 
 transformers = pytest.importorskip("transformers")
+import tiny_models
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny_llama(dtype=torch.float64):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_models.tiny_llama(dtype)
 
 
 def tiny_gpt2(dtype=torch.float64):
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    return tiny_models.tiny_gpt2(dtype)
 
 
 def lm_batches(n=3, seed=5):
