@@ -13,6 +13,8 @@ output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -102,11 +104,8 @@ class HybridConfig(AdapterConfig):
         return self._sub(BoftConfig, _BOFT_FIELDS, side="output")
 
     def mixing_rule(self) -> MixingRule:
-        return MixingRule(
-            schedule=self.schedule, lam_init=self.lam_init, lam_fixed=self.lam_fixed, anneal_start=self.anneal_start,
-            anneal_end=self.anneal_end, anneal_steps=self.anneal_steps, ema=self.ema, lam_min=self.lam_min,
-            lam_max=self.lam_max, norm_rule=self.norm_rule,
-        )
+        # The rule's fields are the config's λ fields by name; one list to keep in step.
+        return MixingRule(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MixingRule)})
 
     def _sub(self, cls: Callable[..., Any], names: dict[str, str], **fixed: Any) -> Any:
         values = {sub: getattr(self, hybrid) for sub, hybrid in names.items()}
