@@ -14,7 +14,6 @@ output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Any, Callable
 
