@@ -153,3 +153,18 @@ def test_per_module_counts_and_saved_activations():
     assert row["forward"]["kernels"] >= 3 and row["backward"]["kernels"] >= 3
     frozen, after = op_counts.MODULES["frozen linear"](32)
     assert op_counts.count_passes(frozen, after, x)["saved_bytes_per_token"] == 0
+
+
+def test_target_lines_survive_a_zero_memory_reading():
+    """On a tiny model the RSS meter can read 0 for LoRA's peak; the target line must say 'not measured',
+    not crash or claim a ratio."""
+    def row(method, family, median_s, peak_bytes):
+        return {"method": method, "family": family, "status": "ok", "median_s": median_s,
+                "peak_bytes": peak_bytes, "match": None}
+    rows = [row("floor", "reference", 1.0, 100), row("lora", "ours", 2.0, 0), row("boft", "ours", 3.0, 50)]
+    lines = perf_report.target_checks(rows)
+    boft_line = next(line for line in lines if line.startswith("boft"))
+    assert "time 1.50× — MISSED" in boft_line and "memory not measured" in boft_line
+    rows[1]["peak_bytes"] = 100
+    boft_line = next(line for line in perf_report.target_checks(rows) if line.startswith("boft"))
+    assert "memory 0.50× — met" in boft_line

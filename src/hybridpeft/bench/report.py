@@ -198,14 +198,14 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
         full = cells.get((model, task, "full"))
         if full is not None:
             h, f = hybrid.footprint("step_time_s"), full.footprint("step_time_s")
-            if h and f:
+            if h and f and summarize(h).mean > 0:
                 speedup = summarize(f).mean / summarize(h).mean
                 word = "supported" if speedup >= 2.0 else ("partly (faster, less than 2×)" if speedup > 1.0 else "not supported")
                 out.append(f"{model}/{task} — Hybrid trains faster per step than full FT (paper: ≈2.1×): {word} "
                            f"(full FT step time / Hybrid step time = {speedup:.2f}×).")
             mem_key = _memory_key(cells)
             h, f = hybrid.footprint(mem_key), full.footprint(mem_key)
-            if h and f:
+            if h and f and summarize(f).mean > 0:
                 share = summarize(h).mean / summarize(f).mean
                 word = "supported" if share <= 0.55 else ("partly (less, but not ≈half)" if share < 1.0 else "not supported")
                 out.append(f"{model}/{task} — Hybrid needs about half the peak memory of full FT (paper: ≈50% less): {word} "

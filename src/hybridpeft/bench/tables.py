@@ -246,6 +246,13 @@ def _schedule_label(cell: Cell) -> str:
     return str(schedule)
 
 
+def _ratio_text(values: list[float], reference: list[float]) -> str:
+    """Mean ÷ reference mean as "1.23×"; "—" when either is missing or the reference reads 0."""
+    if not values or not reference or summarize(reference).mean == 0:
+        return "—"
+    return f"{summarize(values).mean / summarize(reference).mean:.2f}×"
+
+
 def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> Table:
     """Table VII: per (model, task, method) the mean step time, peak memory and tunable parameters."""
     mem_key = _memory_key(cells)
@@ -259,9 +266,9 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
         rows.append([
             cell.model, cell.task, cell.method,
             mean_sd(summarize(step), 3) if step else "—",
-            f"{summarize(step).mean / summarize(ref_step).mean:.2f}×" if step and ref_step else "—",
+            _ratio_text(step, ref_step),
             mean_sd(summarize(mem), 0) if mem else "—",
-            f"{summarize(mem).mean / summarize(ref_mem).mean:.2f}×" if mem and ref_mem else "—",
+            _ratio_text(mem, ref_mem),
             f"{params[0] / 1e6:.3f}" if params else "—",
             f"{100.0 * params[0] / total[0]:.2f}" if params and total and total[0] else "—",
             fmt(summarize(cell.footprint("train_time_s")).mean, 1) if cell.footprint("train_time_s") else "—",
