@@ -406,3 +406,51 @@ def test_smollm2_lora_ga_hybrid_gsm8k_loss_falls_and_lambda_differs():
     lams = [s["lambda"] for s in hp.mixing_state(model).values()]
     assert len(lams) == 30 * 3 and len(set(round(x, 5) for x in lams)) > 30
     assert all(0.05 <= x <= 0.95 for x in lams) and any(abs(x - 0.5) > 0.01 for x in lams)
+
+
+def _reference_lambda(adapter: HybridAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's next λ the slow way: a norm per branch from its own parameters, then the rule."""
+    from hybridpeft.mixing import grad_norm
+
+    g_lora = grad_norm(list(adapter.lora.parameters())).double()
+    g_boft = grad_norm(list(adapter.boft.parameters())).double()
+    return adapter.rule.next(adapter.mix_lambda, adapter.mix_step + 1, g_lora, g_boft), g_lora, g_boft
+
+
+def test_model_wide_lambda_update_equals_the_per_layer_rule():
+    """after_optimizer_step moves all layers with fused norms and one vectorized rule step; it must give
+    each layer exactly what the per-layer rule gives, also with two rules in one model (two groups)."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = hybrid(lora_r=2)
+    adapters = [m for m in model.modules() if isinstance(m, HybridAdapter)]
+    adapters[1].rule = replace(adapters[1].rule, ema=0.5)  # a second group
+    hp.lora_ga_init(model, lm_batches())
+    for step in range(3):
+        model.zero_grad()
+        model(**lm_batches(seed=step)[0]).loss.backward()
+        expected = [_reference_lambda(a) for a in adapters]
+        hp.after_optimizer_step(model)
+        for adapter, (lam, g_lora, g_boft) in zip(adapters, expected):
+            # the reference's norms are float32 (grad_norm); the fused path keeps float64 here
+            torch.testing.assert_close(adapter.mix_lambda, lam, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(adapter.grad_norm_lora.double(), g_lora, rtol=1e-6, atol=0)
+            torch.testing.assert_close(adapter.grad_norm_boft.double(), g_boft, rtol=1e-6, atol=0)
+            assert int(adapter.mix_step) == step + 1
+    lams = torch.stack([a.mix_lambda for a in adapters])
+    assert lams.unique().numel() > 1  # the layers did not all move alike
+
+
+def test_refused_anneal_group_changes_no_layer():
+    from dataclasses import replace
+
+    model = hybrid()
+    adapters = [m for m in model.modules() if isinstance(m, HybridAdapter)]
+    adapters[0].rule = replace(adapters[0].rule, schedule="anneal", anneal_steps=None)
+    model(**lm_batches()[0]).loss.backward()
+    before = [(a.mix_lambda.clone(), a.mix_step.clone()) for a in adapters]
+    with pytest.raises(ValueError, match="anneal_steps"):
+        hp.after_optimizer_step(model)
+    for a, (lam, step) in zip(adapters, before):
+        assert torch.equal(a.mix_lambda, lam) and torch.equal(a.mix_step, step)

@@ -13,8 +13,10 @@ from torch import nn
 
 from . import __version__
 from .adapters.base import AdaptedLinear
+from .adapters.hybrid import HybridAdapter
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
+from .mixing import update_lambdas
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,8 +69,11 @@ def after_optimizer_step(model: nn.Module) -> None:
     Call once after each ``optimizer.step()`` and before ``zero_grad()`` (the
     Hybrid reads the branch gradients).
     """
-    for _, layer in adapted_layers(model):
-        layer.adapter.after_optimizer_step()
+    adapters = [layer.adapter for _, layer in adapted_layers(model)]
+    update_lambdas([a for a in adapters if isinstance(a, HybridAdapter)])  # all layers in one go
+    for adapter in adapters:
+        if not isinstance(adapter, HybridAdapter):
+            adapter.after_optimizer_step()
 
 
 update_mixing = after_optimizer_step

@@ -22,15 +22,22 @@ Per adapted layer, ``y = λ h + (1 − λ) R h + λ · lora(x)``; λ is a buffer
 - ``"anneal"``: ``λ_t = start + (end − start) · min(t / T, 1)`` after ``t`` optimizer
   steps (``T = anneal_steps``; the Trainer callback fills it from ``max_steps``).
 
-Everything stays in tensors (no host sync per layer per step).
+Everything stays in tensors (no host sync per layer per step), and
+``update_lambdas`` moves all layers of a model together: one fused norm over every
+branch gradient, one all-reduce and one vectorized rule step, instead of a dozen
+small kernels and a collective per layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .adapters.hybrid import HybridAdapter
 
 SCHEDULES = ("adaptive", "fixed", "anneal")
 NORM_RULES = ("relative", "paper_literal")
@@ -95,6 +102,59 @@ def grad_norm(params: list[nn.Parameter]) -> Tensor:
     if not grads:
         return torch.zeros((), device=params[0].device if params else "cpu")
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().sqrt()
+
+
+def branch_norms(adapters: Sequence["HybridAdapter"], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(n, 2): each adapter's ``[‖∇ LoRA-GA branch‖, ‖∇ BOFT branch‖]`` from one fused norm kernel.
+
+    Same value as ``grad_norm`` per branch; parameters without a gradient count as 0.
+    Computed in ``dtype`` or wider if a gradient is wider (bf16 gradients are summed in float32).
+    """
+    grads: list[Tensor] = []
+    segment: list[int] = []  # row-major index into the (n, 2) result
+    for i, adapter in enumerate(adapters):
+        for branch, module in enumerate((adapter.lora, adapter.boft)):
+            for p in module.parameters():
+                if p.grad is not None:
+                    grads.append(p.grad.detach())
+                    segment.append(2 * i + branch)
+                    dtype = torch.promote_types(dtype, p.grad.dtype)
+    squares = torch.zeros(2 * len(adapters), device=device, dtype=dtype)
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(device)  # (n_grads,)
+        squares.index_add_(0, torch.tensor(segment, device=device), norms.pow(2))
+    return squares.sqrt().view(len(adapters), 2)
+
+
+@torch.no_grad()
+def update_lambdas(adapters: Sequence["HybridAdapter"]) -> None:
+    """Move λ of every given Hybrid layer one optimizer step, all layers at once.
+
+    Layers are grouped by (rule, device, λ dtype); per group the branch norms come from one
+    fused kernel, are all-reduced across ranks in one collective, and the rule runs
+    on the (n,) vector of λ. Then each branch's own ``after_optimizer_step`` runs.
+
+    Raises:
+        ValueError: an ``"anneal"`` rule without ``anneal_steps`` (nothing is changed).
+    """
+    groups: dict[tuple[MixingRule, torch.device, torch.dtype], list["HybridAdapter"]] = {}
+    for adapter in adapters:
+        lam = adapter.mix_lambda
+        groups.setdefault((adapter.rule, lam.device, lam.dtype), []).append(adapter)
+    updates = []
+    for (rule, device, dtype), group in groups.items():
+        norms = reduce_norms(branch_norms(group, device, dtype)).to(dtype)  # (n, 2)
+        lam = torch.stack([a.mix_lambda for a in group])  # (n,)
+        step = torch.stack([a.mix_step for a in group]) + 1  # (n,)
+        updates.append((group, rule.next(lam, step, norms[:, 0], norms[:, 1]), step, norms))  # may raise
+    for group, lam, step, norms in updates:  # only now, so a refused group leaves every λ as it was
+        torch._foreach_copy_([a.mix_lambda for a in group], list(lam.unbind()))
+        torch._foreach_copy_([a.mix_step for a in group], list(step.unbind()))
+        torch._foreach_copy_([a.grad_norm_lora for a in group], list(norms[:, 0].unbind()))
+        torch._foreach_copy_([a.grad_norm_boft for a in group], list(norms[:, 1].unbind()))
+        for adapter in group:
+            adapter.lora.after_optimizer_step()
+            adapter.boft.after_optimizer_step()
 
 
 def reduce_norms(norms: Tensor) -> Tensor:

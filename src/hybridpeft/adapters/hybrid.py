@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..config import AdapterConfig, check
-from ..mixing import NORM_RULES, SCHEDULES, MixingRule, grad_norm, reduce_norms
+from ..mixing import NORM_RULES, SCHEDULES, MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
 from .boft import BoftAdapter, BoftConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
@@ -200,17 +200,10 @@ class HybridAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step."""
-        norms = torch.stack([grad_norm(list(self.lora.parameters())), grad_norm(list(self.boft.parameters()))])
-        norms = reduce_norms(norms.to(self.mix_lambda.device))
-        step = self.mix_step + 1
-        lam = self.rule.next(self.mix_lambda, step, norms[0], norms[1])  # may raise: change nothing before
-        self.mix_lambda.copy_(lam)
-        self.mix_step.copy_(step)
-        self.grad_norm_lora.copy_(norms[0])
-        self.grad_norm_boft.copy_(norms[1])
-        self.lora.after_optimizer_step()
-        self.boft.after_optimizer_step()
+        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step.
+
+        ``hybridpeft.after_optimizer_step(model)`` does this for all layers at once."""
+        update_lambdas([self])
 
     def extra_repr(self) -> str:
         return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"
