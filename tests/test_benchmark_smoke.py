@@ -1,7 +1,7 @@
 """benchmarks/step_time.py works: a tiny model, one or two steps per method, tables written.
 
-Also the NF4 (bitsandbytes) path, which needs a CUDA device and bitsandbytes
-and skips cleanly without them.
+Also the NF4 (bitsandbytes) path on a CUDA device, which skips cleanly without
+one or without bitsandbytes.
 """
 from __future__ import annotations
 
@@ -108,20 +108,17 @@ def test_peft_boft_effective_factors_are_reported():
 
 
 def test_nf4_base_on_gpu():
-    """NF4 base weights (bitsandbytes): PEFT LoRA trains, and each of our methods either trains or
-    says it cannot host a 4-bit layer; never a crash of the benchmark."""
+    """NF4 base weights (bitsandbytes): PEFT LoRA and each of our methods train on them
+    (the CPU side of this is tests/test_nf4.py)."""
     pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
-        pytest.skip("NF4 needs a CUDA device")
+        pytest.skip("NF4 benchmark path is checked on a CUDA device")
     spec = _spec(device="cuda", dtype="bfloat16", quant="nf4", steps=1, threads=None)
     rows = step_time.run_benchmark(spec, ["peft-lora", "lora", "boft", "unitary", "hybrid"])
-    by = {r["method"]: r for r in rows}
-    assert by["peft-lora"]["status"] == "ok", by["peft-lora"]
-    assert by["peft-lora"]["quantized_layers"] == 7 * SIZES["tiny"].layers
     for row in rows:
-        assert row["status"] in ("ok", "error", "skipped")
-        if row["status"] == "ok":
-            assert torch.isfinite(torch.tensor(row["loss_last"]))
+        assert row["status"] == "ok", row
+        assert row["quantized_layers"] == 7 * SIZES["tiny"].layers
+        assert torch.isfinite(torch.tensor(row["loss_last"]))
 
 
 def test_model_sizes_match_llama_configs():

@@ -23,8 +23,20 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Write every adapter into its frozen weight (refused if already merged)."""
-    for _, layer in adapted_layers(model):
+    """Write every adapter into its frozen weight (refused if already merged).
+
+    Raises:
+        RuntimeError: some layer is already merged, or has a 4-bit base (checked
+            before anything is merged; the message names the layer and says what
+            to do instead).
+    """
+    layers = adapted_layers(model)
+    for name, layer in layers:
+        if layer.quantized:
+            raise RuntimeError(f"cannot merge {name!r}: it has a 4-bit (bitsandbytes) base weight. "
+                               "Use hybridpeft.merge_and_unload(model) for a float model with the merged weights, "
+                               "or load the saved adapter onto the unquantized base model and merge there")
+    for _, layer in layers:
         layer.merge()
     return model
 
@@ -153,8 +165,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain layers back: a model with no hybridpeft inside."""
+    """Merge every adapter and put the plain layers back: a model with no hybridpeft inside.
+
+    A layer with a 4-bit (bitsandbytes) base becomes a plain ``nn.Linear`` holding
+    the dequantized, merged ``W'`` in float (the dtype ``W`` had before quantization;
+    see ``AdaptedLinear.to_float_linear``); re-quantizing it would lose the adaptation.
+    The model's other 4-bit layers stay as they are.
+    """
     for name, layer in adapted_layers(model):
+        if layer.quantized:
+            _replace(model, name, layer.to_float_linear())
+            continue
         if not layer.merged:
             layer.merge()
         _replace(model, name, layer.base_layer)

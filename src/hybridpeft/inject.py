@@ -46,7 +46,7 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
             if not is_supported_layer(module):
                 raise ValueError(
                     f"target_modules entry {pattern!r} selects {name!r} of type {type(module).__name__}; "
-                    "only nn.Linear and transformers Conv1D can be adapted"
+                    "only float nn.Linear, transformers Conv1D and bitsandbytes Linear4bit can be adapted"
                 )
             if name not in names:
                 names.append(name)
@@ -56,6 +56,7 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
 def _dtype(config: AdapterConfig, weight: torch.Tensor) -> torch.dtype:
     if config.adapter_dtype is not None:
         return getattr(torch, config.adapter_dtype)
+    # a 4-bit base stores packed uint8 codes: its adapter trains in float32 (as QLoRA does)
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 

@@ -7,8 +7,11 @@
    adapted weight ``W_ℓ`` (d_out, d_in). Per-parameter hooks move each gradient
    off the device (CPU, float32, accumulated) as soon as autograd has produced
    it and free it, so peak device memory is ≈ model + activations + one layer's
-   gradient rather than model + all gradients. Under ``torch.distributed`` the
-   estimate is averaged over ranks.
+   gradient rather than model + all gradients. A weight that cannot require
+   grad (a bitsandbytes 4-bit base) is estimated from activations instead:
+   ``∇_W L = Σ_tokens gᵀ x`` with ``x`` the input of the base matmul and
+   ``g = ∂L/∂(W x)``, captured by a hook on the host layer. Under
+   ``torch.distributed`` the estimate is averaged over ranks.
 2. ``U, Σ, V = svd_lowrank(G_ℓ, q = min(4r, d_out, d_in))`` and the adapter's
    ``direction`` / ``scale`` / ``init_form`` give ``(A0, B0)``; see ``start_factors``.
 3. ``A = A0``, ``B = B0`` (trainable) and frozen copies, so the output is unchanged.
@@ -31,12 +34,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .adapters.base import AdaptedLinear
+from .adapters.base import AdaptedLinear, layer_shape
 from .adapters.lora_ga import LoraGAAdapter, LoraGAConfig
 from .inject import adapted_layers, config_of
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 CACHE_VERSION = "1"
+ESTIMATORS = ("auto", "activations")
 
 
 # ---------------------------------------------------------------------------
@@ -62,8 +66,10 @@ def estimate_gradients(
     *,
     num_batches: int,
     loss_fn: LossFn = default_loss,
+    hosts: Mapping[str, AdaptedLinear] | None = None,
 ) -> dict[str, Tensor]:
-    """``mean_n ∇_w L(batch_n)`` for each ``w`` in ``weights``, as CPU float32 tensors in ``w``'s layout.
+    """``mean_n ∇_w L(batch_n)`` for each ``w`` in ``weights`` (CPU float32, in ``w``'s layout)
+    and for each host layer's frozen ``W`` (CPU float32, (d_out, d_in)).
 
     Only ``weights`` require grad while this runs (everything else is frozen, the
     previous flags and any existing ``.grad`` are restored afterwards). A
@@ -71,27 +77,68 @@ def estimate_gradients(
     and drops it, so at most the gradients autograd is producing at one moment
     live on the device. The model's train/eval mode is left as it is.
 
+    A host's ``W`` never requires grad (a 4-bit ``W`` cannot): a base hook keeps the
+    base matmul's input ``x`` (..., d_in) and a tensor hook on its output ``h = W x``
+    adds ``gᵀ x`` (``g = ∂L/∂h``, tokens flattened, float32 at least) into the CPU
+    accumulator when backward reaches it. That equals ``∇_W L`` whatever the adapter
+    does with ``h``. It holds each host's ``x`` until backward (what autograd keeps
+    for a trainable ``W`` anyway). If nothing upstream of ``h`` needs a gradient,
+    ``h`` is made a leaf that does, so the loss still reaches it.
+
     Args:
-        model: any module whose forward reaches ``weights``.
+        model: any module whose forward reaches ``weights`` and ``hosts``.
         weights: name → parameter (e.g. the adapted layers' frozen weights).
         batches: an iterable (list, DataLoader); the first ``num_batches`` are used.
         num_batches: how many batches to average.
         loss_fn: ``(model, batch) -> scalar loss``.
+        hosts: name → adapted layer whose ``W`` is estimated from activations (names
+            distinct from ``weights``').
 
     Raises:
-        ValueError: ``batches`` yields fewer than one batch, or a weight got no gradient.
+        ValueError: ``batches`` yields fewer than one batch, a weight or host got no
+            gradient, or a name is in both ``weights`` and ``hosts``.
     """
+    hosts = dict(hosts or {})
+    both = sorted(set(weights) & set(hosts))
+    if both:
+        raise ValueError(f"{both} are in both weights and hosts; estimate each once")
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     stashed = {name: w.grad for name, w in weights.items()}
     sums = {name: torch.zeros(w.shape, dtype=torch.float32) for name, w in weights.items()}  # CPU
-    seen = {name: 0 for name in weights}
+    for name, host in hosts.items():
+        d_in, d_out = layer_shape(host.base_layer)
+        sums[name] = torch.zeros(d_out, d_in, dtype=torch.float32)  # CPU
+    seen = {name: 0 for name in sums}
 
     def offload(name: str) -> Callable[[Tensor], None]:
         def hook(param: Tensor) -> None:
             sums[name].add_(param.grad.detach().to("cpu").float())
             seen[name] += 1
             param.grad = None  # free the device copy now, not at the end of backward
+        return hook
+
+    def observe(name: str) -> Callable[[Tensor, Tensor], None]:
+        def hook(x: Tensor, h: Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return
+            x = x.detach()
+
+            def add(g: Tensor) -> None:
+                math_dtype = torch.promote_types(g.dtype, torch.float32)
+                gx = g.reshape(-1, g.shape[-1]).to(math_dtype).t() @ x.reshape(-1, x.shape[-1]).to(math_dtype)
+                sums[name].add_(gx.to("cpu", torch.float32))  # (d_out, d_in)
+                seen[name] += 1
+
+            def add_and_drop(leaf: Tensor) -> None:
+                add(leaf.grad)
+                leaf.grad = None
+
+            if h.requires_grad:
+                h.register_hook(add)
+            else:  # h is a leaf (nothing before it trains): let it take a gradient, then drop it
+                h.requires_grad_(True)
+                h.register_post_accumulate_grad_hook(add_and_drop)
         return hook
 
     handles = []
@@ -102,6 +149,8 @@ def estimate_gradients(
             w.grad = None
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(offload(name)))
+        for name, host in hosts.items():
+            handles.append(host.register_base_hook(observe(name)))
         count = 0
         for batch in islice(batches, num_batches):
             loss_fn(model, batch).backward()
@@ -285,6 +334,7 @@ def lora_ga_init(
     num_batches: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     loss_fn: LossFn = default_loss,
+    estimator: str = "auto",
 ) -> dict[str, Tensor]:
     """Estimate the gradients of every adapted weight and start its LoRA-GA factors on them.
 
@@ -295,12 +345,17 @@ def lora_ga_init(
         cache_dir: if given, the estimate is read from / written to a safetensors file
             there, keyed by ``cache_key``; a hit skips the forward/backward passes.
         loss_fn: ``(model, batch) -> loss``; ``default_loss`` calls ``model(**batch).loss``.
+        estimator: ``"auto"`` (per-parameter gradient hooks on float weights, activations
+            ``gᵀ x`` on 4-bit ones) or ``"activations"`` (``gᵀ x`` for every layer); see
+            ``estimate_gradients``. Both give the same ``G`` up to float rounding.
 
     Returns:
         name → the estimated gradient ``G`` (d_out, d_in), CPU float32 (for inspection).
 
     Raises:
-        ValueError: the model has no LoRA-GA adapters, or ``num_batches`` is not positive.
+        ValueError: the model has no LoRA-GA adapters, ``num_batches`` is not positive,
+            ``estimator`` is unknown, or ``offset="subtract"`` meets a 4-bit base (it
+            cannot be written into packed codes).
     """
     targets = lora_ga_targets(model)
     if not targets:
@@ -309,8 +364,15 @@ def lora_ga_init(
     n = ga_config.num_batches if num_batches is None else num_batches
     if not (isinstance(n, int) and n > 0):
         raise ValueError(f"num_batches={n!r} is invalid: expected a positive integer")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid: expected one of {list(ESTIMATORS)}")
+    for name, (layer, part) in targets.items():
+        if layer.quantized and part.ga_config.offset == "subtract":
+            raise ValueError(f"offset='subtract' cannot shift the 4-bit base weight of {name!r}; "
+                             "use offset='adapter' (the default), which leaves W untouched")
     _restore_base(targets)  # a second init must estimate on the original W
-    weights = {name: layer.base_layer.weight for name, (layer, _) in targets.items()}
+    weights = {name: layer.base_layer.weight for name, (layer, _) in targets.items()}  # packed codes if 4-bit
+    hosts = {name: layer for name, (layer, _) in targets.items() if layer.quantized or estimator == "activations"}
     chosen = list(islice(batches, n))
     grads = None
     path = None
@@ -320,9 +382,10 @@ def lora_ga_init(
         if not _agree_on_hit(grads is not None):
             grads = None
     if grads is None:
-        grads = estimate_gradients(model, weights, chosen, num_batches=n, loss_fn=loss_fn)
-        for name, (layer, _) in targets.items():
-            if not isinstance(layer.base_layer, nn.Linear):  # Conv1D stores (d_in, d_out)
+        params = {name: w for name, w in weights.items() if name not in hosts}
+        grads = estimate_gradients(model, params, chosen, num_batches=n, loss_fn=loss_fn, hosts=hosts)
+        for name in params:
+            if not isinstance(targets[name][0].base_layer, nn.Linear):  # Conv1D stores (d_in, d_out)
                 grads[name] = grads[name].t().contiguous()
         all_reduce_mean(grads, {name: w.device for name, w in weights.items()})
         if path is not None:  # per rank: the key includes the rank under torch.distributed
@@ -332,8 +395,9 @@ def lora_ga_init(
             tmp.replace(path)
     for name, (layer, part) in targets.items():
         # the SVD runs where the weight lives (one layer's gradient there at a time)
-        grad = grads[name].to(layer.weight.device)
-        a0, b0 = start_factors(grad, part.ga_config, scaling=part.scaling, weight=layer.weight)
+        grad = grads[name].to(layer.base_layer.weight.device)
+        weight = layer.weight if part.ga_config.scale == "weight_svd" else None  # a 4-bit W is dequantized here
+        a0, b0 = start_factors(grad, part.ga_config, scaling=part.scaling, weight=weight)
         part.set_start(a0.to(part.lora_A.device), b0.to(part.lora_B.device))
         if part.ga_config.offset == "subtract":
             _shift_base(layer, part, sign=-1.0)
