@@ -276,7 +276,8 @@ def test_lora_property_valid_or_clear_error(d_in, d_out, r, alpha):
     except ValueError as err:
         assert r > min(d_in, d_out) and "r=" in str(err)
         return
-    assert torch.equal(model(x), base)
+    # Not bitwise: nn.Linear adds the bias inside its GEMM, the host adds it after (1 ulp apart at d_in=1).
+    torch.testing.assert_close(model(x), base, rtol=0, atol=1e-14)
     perturb(model)
     adapted = model(x)
     hp.merge(model)
