@@ -196,6 +196,13 @@ OURS: tuple[Method, ...] = (
         _registered("boft"),
     ),
     Method(
+        "boft-recompute", "ours", "b8 m3, output side, recompute_base (keeps x, not h = W x)",
+        _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output",
+                                 "recompute_base": True},
+              lambda s: f"boft b{s.boft_block} m{s.boft_factors}"),
+        _registered("boft"),
+    ),
+    Method(
         "boft-m1", "ours", "b8 m1 (= PEFT BOFT without its CUDA extension)",
         _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": 1, "side": "output"},
               lambda s: f"boft b{s.boft_block} m1"),
@@ -209,6 +216,12 @@ OURS: tuple[Method, ...] = (
     Method(
         "unitary-full", "ours", "full capacity, b32 blocks, Riemannian",
         _ours("unitary", lambda s: {"parameterization": "full", "block_size": s.oft_block},
+              lambda s: f"oft b{s.oft_block}"),
+        _registered("unitary"),
+    ),
+    Method(
+        "unitary-full-recompute", "ours", "full capacity, b32, Riemannian, recompute_base (keeps x, not h = W x)",
+        _ours("unitary", lambda s: {"parameterization": "full", "block_size": s.oft_block, "recompute_base": True},
               lambda s: f"oft b{s.oft_block}"),
         _registered("unitary"),
     ),
@@ -227,6 +240,13 @@ OURS: tuple[Method, ...] = (
         "hybrid", "ours", "LoRA-GA r16 + BOFT b8 m3, adaptive λ",
         _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
                                    "boft_n_factors": s.boft_factors},
+              lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init),
+        _registered("hybrid"),
+    ),
+    Method(
+        "hybrid-recompute", "ours", "LoRA-GA r16 + BOFT b8 m3, adaptive λ, recompute_base (keeps x, not h = W x)",
+        _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
+                                   "boft_n_factors": s.boft_factors, "recompute_base": True},
               lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init),
         _registered("hybrid"),
     ),

@@ -27,7 +27,9 @@ Nothing ``d × d`` is built in ``forward``: per factor, one gather along ``d``
 and one batched ``b × b`` matmul over the ``k`` blocks — ``O(N · d · b · m)``.
 A custom autograd function keeps only the branch input and the ``(m, k, b, b)``
 blocks for backward and recomputes the ``m`` stage inputs there, instead of
-autograd holding ``m × N × d`` activations per module (DESIGN §4).
+autograd holding ``m × N × d`` activations per module (DESIGN §4). On the output
+side, ``recompute_base`` goes one step further: it keeps the base input ``x``
+instead of ``h = W x`` and recomputes ``h`` in backward (one more base matmul).
 """
 from __future__ import annotations
 
@@ -56,18 +58,34 @@ class BoftConfig(AdapterConfig):
             ``1 + log2(d / b)`` makes ``R`` dense.
         side: ``"output"`` (``y = R W x``, the paper's Hybrid) or ``"input"``
             (``y = W R x``).
+        recompute_base: output side only. ``False`` (default): backward keeps
+            ``h = W x`` (N × d_out per module) as the butterfly's input. ``True``:
+            it keeps the base input ``x`` instead and recomputes ``h = W x`` in
+            backward — one more base matmul per module per step (the frozen
+            layer's two matmuls, forward and input gradient, become three), for
+            ``N × d_out`` less memory per module *when ``x`` is kept anyway*: by a LoRA branch
+            beside it (the Hybrid with ``lora_dropout=0``) or by a sibling module
+            reading the same ``x`` (q/k/v, gate/up). Alone on a module whose ``x``
+            nothing else keeps, it trades ``N × d_out`` for ``N × d_in``.
+            Gradients are unchanged (the recomputed ``h`` is the forward's, bit for
+            bit, for a deterministic base matmul).
     """
 
     method = "boft"
     block_size: int = 8
     n_factors: int = 3
     side: str = "output"
+    recompute_base: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(_is_int(self.block_size) and self.block_size >= 2, "block_size", self.block_size, "an integer >= 2")
         check(_is_int(self.n_factors) and self.n_factors >= 1, "n_factors", self.n_factors, "a positive integer")
         check(self.side in SIDES, "side", self.side, f"one of {list(SIDES)}")
+        check(isinstance(self.recompute_base, bool), "recompute_base", self.recompute_base, "True or False")
+        check(not (self.recompute_base and self.side == "input"), "recompute_base", self.recompute_base,
+              "False with side='input' (the input side rotates x before the base matmul: its branch "
+              "input is x itself, there is no h = W x to drop)")
 
 
 # ---------------------------------------------------------------------------
@@ -207,6 +225,35 @@ def butterfly_reference(h: Tensor, blocks: Tensor, gathers: Tensor, lead_identit
     return _butterfly(h, blocks, gathers, lead_identity)
 
 
+def _butterfly_backward(h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool, grad_out: Tensor,
+                        need_h: bool, need_blocks: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of ``_butterfly(h, blocks, plan[0])`` for ``grad_out`` (N, d), stages recomputed from ``h``.
+
+    For ``i = m … 1``: ``∂L/∂blocks_i = g_i u_iᵀ`` and ``g_{i−1} = blocks_iᵀ g_i`` (per
+    block), each gather undone by its inverse index. Returns ``(∂L/∂h, ∂L/∂blocks)``,
+    ``None`` where not needed.
+    """
+    gathers, scatters = plan[0], plan[1]
+    m, k, b, _ = blocks.shape
+    n, d = h.shape
+    inputs = _stage_inputs(h, blocks, gathers, lead_identity)  # m × (k, b, N)
+    g = _blocked(grad_out.to(h.dtype).index_select(1, scatters[-1]), k, b)  # (k, b, N), strided
+    grad_blocks = torch.empty_like(blocks) if need_blocks else None
+    for i in reversed(range(m)):
+        if grad_blocks is not None:
+            grad_blocks[i] = torch.bmm(g, inputs[i].transpose(1, 2))  # (k, b, b)
+        if i == 0 and not need_h:
+            break
+        g = torch.bmm(blocks[i].transpose(1, 2), g).view(d, n)  # (d, N)
+        if i > 0:
+            g = g.index_select(0, scatters[i]).view(k, b, n)
+    grad_h = None
+    if need_h:
+        grad_h = g.t() if lead_identity else g.t().index_select(1, scatters[0])  # (N, d)
+        grad_h = grad_h.contiguous()
+    return grad_h, grad_blocks
+
+
 class ButterflyFunction(torch.autograd.Function):
     """``y = butterfly(h; blocks)`` saving only ``h`` and the blocks.
 
@@ -233,27 +280,59 @@ class ButterflyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
         h, blocks, plan = ctx.saved_tensors
-        gathers, scatters = plan[0], plan[1]
-        m, k, b, _ = blocks.shape
-        n, d = h.shape
-        need_h, need_blocks = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
-            inputs = _stage_inputs(h, blocks, gathers, ctx.lead_identity)  # m × (k, b, N)
-            g = _blocked(grad_out.to(h.dtype).index_select(1, scatters[-1]), k, b)  # (k, b, N), strided
-            grad_blocks = torch.empty_like(blocks) if need_blocks else None
-            for i in reversed(range(m)):
-                if grad_blocks is not None:
-                    grad_blocks[i] = torch.bmm(g, inputs[i].transpose(1, 2))  # (k, b, b)
-                if i == 0 and not need_h:
-                    break
-                g = torch.bmm(blocks[i].transpose(1, 2), g).view(d, n)  # (d, N)
-                if i > 0:
-                    g = g.index_select(0, scatters[i]).view(k, b, n)
-            grad_h = None
-            if need_h:
-                grad_h = g.t() if ctx.lead_identity else g.t().index_select(1, scatters[0])  # (N, d)
-                grad_h = grad_h.contiguous()
+            grad_h, grad_blocks = _butterfly_backward(h, blocks, plan, ctx.lead_identity, grad_out,
+                                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_h, grad_blocks, None, None
+
+
+class RecomputedBaseButterflyFunction(torch.autograd.Function):
+    """``y = butterfly(h; blocks)`` for ``h = base(x)``, saving ``x`` instead of ``h``.
+
+    The output-side ``recompute_base`` option (DESIGN §4). Forward is
+    ``ButterflyFunction``'s on the given ``h``; but ``h`` is not kept: backward first
+    recomputes ``h = base(x)`` under ``no_grad`` — one more base matmul, run under
+    the autocast state the forward ran in so it yields the forward's dtype and
+    values — then proceeds as ``ButterflyFunction``. The recomputed ``h`` lives only
+    during this backward. Where the caller keeps ``x`` anyway (a LoRA branch on the
+    same ``x``), this function adds no activation storage beyond the blocks.
+
+    ``∂L/∂h`` is returned as usual; ``x`` gets no gradient from here: its gradient
+    flows through the caller's own ``h = base(x)``. Exact when the base matmul is
+    deterministic (same ``x`` and weights give the same ``h`` bit for bit), as a
+    float or bitsandbytes 4-bit matmul is. Base hooks (``register_base_hook``
+    observers) see the recomputation as a second call made with grad disabled.
+
+    Inputs: ``h`` (N, d) = ``base(x)`` flattened, used only by forward; ``x``
+    (..., d_in), the base input (pass it detached); ``blocks``, ``plan``,
+    ``lead_identity`` as in ``ButterflyFunction``; ``base`` the ``BaseMatmul`` that
+    made ``h`` from ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, x: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool,  # type: ignore[override]
+                base: BaseMatmul) -> Tensor:
+        device = h.device.type
+        # Captured before our own autocast block: the state in which the caller ran base(x).
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            out = _butterfly(h, blocks, plan[0], lead_identity)  # (N, d)
+        ctx.save_for_backward(x, blocks, plan)
+        ctx.base, ctx.lead_identity, ctx.h_dtype, ctx.dim = base, lead_identity, h.dtype, h.shape[1]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None, None]:  # type: ignore[override]
+        x, blocks, plan = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            h = ctx.base(x).reshape(-1, ctx.dim).to(ctx.h_dtype)  # (N, d), the forward's h again
+        with torch.autocast(device, enabled=False):
+            grad_h, grad_blocks = _butterfly_backward(h, blocks, plan, ctx.lead_identity, grad_out,
+                                                      ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        del h
+        return grad_h, None, grad_blocks, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +349,9 @@ class BoftAdapter(Adapter):
     Attributes:
         recompute_stages: ``True`` (default) uses ``ButterflyFunction``;
             ``False`` the plain-autograd reference (same values, more memory).
+        recompute_base: from the config (output side): ``rotate_base_output`` keeps
+            ``x`` and recomputes ``h = W x`` in backward (``RecomputedBaseButterflyFunction``);
+            only with ``recompute_stages``.
 
     Raises:
         ValueError: ``d`` (``d_out`` or ``d_in`` by side) does not fit
@@ -286,6 +368,7 @@ class BoftAdapter(Adapter):
         _check_fits(d, b, m, config.side)
         self.dim, self.block_size, self.n_factors, self.n_blocks = d, b, m, d // b
         self.recompute_stages = True
+        self.recompute_base = config.recompute_base
         self.boft_Q = nn.Parameter(torch.zeros(m, self.n_blocks, b * (b - 1) // 2))
         # Derived from the config, so not saved with the adapter.
         self.register_buffer("triu", torch.triu_indices(b, b, offset=1), persistent=False)  # (2, b(b-1)/2)
@@ -307,11 +390,16 @@ class BoftAdapter(Adapter):
         # I − Q is always invertible for skew Q (its eigenvalues are 1 − iθ).
         return torch.linalg.solve_ex(eye - skew, eye + skew)[0]
 
-    def _run(self, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool) -> Tensor:
+    def _run(self, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool,
+             source: tuple[Tensor, BaseMatmul] | None = None) -> Tensor:
+        """``source = (x, base)`` with ``h = base(x)``: keep ``x`` for backward instead of ``h``."""
         if h.shape[-1] != self.dim:
             raise ValueError(f"expected activations with last dimension {self.dim}, got shape {tuple(h.shape)}")
         flat = h.reshape(-1, self.dim)  # (N, d)
-        if self.recompute_stages:
+        if self.recompute_stages and source is not None:
+            x, base = source
+            out = RecomputedBaseButterflyFunction.apply(flat, x.detach(), blocks, plan, lead_identity, base)
+        elif self.recompute_stages:
             out = ButterflyFunction.apply(flat, blocks, plan, lead_identity)
         else:
             out = butterfly_reference(flat, blocks, plan[0], lead_identity)
@@ -320,6 +408,15 @@ class BoftAdapter(Adapter):
     def rotate(self, h: Tensor) -> Tensor:
         """``R h`` along the last dimension. h: (..., d) -> (..., d), h's dtype."""
         return self._run(h, self.cayley_blocks().to(h.dtype), self.plan, lead_identity=True)  # P_1 = I
+
+    def rotate_base_output(self, x: Tensor, h: Tensor, base: BaseMatmul) -> Tensor:
+        """``R h`` for ``h = base(x)`` (output side): as ``rotate(h)``, but with
+        ``recompute_base`` backward keeps ``x`` (detached) and recomputes ``h`` instead of keeping it.
+
+        x: (..., d_in), h: (..., d_out) -> (..., d_out), h's dtype.
+        """
+        source = (x, base) if self.recompute_base else None
+        return self._run(h, self.cayley_blocks().to(h.dtype), self.plan, lead_identity=True, source=source)
 
     def rotate_transposed(self, h: Tensor) -> Tensor:
         """``Rᵀ h = B_1ᵀ ⋯ B_mᵀ h`` along the last dimension. h: (..., d) -> (..., d)."""
@@ -333,7 +430,7 @@ class BoftAdapter(Adapter):
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         if self.side == "output":
-            return self.rotate(base(x))  # (..., d_out)
+            return self.rotate_base_output(x, base(x), base)  # (..., d_out)
         return base(self.rotate(x))  # (..., d_out)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
@@ -349,4 +446,5 @@ class BoftAdapter(Adapter):
         return self.rotate(merged)
 
     def extra_repr(self) -> str:
-        return f"side={self.side}, d={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}"
+        extra = ", recompute_base=True" if self.recompute_base else ""
+        return f"side={self.side}, d={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}{extra}"

@@ -42,6 +42,12 @@ class HybridConfig(AdapterConfig):
             ``num_batches``, ``svd_niter``. (The start point always stays in the adapter:
             subtracting it from the ``W`` that the BOFT branch also rotates would change the output.)
         boft_block_size, boft_n_factors: ``BoftConfig``'s ``block_size``, ``n_factors`` (output side).
+        recompute_base: ``BoftConfig``'s ``recompute_base``. ``False`` (default): backward keeps
+            ``x`` (for the LoRA branch) and ``h = W x`` (for the BOFT branch). ``True``: only ``x``;
+            the BOFT branch recomputes ``h`` from it in backward. Memory: ``N × d_out`` less
+            per module (``lora_dropout=0``; with dropout the LoRA branch keeps the dropped-out
+            ``x``, so the BOFT branch's ``x`` is one more ``N × d_in``). Time: one more base
+            matmul per module in backward.
         schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.mixing``.
         lam_init: λ at the start of ``"adaptive"``.
         lam_fixed: λ of ``"fixed"``.
@@ -66,6 +72,7 @@ class HybridConfig(AdapterConfig):
     ga_svd_niter: int = 4
     boft_block_size: int = 8
     boft_n_factors: int = 3
+    recompute_base: bool = False
     schedule: str = "adaptive"
     lam_init: float = 0.5
     lam_fixed: float = 0.5
@@ -119,7 +126,7 @@ _LORA_GA_FIELDS = {
     "direction": "ga_direction", "scale": "ga_scale", "stable_gamma": "ga_stable_gamma",
     "init_form": "ga_init_form", "num_batches": "ga_num_batches", "svd_niter": "ga_svd_niter",
 }
-_BOFT_FIELDS = {"block_size": "boft_block_size", "n_factors": "boft_n_factors"}
+_BOFT_FIELDS = {"block_size": "boft_block_size", "n_factors": "boft_n_factors", "recompute_base": "recompute_base"}
 
 
 def _renamed(err: ValueError, names: dict[str, str]) -> ValueError:
@@ -180,8 +187,10 @@ class HybridAdapter(Adapter):
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out), the only base matmul
-        rh = self.boft.rotate(h)  # (..., d_out)
+        rh = self.boft.rotate_base_output(x, h, base)  # (..., d_out); keeps h, or x with recompute_base
         h_lora = self.lora(x, lambda _: h)  # h + lora(x), the add fused into the branch's last GEMM
+        # Neither addmm (saves u and B) nor lerp with a grad-free weight (saves only λ) keeps h,
+        # so with recompute_base no N × d_out tensor of this module outlives the forward.
         return torch.lerp(rh, h_lora.to(h.dtype), self.mix_lambda.to(h.dtype))  # R h + λ (h + lora − R h)
 
     def merged_weight(self, weight: Tensor) -> Tensor:

@@ -45,6 +45,13 @@ class UnitaryConfig(AdapterConfig):
         recompute: ``structured`` only: keep just the branch input for backward and
             recompute the FFT stages (saves ~5 activations of size ``N × d`` per layer
             for one extra forward of the branch).
+        recompute_base: keep only the base input ``x`` for backward (both parameterizations):
+            the base matmul and ``U`` run under one non-reentrant checkpoint, so backward
+            recomputes ``h = W x`` (one more base matmul per module) and ``U h`` (for
+            ``structured`` this implies ``recompute``; for ``full`` one more block matmul).
+            Memory: the branch keeps no ``N × d_out`` tensor, only ``x`` — a saving where
+            ``x`` is kept anyway (modules sharing an input, e.g. q/k/v) or ``d_in < d_out``.
+            Same values and gradients.
     """
 
     method = "unitary"
@@ -53,6 +60,7 @@ class UnitaryConfig(AdapterConfig):
     retraction: str = "cayley"
     drift_tolerance: float = 1e-5
     recompute: bool = False
+    recompute_base: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +72,7 @@ class UnitaryConfig(AdapterConfig):
         check(isinstance(self.drift_tolerance, (int, float)) and self.drift_tolerance > 0,
               "drift_tolerance", self.drift_tolerance, "a positive number")
         check(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
+        check(isinstance(self.recompute_base, bool), "recompute_base", self.recompute_base, "True or False")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -240,16 +249,23 @@ class UnitaryAdapter(Adapter):
         self.retraction = config.retraction  # read by hybridpeft.optim.build_optimizer
         self.drift_tolerance = config.drift_tolerance
         self.recompute = config.recompute
+        self.recompute_base = config.recompute_base
         if config.parameterization == "structured":
             self.unitary: StructuredUnitary | BlockOrthogonal = StructuredUnitary(d_out)
         else:
             self.unitary = BlockOrthogonal(d_out, config.block_size)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        if self.recompute_base and torch.is_grad_enabled():
+            # Saves only x; backward re-runs base(x) and U (base hooks see that second call).
+            return checkpoint(self._rotated_base, x, base, use_reentrant=False)  # (..., d_out)
         h = base(x)  # (..., d_out)
         if self.recompute and torch.is_grad_enabled() and isinstance(self.unitary, StructuredUnitary):
             return checkpoint(self.unitary.apply, h, use_reentrant=False)
         return self.unitary.apply(h)
+
+    def _rotated_base(self, x: Tensor, base: BaseMatmul) -> Tensor:
+        return self.unitary.apply(base(x))  # (..., d_out)
 
     def dense_unitary(self) -> Tensor:
         """``U`` as a real ``d_out × d_out`` matrix — for tests and inspection only."""
