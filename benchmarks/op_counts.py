@@ -150,7 +150,7 @@ def saved_bytes(module: nn.Module, x: Tensor) -> int:
         ptr = t.untyped_storage().data_ptr()
         if ptr not in own:
             saved[ptr] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # returning t itself makes a saved output reference its own graph: a leak
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
