@@ -92,11 +92,11 @@ fi
 
 # ---------------------------------------------------------------- 2. 1B, every method
 # most important first: a part cut short by its timeout loses the tail
-ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd unitary-full-f32 boft-m1"
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd hybrid-recompute boft-recompute unitary-full-f32 boft-m1"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 3. 8B, the large-shape subset
-ALL8="floor lora boft hybrid peft-lora peft-boft"
+ALL8="floor lora boft hybrid peft-lora peft-boft hybrid-recompute"
 run_part "8b" 150 --size "$SIZE8" $STEPS8 --methods $ALL8 --peft-boft-ext "$BOFT_EXT" --budget-s 40 --no-ga-init
 
 # ---------------------------------------------------------------- 4. NF4 base (optional)
