@@ -345,3 +345,18 @@ def test_quick_preset_end_to_end(tmp_path):
     assert out.failed == [] and len(out.ok) == out.total
     paths = write_report(bench.output_dir, tmp_path / "report")
     assert paths["markdown"].stat().st_size > 0
+
+
+def test_main_table_shows_the_base_model_before_training(synthetic_results):
+    """Records with a ``before`` score add one row per task: the untouched model, per seed."""
+    from hybridpeft.bench.store import finished
+
+    records = finished(read_records(synthetic_results))
+    assert all(not r.get("before") for r in records)
+    table = next(t for t in main_tables(build_cells(records)) if t.title.startswith("sst2-cls"))
+    assert all(not r[0].startswith("base model") for r in table.rows)  # nothing recorded, no row
+    for r in records:
+        if r["task"] == "sst2-cls":
+            r["before"] = {"accuracy": 0.5 + 0.01 * r["seed"]}
+    table = next(t for t in main_tables(build_cells(records)) if t.title.startswith("sst2-cls"))
+    assert table.rows[-1][:3] == ["base model, before training", "50.00 / 51.00 / 52.00", "51.00 ± 1.00"]

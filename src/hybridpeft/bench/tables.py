@@ -177,6 +177,9 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
                 row += [" / ".join(fmt(by_seed.get(seed)) for seed in seeds), mean_sd(summarize(shown)) + mark,
                         "—" if delta is None else f"{delta:+.2f}", fmt_p(None if test is None else test.p)]
             rows.append(row)
+        before = _before_row(cells, task, models, metric, seeds)
+        if before is not None:
+            rows.append(before)
         _, unit = scale(metric, [v for c in cells.values() if c.task == task for v in c.values()])
         tables.append(Table(
             title=f"{task}: {metric}{unit}",
@@ -185,6 +188,30 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
                   f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."),
         ))
     return tables
+
+
+def _before_row(cells: dict[tuple[str, str, str], Cell], task: str, models: list[str], metric: str,
+                seeds: list[int]) -> list[str] | None:
+    """The untouched base model's score (runs with ``eval.before``), per seed: every method of a seed
+    scores the same base on the same examples, so the first record of each seed stands for all."""
+    row, found = ["base model, before training"], False
+    for model in models:
+        by_seed: dict[int, float] = {}
+        for cell in cells.values():
+            if (cell.model, cell.task) != (model, task):
+                continue
+            for record in cell.records:
+                value = (record.get("before") or {}).get(metric)
+                if value is not None:
+                    by_seed.setdefault(record["seed"], float(value))
+        if not by_seed:
+            row += ["—"] * 4
+            continue
+        found = True
+        shown, _ = scale(metric, list(by_seed.values()))
+        shown_by_seed = dict(zip(by_seed, shown))
+        row += [" / ".join(fmt(shown_by_seed.get(seed)) for seed in seeds), mean_sd(summarize(shown)), "—", "—"]
+    return row if found else None
 
 
 def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, ...] = ("lora", "lora_ga", "boft")) -> Table | None:
