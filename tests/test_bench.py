@@ -360,3 +360,29 @@ def test_main_table_shows_the_base_model_before_training(synthetic_results):
             r["before"] = {"accuracy": 0.5 + 0.01 * r["seed"]}
     table = next(t for t in main_tables(build_cells(records)) if t.title.startswith("sst2-cls"))
     assert table.rows[-1][:3] == ["base model, before training", "50.00 / 51.00 / 52.00", "51.00 ± 1.00"]
+
+
+def test_final_metrics_keep_the_two_validation_losses_apart():
+    """The task's loss on the scored examples stays ``val_loss`` (matching its ``val_ppl``); the loop's
+    held-out-split loss is ``heldout_loss``. An earlier version let the second overwrite the first."""
+    from hybridpeft.bench.job import final_metrics
+
+    after = {"accuracy": 0.9, "val_loss": 0.125, "val_ppl": math.exp(0.125), "n": 400, "note": "text"}
+    evals = [{"step": 100, "val_loss": 0.4}, {"step": 300, "val_loss": 0.2}]
+    m = final_metrics(after, evals, 0.19, 300)
+    assert m["val_loss"] == 0.125 and math.log(m["val_ppl"]) == pytest.approx(m["val_loss"])
+    assert m["heldout_loss"] == 0.2 and m["best_heldout_loss"] == 0.19 and m["steps"] == 300.0
+    assert "note" not in m
+    assert final_metrics(None, [], None, 5) == {"steps": 5.0}
+
+
+def test_records_from_before_the_loss_split_are_read_with_the_new_names(tmp_path):
+    legacy = {"key": "m/t/lora/seed0#x", "status": "ok", "primary_metric": "accuracy",
+              "metrics": {"accuracy": 0.9, "val_loss": 0.2, "best_val_loss": 0.19, "val_ppl": math.exp(0.125)}}
+    current = {"key": "m/t/lora/seed1#x", "status": "ok", "primary_metric": "accuracy",
+               "metrics": {"accuracy": 0.8, "val_loss": 0.3, "heldout_loss": 0.4}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(legacy) + "\n" + json.dumps(current) + "\n")
+    old, new = read_records(tmp_path)
+    assert old["metrics"]["heldout_loss"] == 0.2 and old["metrics"]["best_heldout_loss"] == 0.19
+    assert old["metrics"]["val_loss"] == pytest.approx(0.125) and "best_val_loss" not in old["metrics"]
+    assert new["metrics"] == current["metrics"]

@@ -7,8 +7,9 @@ fills ``model.name``, ``data.task`` and ``train.seed`` from ``run``, trains in
 ``<run_dir>/train`` (fresh each attempt: a retry must not inherit a half-run),
 and reads back what the loop logged:
 
-- metrics: the task metric after training (``results.json["after"]``), the final
-  and best validation loss;
+- metrics: the task's scores after training (``results.json["after"]``, with its
+  loss on the scored examples), and the last and best loss on the held-out
+  training split (``heldout_loss``, ``best_heldout_loss``);
 - curves: per-step loss and gradient norm (``train_log.jsonl``) and per-validation
   loss (``eval_log.jsonl``), each validation point also carrying the mean gradient
   norm of the steps since the previous one;
@@ -74,12 +75,7 @@ def run_training_job(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     evals = _read_jsonl(out_dir / "eval_log.jsonl")
     task = get_task(job.data.task, **job.data.task_args)
 
-    metrics: dict[str, float] = {k: float(v) for k, v in (result.after or {}).items() if _is_number(v)}
-    if evals:
-        metrics["val_loss"] = float(evals[-1]["val_loss"])
-    if result.best_val_loss is not None:
-        metrics["best_val_loss"] = float(result.best_val_loss)
-    metrics["steps"] = float(result.step)
+    metrics = final_metrics(result.after, evals, result.best_val_loss, result.step)
     primary = task.metric if task.metric in metrics else next(iter(metrics))
 
     tunable, total = _parameter_counts(out_dir, job)
@@ -102,6 +98,21 @@ def run_training_job(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "before": result.before,
         "job_config": job.to_dict(),  # every setting as the loop saw it, defaults included
     }
+
+
+def final_metrics(after: dict[str, Any] | None, evals: list[dict[str, Any]], best_heldout: float | None,
+                  steps: int) -> dict[str, float]:
+    """A run's metrics: the task's scores after training, as the task reported them (``val_loss`` /
+    ``val_ppl`` there are the loss on the scored evaluation examples), plus the loop's periodic
+    validation on the held-out training split as ``heldout_loss`` (last) and ``best_heldout_loss``.
+    The two losses are kept apart: they are measured on different examples."""
+    metrics: dict[str, float] = {k: float(v) for k, v in (after or {}).items() if _is_number(v)}
+    if evals:
+        metrics["heldout_loss"] = float(evals[-1]["val_loss"])
+    if best_heldout is not None:
+        metrics["best_heldout_loss"] = float(best_heldout)
+    metrics["steps"] = float(steps)
+    return metrics
 
 
 run_training_job.validate = validate  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ worker's stderr) instead of results.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -91,10 +92,30 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(record, dict) or "key" not in record or record.get("status") not in STATUSES:
                 bad.append(lineno)
                 continue
-            records.append(record)
+            records.append(_upgrade(record))
     if bad:
         warnings.warn(f"{file}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
     return records
+
+
+def _upgrade(record: dict[str, Any]) -> dict[str, Any]:
+    """Read a record written before the two validation losses were kept apart.
+
+    Those records stored the loop's held-out-split loss as ``val_loss`` (over the
+    task's own) next to ``best_val_loss``. Renamed here to ``heldout_loss`` /
+    ``best_heldout_loss``; the task's ``val_loss`` is recovered as ``log(val_ppl)``
+    where the task reported a perplexity, and is absent otherwise.
+    """
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict) or "best_val_loss" not in metrics:
+        return record
+    metrics = dict(metrics)
+    metrics["best_heldout_loss"] = metrics.pop("best_val_loss")
+    if "val_loss" in metrics:
+        metrics["heldout_loss"] = metrics.pop("val_loss")
+    if isinstance(metrics.get("val_ppl"), (int, float)) and metrics["val_ppl"] > 0:
+        metrics["val_loss"] = math.log(metrics["val_ppl"])
+    return {**record, "metrics": metrics}
 
 
 @dataclass
