@@ -23,24 +23,17 @@ from hybridpeft.adapters.boft import (
 )
 
 transformers = pytest.importorskip("transformers")
+import tiny_models  # noqa: E402
 
 SIDES = ["output", "input"]
 
 
 def tiny_llama(dtype=torch.float32):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_models.tiny_llama(dtype, kv_heads=4)
 
 
 def tiny_gpt2(dtype=torch.float32):
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                   bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    return tiny_models.tiny_gpt2(dtype, bos_token_id=0, eos_token_id=0)
 
 
 def linear_stack(dtype=torch.float32):
