@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,11 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     if fail.get("exit"):
         os._exit(3)  # a hard crash: no exception, no cleanup
     (run_dir / "calls").open("a").write("1\n")
+    if config.get("record_env"):  # for the side-by-side test: when it ran, with how many threads
+        start = time.time()
+        time.sleep(1.0)
+        (run_dir / "env.json").write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"), "start": start,
+                                                       "end": time.time()}))
     acc = _ACC[run["method"]][run["seed"] % 3]
     steps = list(range(1, 21))
     scale = 1.0 + 0.1 * len(run["method"])
@@ -206,6 +212,46 @@ def test_subprocess_isolation_survives_a_hard_crash(tmp_path, monkeypatch):
     assert ok["metrics"]["accuracy"] == 0.80 and ok["footprint"]["peak_rss_mb"] > 0 and "torch" in ok["versions"]
     bad = next(r for r in records if r["status"] == "failed")
     assert "exited with code 3" in bad["error"]
+
+
+def test_side_by_side_workers_overlap_share_the_cores_and_record_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    data = _bench(tmp_path, seeds=[0], methods=["lora", "boft"], isolation="subprocess", max_attempts=1, workers=2)
+    data["shared"]["record_env"] = True
+    data["overrides"] = [{"where": {"task": "rte-cls", "method": "boft"}, "set": {"fail": {"always": True}}}]
+    bench = parse_bench(data)
+    out = run_bench(bench, progress=False)
+    assert sorted(k.split("#")[0] for k in out.ok) == ["tiny/rte-cls/lora/seed0", "tiny/sst2-cls/boft/seed0", "tiny/sst2-cls/lora/seed0"]
+    assert [k.split("#")[0] for k in out.failed] == ["tiny/rte-cls/boft/seed0"]
+    records = read_records(bench.output_dir)
+    assert sum(r["status"] == "running" for r in records) == 4  # one attempt each, every line intact
+    ok = [r for r in records if r["status"] == "ok"]
+    assert all(r["footprint"]["side_by_side_runs"] == 2 and r["footprint"]["worker_threads"] == 2 for r in ok)
+    envs = [json.loads(p.read_text()) for p in sorted((bench.output_dir / "runs").glob("*/env.json"))]
+    assert [e["omp"] for e in envs] == ["2", "2", "2"]  # 4 cores / 2 workers
+    spans = sorted((e["start"], e["end"]) for e in envs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
+
+
+def test_workers_need_subprocess_isolation(tmp_path):
+    with pytest.raises(ValueError, match=r"workers=2 is invalid.*inprocess"):
+        parse_bench(_bench(tmp_path, workers=2))
+    with pytest.raises(ValueError, match=r"workers=0 is invalid"):
+        parse_bench(_bench(tmp_path, workers=0, isolation="subprocess"))
+
+
+def test_every_shipped_preset_parses_and_validates():
+    from hybridpeft.bench.runner import load_job, validate_runs
+
+    presets = sorted((REPO / "benchmarks").glob("*.yaml"))
+    benches = [load_bench(p) for p in presets if "grid:" in p.read_text()]
+    assert {b.name for b in benches} >= {"quick", "paper-small", "paper"}
+    for bench in benches:
+        runs = expand_grid(bench)
+        assert runs, bench.name
+        validate_runs(load_job(bench.job), runs)
 
 
 def test_summary_hand_checked():

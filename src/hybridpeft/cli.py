@@ -192,7 +192,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from .bench.commands import bench_command
 
     return bench_command(args.config, set_=args.set_, output=args.output, max_attempts=args.max_attempts,
-                         progress=args.progress, report_dir=args.report_dir)
+                         progress=args.progress, report_dir=args.report_dir, workers=args.workers)
 
 
 def _report_arguments(p: argparse.ArgumentParser) -> None:

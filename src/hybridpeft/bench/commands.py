@@ -10,13 +10,14 @@ import sys
 
 
 def bench_command(config: str, *, set_: list[str] | None = None, output: str | None = None,
-                  max_attempts: int | None = None, progress: bool = True, report_dir: str | None = None) -> int:
+                  max_attempts: int | None = None, progress: bool = True, report_dir: str | None = None,
+                  workers: int | None = None) -> int:
     """Run (or resume) a benchmark; exit status 1 if any run is still failing."""
     from .report import write_report
     from .runner import run_bench
     from .spec import load_bench
 
-    overrides = list(set_ or []) + ([f"output={output}"] if output else [])
+    overrides = list(set_ or []) + ([f"output={output}"] if output else []) + ([f"workers={workers}"] if workers else [])
     bench = load_bench(config, overrides)
     outcome = run_bench(bench, max_attempts=max_attempts, progress=progress)
     print(f"[bench] {bench.name}: {outcome.total} runs — {outcome.skipped} already done, {len(outcome.ok)} finished now, "
@@ -44,6 +45,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a benchmark key, e.g. --set seeds=[0] --set shared.train.max_steps=10")
     parser.add_argument("--output", help="results directory (default: the config's 'output')")
     parser.add_argument("--max-attempts", type=int, help="retry runs that failed up to this many attempts in total")
+    parser.add_argument("--workers", type=int, help="runs at once, each with an equal share of the cores as threads "
+                        "(default: the config's 'workers', else 1); step times then share the machine")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--report", dest="report_dir", metavar="DIR", help="also write the report to DIR afterwards")
 

@@ -97,7 +97,45 @@ def _run_inprocess(job: Job, run: RunSpec, run_dir: Path) -> dict[str, Any]:
     return check_result(job(run.config, run_dir))
 
 
-def _run_subprocess(job_spec: str, run: RunSpec, run_dir: Path, timeout_s: float | None) -> dict[str, Any]:
+def worker_env(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker process: with ``workers`` side by side, each gets an equal
+    share of the cores as its thread count unless ``OMP_NUM_THREADS`` is already set."""
+    env = dict(os.environ if environ is None else environ)
+    if workers > 1 and "OMP_NUM_THREADS" not in env:
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env["OMP_NUM_THREADS"] = threads
+        env.setdefault("MKL_NUM_THREADS", threads)
+    return env
+
+
+class _LiveWorkers:
+    """Worker processes now running, so an interrupt of the grid can stop them all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.add(proc)
+            if self.stopping.is_set():
+                proc.kill()
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+def _run_subprocess(job_spec: str, run: RunSpec, run_dir: Path, timeout_s: float | None,
+                    env: dict[str, str] | None = None, live: _LiveWorkers | None = None) -> dict[str, Any]:
     """One attempt in a fresh interpreter; raises RuntimeError with the stderr tail on failure."""
     spec_file = run_dir / "spec.json"
     result_file = run_dir / "result.json"
@@ -106,7 +144,9 @@ def _run_subprocess(job_spec: str, run: RunSpec, run_dir: Path, timeout_s: float
     log_file = run_dir / "worker.log"
     with log_file.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "hybridpeft.bench.worker", str(spec_file)],
-                                stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                stdout=log, stderr=subprocess.STDOUT, env=env if env is not None else os.environ.copy())
+        if live is not None:
+            live.add(proc)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -115,6 +155,8 @@ def _run_subprocess(job_spec: str, run: RunSpec, run_dir: Path, timeout_s: float
             if proc.poll() is None:  # timeout, Ctrl-C or SIGTERM of the grid: the worker must not outlive it
                 proc.kill()
                 proc.wait()
+            if live is not None:
+                live.discard(proc)
     if proc.returncode != 0 or not result_file.is_file():
         raise RuntimeError(f"worker exited with code {proc.returncode}; log: {log_file}\n{_tail(log_file)}")
     return check_result(json.loads(result_file.read_text()))
@@ -167,30 +209,82 @@ def run_bench(
     inproc_job = None if use_subprocess else configured
     validate_runs(configured, pending)
     env_versions = versions()
+    ctx = _GridContext(store=store, bench=bench, job=inproc_job, use_subprocess=use_subprocess, versions=env_versions,
+                       env=worker_env(bench.workers) if use_subprocess else None, live=_LiveWorkers(),
+                       record_lock=threading.Lock(), concurrency=min(bench.workers, max(1, len(pending))))
     bar = tqdm(total=len(runs), initial=outcome.skipped, disable=not progress, desc=f"bench {bench.name}", unit="run")
+
+    def one(run: RunSpec) -> None:
+        attempts = states[run.key].attempts if run.key in states else 0
+        run_dir = bench.output_dir / "runs" / run_dir_name(run.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        bar.set_postfix_str(f"{run.model}/{run.task}/{run.method}/seed{run.seed}")
+        while attempts < limit and not ctx.live.stopping.is_set():
+            attempts += 1
+            record = _attempt(ctx, run, attempts, run_dir)
+            if record["status"] == "ok":
+                outcome.ok.append(run.key)
+                break
+            if record.get("interrupted"):
+                return
+            last_line = (record["error"].strip().splitlines() or ["?"])[-1]
+            bar.write(f"[bench] {run.key} failed (attempt {attempts}/{limit}): {last_line}")
+        else:
+            if not ctx.live.stopping.is_set():
+                outcome.failed.append(run.key)
+        bar.update(1)
+
     previous_handler = _interrupt_on_sigterm()
     try:
-        for run in pending:
-            attempts = states[run.key].attempts if run.key in states else 0
-            run_dir = bench.output_dir / "runs" / run_dir_name(run.key)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            bar.set_postfix_str(f"{run.model}/{run.task}/{run.method}/seed{run.seed}")
-            while attempts < limit:
-                attempts += 1
-                record = _attempt(store, run, attempts, run_dir, bench, inproc_job, use_subprocess, env_versions)
-                if record["status"] == "ok":
-                    outcome.ok.append(run.key)
-                    break
-                last_line = (record["error"].strip().splitlines() or ["?"])[-1]
-                bar.write(f"[bench] {run.key} failed (attempt {attempts}/{limit}): {last_line}")
-            else:
-                outcome.failed.append(run.key)
-            bar.update(1)
+        if bench.workers == 1:
+            for run in pending:
+                one(run)
+        else:
+            _run_side_by_side(one, pending, bench.workers, ctx.live)
     finally:
         bar.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     return outcome
+
+
+def _run_side_by_side(one: Callable[[RunSpec], None], runs: list[RunSpec], workers: int, live: "_LiveWorkers") -> None:
+    """``one(run)`` for every run with ``workers`` threads (each waiting on its worker process).
+    Ctrl-C / SIGTERM stops every running worker, lets the threads log the interruption, re-raises."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench")
+    futures = [pool.submit(one, run) for run in runs]
+    try:
+        while True:
+            done, not_done = wait(futures, timeout=0.5)
+            for future in done:
+                future.result()  # an unexpected error in the runner itself surfaces here
+            if not not_done:
+                break
+            futures = list(not_done)
+    except BaseException:
+        live.stop_all()
+        for future in futures:
+            future.cancel()
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+@dataclass
+class _GridContext:
+    """What every attempt of one ``run_bench`` call shares."""
+
+    store: ResultStore
+    bench: BenchConfig
+    job: Job | None
+    use_subprocess: bool
+    versions: dict[str, str]
+    env: dict[str, str] | None
+    live: "_LiveWorkers"
+    record_lock: threading.Lock
+    concurrency: int
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -231,29 +325,40 @@ def _identity(run: RunSpec, attempt: int) -> dict[str, Any]:
             "adapter_method": run.adapter_method, "seed": run.seed, "role": run.role}
 
 
-def _attempt(store: ResultStore, run: RunSpec, attempt: int, run_dir: Path, bench: BenchConfig,
-             job: Job | None, use_subprocess: bool, env_versions: dict[str, str]) -> dict[str, Any]:
+def _attempt(ctx: _GridContext, run: RunSpec, attempt: int, run_dir: Path) -> dict[str, Any]:
     """One try: a "running" record, then "ok" with results or "failed" with the error."""
     started, t0 = utc_now(), time.perf_counter()
-    store.append({**_identity(run, attempt), "status": "running", "started_at": started})
+    ident = _identity(run, attempt)
+
+    def log(record: dict[str, Any]) -> dict[str, Any]:
+        with ctx.record_lock:
+            ctx.store.append(record)
+        return record
+
+    def interrupted() -> dict[str, Any]:
+        return log({**ident, "status": "failed", "interrupted": True, "error": "interrupted by the user",
+                    "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})
+
+    log({**ident, "status": "running", "started_at": started})
     try:
-        if use_subprocess:
-            result = _run_subprocess(bench.job, run, run_dir, bench.timeout_s)
+        if ctx.use_subprocess:
+            result = _run_subprocess(ctx.bench.job, run, run_dir, ctx.bench.timeout_s, ctx.env, ctx.live)
         else:
-            assert job is not None
-            result = _run_inprocess(job, run, run_dir)
+            assert ctx.job is not None
+            result = _run_inprocess(ctx.job, run, run_dir)
     except KeyboardInterrupt:
-        store.append({**_identity(run, attempt), "status": "failed", "interrupted": True, "error": "interrupted by the user",
-                      "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})
+        interrupted()
         raise
     except Exception as err:  # noqa: BLE001 - any failure of one run must not stop the grid
-        error = f"{type(err).__name__}: {err}" if use_subprocess else traceback.format_exc()[-_ERROR_TAIL:]
-        record = {**_identity(run, attempt), "status": "failed", "error": error, "config": run.config,
-                  "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0}
-        store.append(record)
-        return record
-    record = {**_identity(run, attempt), "status": "ok", "config": run.config, **result,
-              "versions": result.get("versions") or env_versions,
-              "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0}
-    store.append(record)
-    return record
+        if ctx.live.stopping.is_set():
+            return interrupted()
+        error = f"{type(err).__name__}: {err}" if ctx.use_subprocess else traceback.format_exc()[-_ERROR_TAIL:]
+        return log({**ident, "status": "failed", "error": error, "config": run.config,
+                    "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})
+    footprint = dict(result.get("footprint") or {})
+    if ctx.concurrency > 1:  # step time and memory were measured beside other runs
+        footprint["side_by_side_runs"] = ctx.concurrency
+        footprint["worker_threads"] = int((ctx.env or {}).get("OMP_NUM_THREADS", 0)) or None
+    return log({**ident, "status": "ok", "config": run.config, **result, "footprint": footprint,
+                "versions": result.get("versions") or ctx.versions,
+                "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})

@@ -96,6 +96,10 @@ class BenchConfig:
             crash, OOM kill or leaked state cannot touch the grid);
             ``"inprocess"`` calls the job directly inside ``try/except``.
         timeout_s: wall-clock limit per run (subprocess isolation only).
+        workers: how many runs go at once (subprocess isolation only). Each worker
+            gets ``OMP_NUM_THREADS = cpu_count // workers`` unless the environment
+            already sets it, so side-by-side runs do not oversubscribe the cores.
+            Step times of side-by-side runs share the machine; the record says so.
         job: ``"module:function"`` that trains and evaluates one run.
         description: free text copied into the report.
         base_dir: the benchmark file's directory (for resolving relative data paths).
@@ -112,6 +116,7 @@ class BenchConfig:
     max_attempts: int = 2
     isolation: Literal["subprocess", "inprocess"] = "subprocess"
     timeout_s: float | None = None
+    workers: int = 1
     job: str = DEFAULT_JOB
     description: str = ""
     base_dir: str = "."
@@ -133,6 +138,10 @@ class BenchConfig:
             (isinstance(self.max_attempts, int) and self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1"),
             (self.isolation in ("subprocess", "inprocess"), "isolation", self.isolation, "'subprocess' or 'inprocess'"),
             (self.timeout_s is None or self.timeout_s > 0, "timeout_s", self.timeout_s, "None or a positive number of seconds"),
+            (isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 1,
+             "workers", self.workers, "an integer >= 1"),
+            (self.workers == 1 or self.isolation == "subprocess", "workers", self.workers,
+             "1 with isolation='inprocess' (parallel runs need their own processes)"),
             (isinstance(self.job, str) and ":" in self.job, "job", self.job, "'module:function'"),
             ("run" not in self.shared, "shared.run", self.shared.get("run"), "absent (the grid fills in the run section)"),
         ]
@@ -244,7 +253,7 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
         ValueError: unknown top-level keys or malformed sections, all listed at once.
     """
     known = {"name", "seeds", "grid", "methods", "shared", "overrides", "exclude", "output",
-             "max_attempts", "isolation", "timeout_s", "job", "description"}
+             "max_attempts", "isolation", "timeout_s", "workers", "job", "description"}
     errors = [f"{k}: unknown benchmark key (known: {sorted(known)})" for k in sorted(set(data) - known)]
     grid, methods, overrides = [], [], []
     for i, entry in enumerate(data.get("grid") or []):
@@ -280,7 +289,7 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
         grid=grid, methods=methods, shared=dict(data.get("shared") or {}), overrides=overrides,
         exclude=list(data.get("exclude") or []), output=data.get("output", "bench-results"),
         max_attempts=data.get("max_attempts", 2), isolation=data.get("isolation", "subprocess"),
-        timeout_s=data.get("timeout_s"), job=data.get("job", DEFAULT_JOB),
+        timeout_s=data.get("timeout_s"), workers=data.get("workers", 1), job=data.get("job", DEFAULT_JOB),
         description=data.get("description", ""), base_dir=str(base_dir),
     )
 

@@ -14,7 +14,7 @@ average of the per-language accuracies, also reported as ``accuracy_<lang>``.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -156,13 +156,17 @@ def read_pairs(spec: PairSpec, split: Split, data_dir: Any, lang: str | None = N
 
 
 def accuracy_metrics(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
-    """``accuracy`` (macro over languages when there are several), per-language and micro accuracy."""
+    """``accuracy`` (macro over languages when there are several), per-language and micro accuracy,
+    and ``majority_class_accuracy``: what always predicting the most frequent gold label would
+    score (micro), the floor a trained classifier has to clear to show it learned anything."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for ex, pred in zip(examples, predictions):
         hits[str(ex.meta.get("language", ""))].append(int(pred) == ex.label)
     per_lang = {lang: sum(h) / len(h) for lang, h in hits.items()}
     micro = sum(sum(h) for h in hits.values()) / max(len(examples), 1)
     out = {"accuracy": sum(per_lang.values()) / len(per_lang) if per_lang else 0.0, "accuracy_micro": micro, "n": float(len(examples))}
+    if examples:
+        out["majority_class_accuracy"] = max(Counter(ex.label for ex in examples).values()) / len(examples)
     if len(per_lang) > 1 or "" not in per_lang:
         out.update({f"accuracy_{lang}": acc for lang, acc in sorted(per_lang.items())})
     return out
