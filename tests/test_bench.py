@@ -18,6 +18,7 @@ import pytest
 
 from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
                               summarize, welch, write_report)
+from hybridpeft.bench.store import finished
 from hybridpeft.bench.tables import build_cells, main_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,10 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     if config["adapter"]["method"] == "hybrid":
         lam = {"layers": _LAYERS, "steps": steps,
                "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
-    return {"metrics": {"accuracy": acc, "val_loss": 1.0 - acc}, "primary_metric": "accuracy", "curves": curves,
+    metrics = {"accuracy": acc, "val_loss": 1.0 - acc}
+    if "majority" in config:
+        metrics["majority_class_accuracy"] = config["majority"]
+    return {"metrics": metrics, "primary_metric": "accuracy", "curves": curves,
             "lambda_history": lam,
             "footprint": {"step_time_s": 0.1 * scale + 0.001 * run["seed"], "peak_memory_mb": 500.0 * scale + run["seed"],
                           "tunable_params": 10_000 * len(run["method"]), "total_params": 1_000_000, "train_time_s": 2.0}}
@@ -328,6 +332,40 @@ def test_report_renders_every_table_and_figure(synthetic_results, tmp_path):
         assert f"figures/{name}.png" in md and f"figures/{name}.png" in page
         assert paths[name] == png
     assert "<table>" in page and page.count("<img") == len(figures)
+
+
+def test_claims_below_the_majority_class_are_not_evidence(tmp_path):
+    """RTE in the slice: the Hybrid 'beat' LoRA-GA with p < 0.05 while both sat below the share of
+    the most frequent label. Such a verdict must say it is not evidence, and Table I shows the floor."""
+    data = _bench(tmp_path, methods=["lora", "hybrid", "full"])
+    data["overrides"] = [{"where": {"task": "rte-cls"}, "set": {"majority": 0.95}},
+                         {"where": {"task": "sst2-cls"}, "set": {"majority": 0.5}}]
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    cells = build_cells(finished(read_records(bench.output_dir)))
+    from hybridpeft.bench.report import claims
+
+    said = claims(cells)
+    rte = next(c for c in said if c.startswith("tiny/rte-cls — Hybrid beats lora"))
+    assert rte.startswith("tiny/rte-cls — Hybrid beats lora: not evidence: hybrid's mean does not clear the "
+                          "majority-class baseline (95.00%)"), rte
+    sst = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora"))
+    assert "Hybrid beats lora: supported" in sst  # 90 % against a 50 % floor stands
+    table = next(t for t in main_tables(cells) if t.title.startswith("rte-cls"))
+    assert table.rows[-1][:3] == ["majority class (constant prediction)", "—", "95.00"]
+
+
+def test_footprint_note_says_when_runs_shared_the_machine(tmp_path):
+    from hybridpeft.bench.tables import footprint_table
+
+    data = _bench(tmp_path, seeds=[0], methods=["lora"])
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    records = finished(read_records(bench.output_dir))
+    assert "side by side" not in footprint_table(build_cells(records)).note
+    for r in records:
+        r["footprint"].update(side_by_side_runs=2, worker_threads=1)
+    assert "Runs went 2 side by side (1 thread(s) each)" in footprint_table(build_cells(records)).note
 
 
 def html_escape(text: str) -> str:

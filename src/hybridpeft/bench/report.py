@@ -18,8 +18,8 @@ from typing import Any, Union
 from . import figures
 from .stats import summarize, welch
 from .store import finished, read_records
-from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
-                     metrics_table, scale, _memory_key)
+from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, fmt, footprint_table, main_tables,
+                     metrics_table, scale, score_floor, _memory_key)
 
 
 @dataclass
@@ -180,7 +180,10 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
 
     A claim "A beats B" is *supported* when A's mean is higher and Welch's p < 0.05,
     *same direction, not significant* when only the mean is higher, and *not
-    supported* otherwise. Footprint claims compare means of step time and memory.
+    supported* otherwise — unless A's mean does not clear the task's floor (the
+    majority-class accuracy, or the base model's score before training, whichever
+    is higher): a method that learned nothing is *not evidence* either way.
+    Footprint claims compare means of step time and memory.
     """
     out: list[str] = []
     settings = list(dict.fromkeys((c.model, c.task) for c in cells.values()))
@@ -188,13 +191,14 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
         hybrid = adaptive_hybrid(cells, model, task)
         if hybrid is None:
             continue
+        floor = score_floor(cells, model, task)
         for other_name in (reference, "lora_ga", "boft", "unitary", "full"):
             other = cells.get((model, task, other_name))
             if other is not None and other is not hybrid:
-                out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other))
+                out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other, floor))
         for cell in cells.values():
             if (cell.model, cell.task) == (model, task) and cell.adapter_method == "hybrid" and cell is not hybrid:
-                out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell))
+                out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell, floor))
         full = cells.get((model, task, "full"))
         if full is not None:
             h, f = hybrid.footprint("step_time_s"), full.footprint("step_time_s")
@@ -215,7 +219,7 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
     return out
 
 
-def _verdict(a: Cell, b: Cell) -> str:
+def _verdict(a: Cell, b: Cell, floor: tuple[float, str] | None = None) -> str:
     av, bv = a.values(), b.values(a.metric)
     if not av or not bv:
         return "no data."
@@ -224,7 +228,11 @@ def _verdict(a: Cell, b: Cell) -> str:
     diff = summarize(shown_a).mean - summarize(shown_b).mean
     test = welch(av, bv)
     p = "n/a" if test.p is None else f"{test.p:.3f}"
-    if diff > 0 and test.significant:
+    if floor is not None and summarize(av).mean <= floor[0]:
+        shown_floor, _ = scale(a.metric, [floor[0]])
+        word = (f"not evidence: {a.method}'s mean does not clear the {floor[1]} "
+                f"({fmt(shown_floor[0])}{'%' if unit else ''}), so it learned nothing measurable")
+    elif diff > 0 and test.significant:
         word = "supported"
     elif diff > 0:
         word = "same direction, not significant"

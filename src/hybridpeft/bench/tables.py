@@ -177,9 +177,9 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
                 row += [" / ".join(fmt(by_seed.get(seed)) for seed in seeds), mean_sd(summarize(shown)) + mark,
                         "—" if delta is None else f"{delta:+.2f}", fmt_p(None if test is None else test.p)]
             rows.append(row)
-        before = _before_row(cells, task, models, metric, seeds)
-        if before is not None:
-            rows.append(before)
+        for extra in (_before_row(cells, task, models, metric, seeds), _majority_row(cells, task, models, metric)):
+            if extra is not None:
+                rows.append(extra)
         _, unit = scale(metric, [v for c in cells.values() if c.task == task for v in c.values()])
         tables.append(Table(
             title=f"{task}: {metric}{unit}",
@@ -211,6 +211,48 @@ def _before_row(cells: dict[tuple[str, str, str], Cell], task: str, models: list
         shown, _ = scale(metric, list(by_seed.values()))
         shown_by_seed = dict(zip(by_seed, shown))
         row += [" / ".join(fmt(shown_by_seed.get(seed)) for seed in seeds), mean_sd(summarize(shown)), "—", "—"]
+    return row if found else None
+
+
+def majority_class(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> float | None:
+    """What always answering the most frequent label scores on (model, task)'s evaluation set,
+    as the runs recorded it (``majority_class_accuracy``); None for other kinds of task."""
+    for cell in cells.values():
+        if (cell.model, cell.task) == (model, task):
+            for record in cell.records:
+                value = record["metrics"].get("majority_class_accuracy")
+                if value is not None and cell.metric == "accuracy":
+                    return float(value)
+    return None
+
+
+def zero_shot(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> float | None:
+    """The base model's mean primary score before training, over the runs that recorded it."""
+    values = [float(r["before"][c.metric]) for c in cells.values() if (c.model, c.task) == (model, task)
+              for r in c.records if (r.get("before") or {}).get(c.metric) is not None]
+    return summarize(values).mean if values else None
+
+
+def score_floor(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> tuple[float, str] | None:
+    """The score a method must beat to have learned anything: the higher of the majority-class
+    accuracy and the untrained base model's score (raw units), with a name for it."""
+    candidates = [(v, name) for v, name in ((majority_class(cells, model, task), "majority-class baseline"),
+                                           (zero_shot(cells, model, task), "base model's score before training"))
+                  if v is not None]
+    return max(candidates) if candidates else None
+
+
+def _majority_row(cells: dict[tuple[str, str, str], Cell], task: str, models: list[str], metric: str) -> list[str] | None:
+    """What always predicting the most frequent label scores: the floor for a classifier."""
+    row, found = ["majority class (constant prediction)"], False
+    for model in models:
+        value = majority_class(cells, model, task)
+        if value is None:
+            row += ["—"] * 4
+            continue
+        found = True
+        shown, _ = scale(metric, [value])
+        row += ["—", fmt(shown[0]), "—", "—"]
     return row if found else None
 
 
@@ -305,12 +347,19 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
         what = "peak memory (MiB) is the training process's peak resident set size (CPU: model, data, activations, optimizer state and the Python runtime)"
     else:
         what = "peak memory (MiB) is the device allocator's peak (torch.cuda.max_memory_allocated)"
+    side = sorted({r["footprint"]["side_by_side_runs"] for c in cells.values() for r in c.records
+                   if r.get("footprint", {}).get("side_by_side_runs")})
+    threads = sorted({r["footprint"].get("worker_threads") for c in cells.values() for r in c.records
+                      if r.get("footprint", {}).get("side_by_side_runs")} - {None})
+    shared = (f" Runs went {'/'.join(map(str, side))} side by side ({'/'.join(map(str, threads)) or '?'} thread(s) each), "
+              "so step times include contention for memory bandwidth; ratios within one store share that condition."
+              if side else "")
     return Table(
         title="Training footprint (mean ± s.d. over seeds)",
         header=["Model", "Task", "Method", "Step time (s)", f"vs {reference}", "Peak memory (MiB)", f"vs {reference}",
                 "Tunable params (M)", "Tunable (% of model)", "Train time (s)"],
         rows=rows,
-        note=f"Step time is the mean wall time of one optimizer step (forward, backward, update); {what}.",
+        note=f"Step time is the mean wall time of one optimizer step (forward, backward, update); {what}.{shared}",
     )
 
 
