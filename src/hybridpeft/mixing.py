@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .config import check
+
 if TYPE_CHECKING:
     from .adapters.hybrid import HybridAdapter
 
@@ -44,9 +46,19 @@ NORM_RULES = ("relative", "paper_literal")
 _EPS = 1e-12
 
 
+def _unit(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 @dataclass(frozen=True)
 class MixingRule:
-    """How λ starts and moves; built from ``HybridConfig`` (see its fields)."""
+    """How λ starts and moves; built from ``HybridConfig``, whose λ fields take their names and
+    defaults from here (see its docstring for their meaning).
+
+    Raises:
+        ValueError: naming the field and value, for a schedule or norm rule not known, a λ
+            outside its range, or an ``ema`` outside [0, 1).
+    """
 
     schedule: str = "adaptive"
     lam_init: float = 0.5
@@ -58,6 +70,23 @@ class MixingRule:
     lam_min: float = 0.05
     lam_max: float = 0.95
     norm_rule: str = "relative"
+
+    def __post_init__(self) -> None:
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {list(SCHEDULES)}")
+        check(self.norm_rule in NORM_RULES, "norm_rule", self.norm_rule, f"one of {list(NORM_RULES)}")
+        check(_unit(self.lam_min) and self.lam_min > 0, "lam_min", self.lam_min, "a number in (0, 1]")
+        check(_unit(self.lam_max) and self.lam_max < 1 and self.lam_max >= self.lam_min, "lam_max", self.lam_max,
+              f"a number in [lam_min={self.lam_min}, 1)")
+        check(_unit(self.lam_init) and self.lam_min <= self.lam_init <= self.lam_max, "lam_init", self.lam_init,
+              f"a number in [lam_min, lam_max] = [{self.lam_min}, {self.lam_max}]")
+        check(_unit(self.lam_fixed), "lam_fixed", self.lam_fixed, "a number in [0, 1]")
+        check(_unit(self.anneal_start), "anneal_start", self.anneal_start, "a number in [0, 1]")
+        check(_unit(self.anneal_end), "anneal_end", self.anneal_end, "a number in [0, 1]")
+        check(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and not isinstance(self.anneal_steps, bool)
+                                            and self.anneal_steps > 0),
+              "anneal_steps", self.anneal_steps, "None or a positive integer")
+        check(isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool) and 0.0 <= self.ema < 1.0,
+              "ema", self.ema, "a number in [0, 1)")
 
     def initial(self) -> float:
         return {"adaptive": self.lam_init, "fixed": self.lam_fixed, "anneal": self.anneal_start}[self.schedule]

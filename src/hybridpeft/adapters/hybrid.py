@@ -20,17 +20,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..config import AdapterConfig, check
-from ..mixing import NORM_RULES, SCHEDULES, MixingRule, update_lambdas
+from ..config import AdapterConfig
+from ..mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
 from .boft import BoftAdapter, BoftConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
 
 _FLOAT32_BUFFERS = ("mix_lambda", "grad_norm_lora", "grad_norm_boft")
-
-
-def _unit(value: Any) -> bool:
-    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
 @dataclass
@@ -73,32 +69,21 @@ class HybridConfig(AdapterConfig):
     boft_block_size: int = 8
     boft_n_factors: int = 3
     recompute_base: bool = False
-    schedule: str = "adaptive"
-    lam_init: float = 0.5
-    lam_fixed: float = 0.5
-    anneal_start: float = 0.75
-    anneal_end: float = 0.25
-    anneal_steps: int | None = None
-    ema: float = 0.9
-    lam_min: float = 0.05
-    lam_max: float = 0.95
-    norm_rule: str = "relative"
+    # λ: the names and defaults of MixingRule, which validates them (one source for both).
+    schedule: str = MixingRule.schedule
+    lam_init: float = MixingRule.lam_init
+    lam_fixed: float = MixingRule.lam_fixed
+    anneal_start: float = MixingRule.anneal_start
+    anneal_end: float = MixingRule.anneal_end
+    anneal_steps: int | None = MixingRule.anneal_steps
+    ema: float = MixingRule.ema
+    lam_min: float = MixingRule.lam_min
+    lam_max: float = MixingRule.lam_max
+    norm_rule: str = MixingRule.norm_rule
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {list(SCHEDULES)}")
-        check(self.norm_rule in NORM_RULES, "norm_rule", self.norm_rule, f"one of {list(NORM_RULES)}")
-        check(_unit(self.lam_min) and self.lam_min > 0, "lam_min", self.lam_min, "a number in (0, 1]")
-        check(_unit(self.lam_max) and self.lam_max < 1 and self.lam_max >= self.lam_min, "lam_max", self.lam_max,
-              f"a number in [lam_min={self.lam_min}, 1)")
-        check(_unit(self.lam_init) and self.lam_min <= self.lam_init <= self.lam_max, "lam_init", self.lam_init,
-              f"a number in [lam_min, lam_max] = [{self.lam_min}, {self.lam_max}]")
-        check(_unit(self.lam_fixed), "lam_fixed", self.lam_fixed, "a number in [0, 1]")
-        check(_unit(self.anneal_start), "anneal_start", self.anneal_start, "a number in [0, 1]")
-        check(_unit(self.anneal_end), "anneal_end", self.anneal_end, "a number in [0, 1]")
-        check(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and self.anneal_steps > 0),
-              "anneal_steps", self.anneal_steps, "None or a positive integer")
-        check(isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0, "ema", self.ema, "a number in [0, 1)")
+        self.mixing_rule()  # validate λ fields now; the names are the same in both
         self.lora_ga_config()  # validate the branch fields now, under their hybrid names
         self.boft_config()
 
