@@ -13,7 +13,7 @@ A benchmark file has four parts (see ``benchmarks/quick.yaml``)::
     methods:           # one entry per table row; ``method`` is the adapter method
       - {name: lora, adapter: {r: 8}}
       - {name: hybrid-fixed-0.5, method: hybrid, role: ablation,
-         adapter: {schedule: fixed, fixed_lambda: 0.5}}
+         adapter: {schedule: fixed, lam_fixed: 0.5}}
     overrides:         # per-cell changes, applied in order, matched on any of
       - where: {method: full}          # method/adapter_method/task/model/seed
         set: {train.lr: 2.0e-5}
