@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 # Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
-        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
 
@@ -353,6 +353,24 @@ def test_claims_below_the_majority_class_are_not_evidence(tmp_path):
     assert "Hybrid beats lora: supported" in sst  # 90 % against a 50 % floor stands
     table = next(t for t in main_tables(cells) if t.title.startswith("rte-cls"))
     assert table.rows[-1][:3] == ["majority class (constant prediction)", "—", "95.00"]
+
+
+def test_a_second_adaptive_hybrid_row_is_not_taken_for_a_lambda_variant(tmp_path):
+    """lr-sensitivity has Hybrid rows at other learning rates: same adaptive schedule, so neither
+    'the' Hybrid of the claims (that stays the row named hybrid) nor a λ ablation."""
+    from hybridpeft.bench.report import claims
+    from hybridpeft.bench.tables import adaptive_hybrid
+
+    data = _bench(tmp_path, seeds=[0, 1], methods=[{"name": "hybrid@2e-3", "method": "hybrid", "train": {"lr": 2e-3}},
+                                                   "lora", "hybrid", "hybrid-fixed-0.5"])
+    data["methods"][-1] = {"name": "hybrid-fixed-0.5", "method": "hybrid", "adapter": {"schedule": "fixed", "lam_fixed": 0.5}}
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    cells = build_cells(finished(read_records(bench.output_dir)))
+    assert adaptive_hybrid(cells, "tiny", "sst2-cls").method == "hybrid"
+    said = [c for c in claims(cells) if c.startswith("tiny/sst2-cls")]
+    assert any("adaptive λ beats hybrid-fixed-0.5" in c for c in said)
+    assert not any("hybrid@2e-3" in c for c in said)
 
 
 def test_footprint_note_says_when_runs_shared_the_machine(tmp_path):

@@ -197,7 +197,7 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
             if other is not None and other is not hybrid:
                 out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other, floor))
         for cell in cells.values():
-            if (cell.model, cell.task) == (model, task) and cell.adapter_method == "hybrid" and cell is not hybrid:
+            if (cell.model, cell.task) == (model, task) and cell.schedule() not in (None, "adaptive"):
                 out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell, floor))
         full = cells.get((model, task, "full"))
         if full is not None:

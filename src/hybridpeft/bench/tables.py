@@ -123,11 +123,11 @@ def find_reference(cells: dict[tuple[str, str, str], Cell], model: str, task: st
 
 
 def adaptive_hybrid(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> Cell | None:
-    """The main-role Hybrid with the adaptive schedule for a (model, task), if run."""
-    for (m, t, _), cell in cells.items():
-        if (m, t) == (model, task) and cell.role == "main" and cell.schedule() == "adaptive":
-            return cell
-    return None
+    """The main-role Hybrid with the adaptive schedule for a (model, task), if run: the row named
+    ``hybrid`` when there is one (others may be the same schedule at other settings)."""
+    found = [cell for (m, t, _), cell in cells.items()
+             if (m, t) == (model, task) and cell.role == "main" and cell.schedule() == "adaptive"]
+    return next((c for c in found if c.method == "hybrid"), found[0] if found else None)
 
 
 def compare(cell: Cell, other: Cell | None) -> Welch | None:
