@@ -145,3 +145,16 @@ def test_default_job_runs_end_to_end_on_smollm2(tmp_path, capsys):
     assert summary["step"] == 2 and summary["before"]["n"] == 4 and summary["after"]["n"] == 4
     steps = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(steps[-1]["mixing"]) == 60  # λ for q_proj and v_proj of all 30 layers
+
+
+def test_interrupt_exits_130_and_says_how_to_resume(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, which the bench runner turns into one) must not end in a traceback."""
+    import hybridpeft.bench.commands as commands
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("signal 15")
+
+    monkeypatch.setattr(commands, "bench_command", interrupted)
+    assert cli.main(["bench", "benchmarks/quick.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same `bench` command" in err and "Traceback" not in err

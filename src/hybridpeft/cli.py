@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"hybridpeft: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is saved; say how to go on
+        print(f"hybridpeft: interrupted; finished work is kept — rerun the same `{args.command}` command "
+              f"(with --resume for train) to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
