@@ -488,3 +488,14 @@ def test_records_from_before_the_loss_split_are_read_with_the_new_names(tmp_path
     assert old["metrics"]["heldout_loss"] == 0.2 and old["metrics"]["best_heldout_loss"] == 0.19
     assert old["metrics"]["val_loss"] == pytest.approx(0.125) and "best_val_loss" not in old["metrics"]
     assert new["metrics"] == current["metrics"]
+
+
+def test_one_seed_verdicts_say_untested(tmp_path):
+    from hybridpeft.bench.report import claims
+
+    bench = parse_bench(_bench(tmp_path, seeds=[0], methods=["lora", "hybrid", "full"]))
+    run_bench(bench, progress=False)
+    said = claims(build_cells(finished(read_records(bench.output_dir))))
+    beats_lora = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora:"))
+    assert "same direction, untested (a t-test needs two or more seeds per side)" in beats_lora
+    assert "p = n/a, n = 1 vs 1" in beats_lora

@@ -238,6 +238,8 @@ def _verdict(a: Cell, b: Cell, floor: tuple[float, str] | None = None) -> str:
         word = "same direction, not significant"
     else:
         word = "not supported"
+    if test.p is None and word == "same direction, not significant":
+        word = "same direction, untested (a t-test needs two or more seeds per side)"
     delta = f"{diff:+.2f} percentage points of {a.metric}" if unit else f"{diff:+.3g} {a.metric}"
     return f"{word} (Δ = {delta}, Welch p = {p}, n = {len(av)} vs {len(bv)})."
 
