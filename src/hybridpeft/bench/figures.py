@@ -59,7 +59,7 @@ def footprint_figure(cells: list[Cell], path: Path, memory_key: str = "peak_memo
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_title("Time per optimizer step")
     axes[1].set_title("Peak memory during training")
-    axes[1].legend(fontsize=8, title="model · task")
+    axes[0].legend(fontsize=8, title="model · task", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a bar
     fig.suptitle("Training footprint per method (bars: mean over seeds, whiskers: ± 1 s.d.)")
     fig.tight_layout()
     return _save(fig, path)
