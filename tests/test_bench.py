@@ -44,11 +44,14 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     if fail.get("exit"):
         os._exit(3)  # a hard crash: no exception, no cleanup
     (run_dir / "calls").open("a").write("1\n")
-    if config.get("record_env"):  # for the side-by-side test: when it ran, with how many threads
+    if config.get("record_env"):  # for the side-by-side test: did another run start while this one ran?
         start = time.time()
-        time.sleep(1.0)
+        (run_dir / "started").write_text("x")
+        peers = lambda: [p for p in run_dir.parent.glob("*/started") if p.parent != run_dir]  # noqa: E731
+        while not peers() and time.time() - start < 60:  # a barrier: sequential runs wait here in vain
+            time.sleep(0.05)
         (run_dir / "env.json").write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"), "start": start,
-                                                       "end": time.time()}))
+                                                       "saw_peer": bool(peers()), "end": time.time()}))
     acc = _ACC[run["method"]][run["seed"] % 3]
     steps = list(range(1, 21))
     scale = 1.0 + 0.1 * len(run["method"])
@@ -235,8 +238,9 @@ def test_side_by_side_workers_overlap_share_the_cores_and_record_it(tmp_path, mo
     assert all(r["footprint"]["side_by_side_runs"] == 2 and r["footprint"]["worker_threads"] == 2 for r in ok)
     envs = [json.loads(p.read_text()) for p in sorted((bench.output_dir / "runs").glob("*/env.json"))]
     assert [e["omp"] for e in envs] == ["2", "2", "2"]  # 4 cores / 2 workers
-    spans = sorted((e["start"], e["end"]) for e in envs)
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), f"no two runs overlapped: {spans}"
+    assert all(e["saw_peer"] for e in envs)  # the first run only sees a peer if a second one starts meanwhile
+    first, second = sorted((e["start"], e["end"]) for e in envs)[:2]
+    assert second[0] < first[1], f"the first two runs did not overlap: {first}, {second}"
 
 
 def test_workers_need_subprocess_isolation(tmp_path):
