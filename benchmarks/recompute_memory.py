@@ -48,6 +48,9 @@ CONFIGS: dict[str, Callable[[], Any] | None] = {
                                       boft_n_factors=3),
     "hybrid-recompute": lambda: hp.HybridConfig(target_modules=TARGETS, lora_r=16, lora_alpha=32.0,
                                                 boft_block_size=8, boft_n_factors=3, recompute_base=True),
+    "unitary": lambda: hp.UnitaryConfig(target_modules=TARGETS),  # structured (FFT, reflections, phases)
+    "unitary-recompute": lambda: hp.UnitaryConfig(target_modules=TARGETS, recompute=True),
+    "unitary-recompute-base": lambda: hp.UnitaryConfig(target_modules=TARGETS, recompute_base=True),
     "unitary-full": lambda: hp.UnitaryConfig(target_modules=TARGETS, parameterization="full", block_size=32),
     "unitary-full-recompute": lambda: hp.UnitaryConfig(target_modules=TARGETS, parameterization="full",
                                                        block_size=32, recompute_base=True),
@@ -134,7 +137,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         vs_lora = f"{b / lora:.2f}" if lora else "—"
         timed = f"{r['fwd_bwd_s']:.2f}" if "fwd_bwd_s" in r else "—"
         lines.append(f"| {r['method']} | {mib(b)} | {below_floor} | {vs_lora} | {predicted} | {timed} |")
-    pairs = [(a, f"{a}-recompute") for a in ("boft", "hybrid", "unitary-full") if a in by and f"{a}-recompute" in by]
+    pairs = [(a, b) for a, b in (("boft", "boft-recompute"), ("hybrid", "hybrid-recompute"), ("unitary", "unitary-recompute"),
+                                  ("unitary", "unitary-recompute-base"), ("unitary-full", "unitary-full-recompute"))
+             if a in by and b in by]
     if pairs:
         lines += ["", "| pair | saved without → with | difference MiB | ÷ predicted h |", "|---|---:|---:|---:|"]
         for a, b in pairs:
