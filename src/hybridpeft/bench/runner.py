@@ -97,10 +97,10 @@ def _run_inprocess(job: Job, run: RunSpec, run_dir: Path) -> dict[str, Any]:
     return check_result(job(run.config, run_dir))
 
 
-def worker_env(workers: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(workers: int) -> dict[str, str]:
     """The environment of a worker process: with ``workers`` side by side, each gets an equal
     share of the cores as its thread count unless ``OMP_NUM_THREADS`` is already set."""
-    env = dict(os.environ if environ is None else environ)
+    env = dict(os.environ)
     if workers > 1 and "OMP_NUM_THREADS" not in env:
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env["OMP_NUM_THREADS"] = threads
