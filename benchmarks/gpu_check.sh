@@ -92,7 +92,7 @@ fi
 
 # ---------------------------------------------------------------- 2. 1B, every method
 # most important first: a part cut short by its timeout loses the tail
-ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd hybrid-recompute boft-recompute unitary-full-f32 boft-m1"
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 3. 8B, the large-shape subset

@@ -214,6 +214,18 @@ OURS: tuple[Method, ...] = (
         _registered("unitary"),
     ),
     Method(
+        "unitary-recompute", "ours", "structured, recompute (keeps h = W x, redoes the branch in backward)",
+        _ours("unitary", lambda s: {"parameterization": "structured", "recompute": True},
+              lambda s: "unitary structured"),
+        _registered("unitary"),
+    ),
+    Method(
+        "unitary-recompute-base", "ours", "structured, recompute_base (keeps x, redoes W x and the branch)",
+        _ours("unitary", lambda s: {"parameterization": "structured", "recompute_base": True},
+              lambda s: "unitary structured"),
+        _registered("unitary"),
+    ),
+    Method(
         "unitary-full", "ours", "full capacity, b32 blocks, Riemannian",
         _ours("unitary", lambda s: {"parameterization": "full", "block_size": s.oft_block},
               lambda s: f"oft b{s.oft_block}"),
