@@ -292,9 +292,84 @@ def test_recompute_matches_plain_forward_and_gradients():
         y = a(h, lambda v: v)
         (y.sin().sum()).backward()
         grads.append((y.detach(), [p.grad for p in a.parameters()]))
-    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-12)  # reversible vs reference forward
     for g0, g1 in zip(grads[0][1], grads[1][1]):
         assert torch.allclose(g0, g1, atol=1e-12)
+
+
+def _moved_structured(d: int, dtype=torch.float64) -> StructuredUnitary:
+    u = StructuredUnitary(d).to(dtype)
+    with torch.no_grad():
+        u.theta.add_(0.5 * torch.randn_like(u.theta))
+        u.reflect.add_(0.5 * torch.randn_like(u.reflect))
+    return u
+
+
+@pytest.mark.parametrize("d", [2, 10, 12, 64])  # n = 1, 5 (odd FFT length), 6, 32
+def test_reversible_backward_equals_autograd_of_the_reference(d):
+    torch.manual_seed(d)
+    u = _moved_structured(d)
+    h = torch.randn(3, 4, d, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, 4, d, dtype=torch.float64)
+    results = []
+    for forward in (u.apply, u.apply_reference):
+        y = forward(h)
+        results.append((y, *torch.autograd.grad((y * probe).sum(), [h, u.theta, u.reflect])))
+    for fast, reference in zip(*results):
+        torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_reversible_function_directly():
+    from hybridpeft.adapters.unitary import ReversibleStructuredFunction
+
+    torch.manual_seed(1)
+    u = _moved_structured(10)
+    inputs = (torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True),
+              u.theta.detach().clone().requires_grad_(True), u.reflect.detach().clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda h, t, r: ReversibleStructuredFunction.apply(h, t, r, u), inputs)
+
+
+def _saved_bytes(fn, h) -> int:
+    """Bytes of the distinct storages autograd keeps for backward of ``fn(h)``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(h)
+    return sum(storages.values())
+
+
+def test_reversible_backward_keeps_one_output_sized_tensor():
+    u = StructuredUnitary(256)
+    h = torch.randn(64, 256, requires_grad=True)  # float32: N·d·4 = 64 KiB
+    activation = h.numel() * 4
+    kept = _saved_bytes(u.apply, h)
+    assert activation <= kept < activation + 16 * 1024  # + parameters (3·128 + 2·128·2 floats)
+    assert _saved_bytes(u.apply_reference, h) >= 4 * activation  # what plain autograd keeps
+
+
+def test_reversible_gradients_under_bf16_match_the_reference_to_float32_precision():
+    torch.manual_seed(2)
+    u = _moved_structured(128, torch.float32)
+    h = torch.randn(32, 128).bfloat16().requires_grad_()
+    probe = torch.randn(32, 128)
+    grads = []
+    for forward in (u.apply, u.apply_reference):
+        y = forward(h)
+        assert y.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad((y.float() * probe).sum(), [h, u.theta, u.reflect]))
+    for fast, reference in zip(*grads):
+        torch.testing.assert_close(fast.float(), reference.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_no_grad_forward_is_the_reference():
+    u = _moved_structured(12)
+    h = torch.randn(5, 12, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(u.apply(h), u.apply_reference(h))
 
 
 def test_reorthonormalization_triggers_only_when_drift_exceeds_tolerance():

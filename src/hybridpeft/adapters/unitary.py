@@ -42,9 +42,11 @@ class UnitaryConfig(AdapterConfig):
         drift_tolerance: after an optimizer step, blocks with ``‖UᵀU − I‖_F`` above
             this are re-orthonormalized (``full`` only). bf16 blocks round off more
             than this every step, so with a bf16 model prefer ``adapter_dtype="float32"``.
-        recompute: ``structured`` only: keep just the branch input for backward and
-            recompute the FFT stages (saves ~5 activations of size ``N × d`` per layer
-            for one extra forward of the branch).
+        recompute: ``structured`` only: keep the branch input ``h = W x`` for backward and
+            rerun the branch's forward there. The default already keeps a single
+            ``N × d`` tensor (the output in ≥ float32, from which backward rebuilds the
+            rest, see ``ReversibleStructuredFunction``), so this saves memory only under
+            a bf16/fp16 model (``h`` in its 2-byte dtype), for one more branch forward.
         recompute_base: keep only the base input ``x`` for backward (both parameterizations):
             the base matmul and ``U`` run under one non-reentrant checkpoint, so backward
             recomputes ``h = W x`` (one more base matmul per module) and ``U h`` (for
@@ -132,9 +134,13 @@ class StructuredUnitary(nn.Module):
         self.register_buffer("perm", index, persistent=False)
         self.register_buffer("perm_inv", torch.argsort(index), persistent=False)
 
-    def _factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        phases = torch.polar(torch.ones_like(self.theta, dtype=dtype), self.theta.to(dtype))  # (3, n)
-        v = torch.view_as_complex(self.reflect.to(dtype))  # (2, n)
+    def _factors(self, dtype: torch.dtype, theta: Tensor | None = None,
+                 reflect: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(phases (3, n), v (2, n), v⁰ (2, n)) in complex ``dtype``; from ``theta``/``reflect`` when given."""
+        theta = self.theta if theta is None else theta
+        reflect = self.reflect if reflect is None else reflect
+        phases = torch.polar(torch.ones_like(theta, dtype=dtype), theta.to(dtype))  # (3, n)
+        v = torch.view_as_complex(reflect.to(dtype))  # (2, n)
         v0 = torch.view_as_complex(self.reflect_start.to(dtype))  # (2, n)
         return phases, v, v0
 
@@ -146,9 +152,20 @@ class StructuredUnitary(nn.Module):
         return z - coeff * v
 
     def apply(self, h: Tensor) -> Tensor:
-        """``U h`` for real h: (..., d) -> (..., d), in ``h``'s dtype (computed in ≥ float32)."""
+        """``U h`` for real h: (..., d) -> (..., d), in ``h``'s dtype (computed in ≥ float32).
+
+        With autograd on, runs as ``ReversibleStructuredFunction``: backward keeps only the
+        output and walks the factors back from it (see there), instead of autograd keeping
+        about five complex ``N × n`` intermediates.
+        """
+        if torch.is_grad_enabled() and (h.requires_grad or self.theta.requires_grad or self.reflect.requires_grad):
+            return ReversibleStructuredFunction.apply(h, self.theta, self.reflect, self)
+        return self.apply_reference(h)
+
+    def apply_reference(self, h: Tensor, theta: Tensor | None = None, reflect: Tensor | None = None) -> Tensor:
+        """``U h`` by plain autograd ops: the definition the reversible backward is tested against."""
         dtype = _compute_dtype(h.dtype)
-        phases, v, v0 = self._factors(dtype)
+        phases, v, v0 = self._factors(dtype, theta, reflect)
         z = _as_complex(h.to(dtype))  # (..., n)
         z = z[..., self.perm] * phases[0]  # D1 S⁻¹
         z = torch.fft.fft(z, norm="ortho")
@@ -174,6 +191,99 @@ class StructuredUnitary(nn.Module):
 
     def num_parameters(self) -> int:
         return 7 * self.n
+
+
+class ReversibleStructuredFunction(torch.autograd.Function):
+    """``y = U h`` for ``StructuredUnitary`` with a backward that stores only ``y``.
+
+    Every factor of ``U`` is unitary with a cheap exact inverse, so backward can
+    rebuild each factor's input from its output while it carries the gradient
+    through the same factor: going from the last factor to the first it holds the
+    stacked pair ``(z, g)`` (the factor's output and the loss gradient there, in
+    ``C^n`` with ``g = ∂L/∂Re z + i ∂L/∂Im z``) and maps both by the factor's
+    inverse, which for a unitary factor is also its adjoint. Along the way:
+
+    * phase ``z' = z e^{iθ}``: ``∂L/∂θ = Σ Im(g' · conj(z'))``;
+    * Householder ``z' = H(v) z`` (``s = ‖v‖²``, ``c = vᴴ z'``, ``b = vᴴ g'``):
+      ``∂L/∂v = (2/s) Σ [conj(c) g' − conj(b) z' + (2i/s) Im(conj(b) c) v]``
+      (a complex gradient; its real and imaginary parts are those of ``reflect``);
+    * DFTs and gathers have no parameters: ``F`` ↔ ``F⁻¹`` and ``perm`` ↔ ``perm_inv``.
+
+    Sums run over all tokens. Memory: one ``N × d`` tensor, the output in the compute
+    dtype (≥ float32; for a float32 model the returned tensor itself, which the next
+    layer often keeps anyway), instead of ~5 complex intermediates. Rebuilding adds
+    rounding of the compute dtype only (the factors are unitary and do not amplify
+    it), so gradients match plain autograd to float32 precision under a bf16 model
+    too. ``torch.autograd.gradcheck`` passes in float64 (tests).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, theta: Tensor, reflect: Tensor, unitary: "StructuredUnitary") -> Tensor:
+        dtype = _compute_dtype(h.dtype)
+        phases, v, v0 = unitary._factors(dtype, theta, reflect)
+        z = _as_complex(h.to(dtype))[..., unitary.perm] * phases[0]  # (..., n): D1 S⁻¹
+        z = torch.fft.fft(z, norm="ortho")
+        z = _reflect_twice(z, v0[0], v[0])  # R1 = H(v_1) H(v_1⁰)
+        z = z[..., unitary.perm] * phases[1]  # D2 Π
+        z = torch.fft.ifft(z, norm="ortho")
+        z = _reflect_twice(z, v0[1], v[1])  # R2
+        y = _as_real(z * phases[2])  # (..., d): D3, in the compute dtype
+        ctx.unitary = unitary
+        ctx.save_for_backward(y, theta, reflect)  # the returned tensor itself unless h is bf16/fp16
+        return y.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        y, theta, reflect = ctx.saved_tensors
+        u: StructuredUnitary = ctx.unitary
+        dtype = _compute_dtype(y.dtype)
+        phases, v, v0 = u._factors(dtype, theta, reflect)  # (3, n), (2, n), (2, n)
+        pair = torch.stack((_as_complex(y.to(dtype)), _as_complex(grad_y.to(dtype))))  # (2, ..., n): (z, g)
+        pair = pair.reshape(2, -1, u.n)  # (2, M, n)
+        grad_theta = torch.empty(3, u.n, dtype=dtype, device=y.device)
+        grad_v = torch.empty(2, u.n, dtype=pair.dtype, device=y.device)
+
+        grad_theta[2], pair = _phase_backward(pair, phases[2])  # D3
+        grad_v[1] = _reflection_grad(pair, v[1])
+        pair = _reflect_twice(pair, v[1], v0[1])  # R2⁻¹ = H(v_2⁰) H(v_2)
+        pair = torch.fft.fft(pair, norm="ortho")  # F⁻¹'s inverse and adjoint
+        grad_theta[1], pair = _phase_backward(pair, phases[1])  # D2
+        pair = pair[..., u.perm_inv]  # Π
+        grad_v[0] = _reflection_grad(pair, v[0])
+        pair = _reflect_twice(pair, v[0], v0[0])  # R1⁻¹
+        pair = torch.fft.ifft(pair, norm="ortho")  # F
+        grad_theta[0], pair = _phase_backward(pair, phases[0])  # D1
+        grad_h = _as_real(pair[1][..., u.perm_inv]).reshape(grad_y.shape)  # S⁻¹
+        return (grad_h.to(grad_y.dtype) if ctx.needs_input_grad[0] else None,
+                grad_theta.to(theta.dtype) if ctx.needs_input_grad[1] else None,
+                torch.view_as_real(grad_v).to(reflect.dtype) if ctx.needs_input_grad[2] else None,
+                None)
+
+
+def _reflect_twice(z: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``H(second) H(first) z`` as one rank-2 update (two small matmuls); z: (..., n), first/second: (n,)."""
+    basis = torch.stack((first, second))  # (2, n)
+    norm2 = torch.view_as_real(basis).square().sum((-1, -2)).clamp_min(1e-30)  # (2,)
+    coeff = z @ basis.conj().t()  # (..., 2): firstᴴ z, secondᴴ z
+    c_first = coeff[..., 0]
+    c_second = coeff[..., 1] - (2 / norm2[0]) * c_first * (first.conj() @ second).conj()  # secondᴴ H(first) z
+    scaled = torch.stack((c_first * (2 / norm2[0]), c_second * (2 / norm2[1])), dim=-1)  # (..., 2)
+    return z - scaled @ basis
+
+
+def _reflection_grad(pair: Tensor, v: Tensor) -> Tensor:
+    """∂L/∂v (complex, (n,)) for ``z' = H(v) z`` from the pair ``(z', g')``: (2, M, n)."""
+    norm2 = torch.view_as_real(v).square().sum().clamp_min(1e-30)
+    c_out, b = pair @ v.conj()  # (M,) each: vᴴ z', vᴴ g'
+    cross = (b.conj() * c_out).sum()
+    return (2 / norm2) * (c_out.conj() @ pair[1] - b.conj() @ pair[0] + (2j / norm2) * cross.imag * v)
+
+
+def _phase_backward(pair: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂L/∂θ, the pair one factor earlier) for ``z' = z · phase``; pair: (2, M, n)."""
+    z_out, g_out = pair[0], pair[1]
+    grad = (g_out * z_out.conj()).imag.sum(0)  # (n,)
+    return grad, pair * phase.conj()
 
 
 class BlockOrthogonal(nn.Module):
@@ -261,7 +371,7 @@ class UnitaryAdapter(Adapter):
             return checkpoint(self._rotated_base, x, base, use_reentrant=False)  # (..., d_out)
         h = base(x)  # (..., d_out)
         if self.recompute and torch.is_grad_enabled() and isinstance(self.unitary, StructuredUnitary):
-            return checkpoint(self.unitary.apply, h, use_reentrant=False)
+            return checkpoint(self.unitary.apply_reference, h, use_reentrant=False)  # exact even in bf16
         return self.unitary.apply(h)
 
     def _rotated_base(self, x: Tensor, base: BaseMatmul) -> Tensor:
