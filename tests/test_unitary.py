@@ -389,6 +389,54 @@ def test_reorthonormalization_triggers_only_when_drift_exceeds_tolerance():
     assert (blocks - rotation).abs().max() < 1e-2  # projected to a nearby orthogonal matrix, not reset
 
 
+def test_bf16_blocks_are_not_reorthonormalized_below_their_rounding_floor():
+    a = adapter(64, "full", block_size=32).to(torch.bfloat16)  # rounding alone leaves ~0.014 drift
+    with torch.no_grad():
+        a.unitary.blocks.copy_(random_rotation(2, 32, 0.5, torch.float64).to(torch.bfloat16))
+    assert a.drift_tolerance < a.unitary.drift() < a.unitary.drift_floor
+    a.after_optimizer_step()
+    assert a.unitary.reorthonormalizations == 0
+    with torch.no_grad():
+        a.unitary.blocks.add_(0.05 * torch.randn_like(a.unitary.blocks))  # real drift, above the floor
+    a.after_optimizer_step()
+    assert a.unitary.reorthonormalizations == 1
+
+
+def test_repair_drift_reads_all_layers_at_once_and_repairs_only_the_drifted():
+    from hybridpeft.adapters.unitary import repair_drift
+
+    layers = [adapter(12, "full", block_size=4, drift_tolerance=1e-6) for _ in range(3)]
+    with torch.no_grad():
+        for a in layers:
+            a.unitary.blocks.copy_(random_rotation(3, 4, 0.5, torch.float64))
+        layers[1].unitary.blocks.add_(1e-3 * torch.randn_like(layers[1].unitary.blocks))
+    structured = adapter(12)  # no blocks: skipped
+    repair_drift(layers + [structured])
+    assert [a.unitary.reorthonormalizations for a in layers] == [0, 1, 0]
+    assert layers[1].unitary.drift() < 1e-12
+
+
+def test_float32_blocks_under_bf16_activations_compute_in_bf16():
+    a = adapter(64, "full", block_size=32).float()
+    with torch.no_grad():
+        a.unitary.blocks.copy_(random_rotation(2, 32, 0.5, torch.float64).float())
+    h = torch.randn(16, 64).bfloat16().requires_grad_()
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = a(h, lambda v: v)
+    assert y.dtype == torch.bfloat16
+    assert not any(t.dtype == torch.float32 and t.numel() >= h.numel() for t in kept)  # no float32 copy of h
+    reference = torch.einsum("nkj,kij->nki", h.double().view(16, 2, 32), a.unitary.blocks.double()).reshape(16, 64)
+    torch.testing.assert_close(y.double(), reference, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert a.unitary.blocks.grad.dtype == torch.float32 and torch.isfinite(a.unitary.blocks.grad).all()
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"parameterization": "dense"}, "parameterization"), ({"block_size": 0}, "block_size"),

@@ -14,6 +14,7 @@ from torch import nn
 from . import __version__
 from .adapters.base import AdaptedLinear
 from .adapters.hybrid import HybridAdapter
+from .adapters.unitary import UnitaryAdapter, repair_drift
 from .config import AdapterConfig
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
 from .mixing import update_lambdas
@@ -83,8 +84,9 @@ def after_optimizer_step(model: nn.Module) -> None:
     """
     adapters = [layer.adapter for _, layer in adapted_layers(model)]
     update_lambdas([a for a in adapters if isinstance(a, HybridAdapter)])  # all layers in one go
+    repair_drift([a for a in adapters if isinstance(a, UnitaryAdapter)])  # one host read for all layers
     for adapter in adapters:
-        if not isinstance(adapter, HybridAdapter):
+        if not isinstance(adapter, (HybridAdapter, UnitaryAdapter)):
             adapter.after_optimizer_step()
 
 

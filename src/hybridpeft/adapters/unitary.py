@@ -40,8 +40,12 @@ class UnitaryConfig(AdapterConfig):
             (``full`` only): ``"cayley"`` (Wisdom et al.) or ``"exp"`` (the paper's
             matrix exponential, with the sign that descends).
         drift_tolerance: after an optimizer step, blocks with ``‖UᵀU − I‖_F`` above
-            this are re-orthonormalized (``full`` only). bf16 blocks round off more
-            than this every step, so with a bf16 model prefer ``adapter_dtype="float32"``.
+            this are re-orthonormalized (``full`` only). Never below what the blocks'
+            dtype can hold, ``eps · √c`` (bf16, c = 32: 0.044; rounding an orthogonal
+            block to bf16 alone leaves ≈ 0.014), since a re-orthonormalized block rounds
+            back to that drift. With a bf16 model prefer ``adapter_dtype="float32"``:
+            the blocks then stay orthogonal to float32 precision, and the forward still
+            runs in the activations' dtype.
         recompute: ``structured`` only: keep the branch input ``h = W x`` for backward and
             rerun the branch's forward there. The default already keeps a single
             ``N × d`` tensor (the output in ≥ float32, from which backward rebuilds the
@@ -310,7 +314,7 @@ class BlockOrthogonal(nn.Module):
         self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
 
     def apply(self, h: Tensor) -> Tensor:
-        """``U h`` for h: (..., d), computed in the wider of the two dtypes, returned in ``h``'s."""
+        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype)."""
         hb, u = self._operands(h)
         y = torch.einsum("...kj,kij->...ki", hb, u)  # (..., k, c)
         return y.reshape(h.shape).to(h.dtype)
@@ -321,11 +325,19 @@ class BlockOrthogonal(nn.Module):
         return y.reshape(h.shape).to(h.dtype)
 
     def _operands(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = torch.promote_types(h.dtype, self.blocks.dtype)
+        # Half-precision activations stay as they are and the (small) blocks are cast down,
+        # as BOFT does: upcasting would copy and save every N × d activation in float32.
+        half = h.dtype in (torch.bfloat16, torch.float16)
+        dtype = h.dtype if half else torch.promote_types(h.dtype, self.blocks.dtype)
         return h.reshape(*h.shape[:-1], self.k, self.c).to(dtype), self.blocks.to(dtype)  # (..., k, c), (k, c, c)
 
     def num_parameters(self) -> int:
         return self.d * self.c
+
+    @property
+    def drift_floor(self) -> float:
+        """The drift rounding to the blocks' dtype alone can cause (``eps · √c``)."""
+        return torch.finfo(self.blocks.dtype).eps * math.sqrt(self.c)
 
     @torch.no_grad()
     def drift(self) -> Tensor:
@@ -396,8 +408,25 @@ class UnitaryAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        if isinstance(self.unitary, BlockOrthogonal) and self.unitary.drift() > self.drift_tolerance:
-            self.unitary.reorthonormalize()
+        repair_drift([self])
+
+
+@torch.no_grad()
+def repair_drift(adapters: list[UnitaryAdapter]) -> None:
+    """Re-orthonormalize the full-capacity blocks whose drift exceeds their tolerance.
+
+    All drifts are read in one host transfer (one device sync per step, not one per layer).
+    The tolerance is ``max(drift_tolerance, eps(dtype) · √c)``: below the rounding floor of
+    the blocks' dtype a re-orthonormalization cannot help.
+    """
+    blocks = [a for a in adapters if isinstance(a.unitary, BlockOrthogonal)]
+    if not blocks:
+        return
+    device = blocks[0].unitary.blocks.device
+    drifts = torch.stack([a.unitary.drift().float().to(device) for a in blocks]).tolist()  # (L,) -> host
+    for adapter, drift in zip(blocks, drifts):
+        if drift > max(adapter.drift_tolerance, adapter.unitary.drift_floor):
+            adapter.unitary.reorthonormalize()
 
 
 def _as_complex(h: Tensor) -> Tensor:
