@@ -196,14 +196,7 @@ def _before_row(cells: dict[tuple[str, str, str], Cell], task: str, models: list
     scores the same base on the same examples, so the first record of each seed stands for all."""
     row, found = ["base model, before training"], False
     for model in models:
-        by_seed: dict[int, float] = {}
-        for cell in cells.values():
-            if (cell.model, cell.task) != (model, task):
-                continue
-            for record in cell.records:
-                value = (record.get("before") or {}).get(metric)
-                if value is not None:
-                    by_seed.setdefault(record["seed"], float(value))
+        by_seed = before_scores(cells, model, task)
         if not by_seed:
             row += ["—"] * 4
             continue
@@ -226,10 +219,24 @@ def majority_class(cells: dict[tuple[str, str, str], Cell], model: str, task: st
     return None
 
 
+def before_scores(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> dict[int, float]:
+    """seed -> the untouched base model's primary score (runs with ``eval.before``, raw units).
+
+    Every method of a seed scores the same base on the same examples, so the first record
+    of each seed stands for all of them."""
+    by_seed: dict[int, float] = {}
+    for cell in cells.values():
+        if (cell.model, cell.task) == (model, task):
+            for record in cell.records:
+                value = (record.get("before") or {}).get(cell.metric)
+                if value is not None:
+                    by_seed.setdefault(record["seed"], float(value))
+    return by_seed
+
+
 def zero_shot(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> float | None:
-    """The base model's mean primary score before training, over the runs that recorded it."""
-    values = [float(r["before"][c.metric]) for c in cells.values() if (c.model, c.task) == (model, task)
-              for r in c.records if (r.get("before") or {}).get(c.metric) is not None]
+    """The base model's mean primary score before training, over the seeds that recorded it."""
+    values = list(before_scores(cells, model, task).values())
     return summarize(values).mean if values else None
 
 
