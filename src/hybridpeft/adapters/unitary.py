@@ -57,7 +57,10 @@ class UnitaryConfig(AdapterConfig):
             ``structured`` this implies ``recompute``; for ``full`` one more block matmul).
             Memory: the branch keeps no ``N × d_out`` tensor, only ``x`` — a saving where
             ``x`` is kept anyway (modules sharing an input, e.g. q/k/v) or ``d_in < d_out``.
-            Same values and gradients.
+            Same values and gradients. For ``structured`` in float32 the default keeps
+            less (its one saved tensor is the output, which the next layer usually keeps
+            too; measured on SmolLM2's shape: 0.93× LoRA's saved activations, against
+            0.99× with this option and 1.20× with ``recompute``).
     """
 
     method = "unitary"
