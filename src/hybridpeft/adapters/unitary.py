@@ -270,12 +270,11 @@ class ReversibleStructuredFunction(torch.autograd.Function):
 def _reflect_twice(z: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """``H(second) H(first) z`` as one rank-2 update (two small matmuls); z: (..., n), first/second: (n,)."""
     basis = torch.stack((first, second))  # (2, n)
-    norm2 = torch.view_as_real(basis).square().sum((-1, -2)).clamp_min(1e-30)  # (2,)
+    scale = 2 / torch.view_as_real(basis).square().sum((-1, -2)).clamp_min(1e-30)  # (2,): 2 / ‖·‖²
     coeff = z @ basis.conj().t()  # (..., 2): firstᴴ z, secondᴴ z
-    c_first = coeff[..., 0]
-    c_second = coeff[..., 1] - (2 / norm2[0]) * c_first * (first.conj() @ second).conj()  # secondᴴ H(first) z
-    scaled = torch.stack((c_first * (2 / norm2[0]), c_second * (2 / norm2[1])), dim=-1)  # (..., 2)
-    return z - scaled @ basis
+    c_first = coeff[..., 0] * scale[0]
+    c_second = (coeff[..., 1] - c_first * (first.conj() @ second).conj()) * scale[1]  # secondᴴ H(first) z, scaled
+    return z - torch.stack((c_first, c_second), dim=-1) @ basis
 
 
 def _reflection_grad(pair: Tensor, v: Tensor) -> Tensor:
