@@ -251,13 +251,11 @@ class ReversibleStructuredFunction(torch.autograd.Function):
         grad_v = torch.empty(2, u.n, dtype=pair.dtype, device=y.device)
 
         grad_theta[2], pair = _phase_backward(pair, phases[2])  # D3
-        grad_v[1] = _reflection_grad(pair, v[1])
-        pair = _reflect_twice(pair, v[1], v0[1])  # R2⁻¹ = H(v_2⁰) H(v_2)
+        grad_v[1], pair = _reflection_backward(pair, v[1], v0[1])  # R2 = H(v_2) H(v_2⁰)
         pair = torch.fft.fft(pair, norm="ortho")  # F⁻¹'s inverse and adjoint
         grad_theta[1], pair = _phase_backward(pair, phases[1])  # D2
         pair = pair[..., u.perm_inv]  # Π
-        grad_v[0] = _reflection_grad(pair, v[0])
-        pair = _reflect_twice(pair, v[0], v0[0])  # R1⁻¹
+        grad_v[0], pair = _reflection_backward(pair, v[0], v0[0])  # R1
         pair = torch.fft.ifft(pair, norm="ortho")  # F
         grad_theta[0], pair = _phase_backward(pair, phases[0])  # D1
         grad_h = _as_real(pair[1][..., u.perm_inv]).reshape(grad_y.shape)  # S⁻¹
@@ -269,20 +267,33 @@ class ReversibleStructuredFunction(torch.autograd.Function):
 
 def _reflect_twice(z: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """``H(second) H(first) z`` as one rank-2 update (two small matmuls); z: (..., n), first/second: (n,)."""
+    return _reflect_twice_from(z, *_reflection_coeffs(z, first, second))
+
+
+def _reflection_coeffs(z: Tensor, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(basis ``[first, second]`` (2, n), ``[firstᴴ z, secondᴴ z]`` (..., 2), ``2 / ‖·‖²`` of both (2,))."""
     basis = torch.stack((first, second))  # (2, n)
-    scale = 2 / torch.view_as_real(basis).square().sum((-1, -2)).clamp_min(1e-30)  # (2,): 2 / ‖·‖²
-    coeff = z @ basis.conj().t()  # (..., 2): firstᴴ z, secondᴴ z
+    return basis, z @ basis.conj().t(), 2 / torch.view_as_real(basis).square().sum((-1, -2)).clamp_min(1e-30)
+
+
+def _reflect_twice_from(z: Tensor, basis: Tensor, coeff: Tensor, scale: Tensor) -> Tensor:
+    first, second = basis
     c_first = coeff[..., 0] * scale[0]
     c_second = (coeff[..., 1] - c_first * (first.conj() @ second).conj()) * scale[1]  # secondᴴ H(first) z, scaled
     return z - torch.stack((c_first, c_second), dim=-1) @ basis
 
 
-def _reflection_grad(pair: Tensor, v: Tensor) -> Tensor:
-    """∂L/∂v (complex, (n,)) for ``z' = H(v) z`` from the pair ``(z', g')``: (2, M, n)."""
-    norm2 = torch.view_as_real(v).square().sum().clamp_min(1e-30)
-    c_out, b = pair @ v.conj()  # (M,) each: vᴴ z', vᴴ g'
+def _reflection_backward(pair: Tensor, v: Tensor, v0: Tensor) -> tuple[Tensor, Tensor]:
+    """(∂L/∂v as a complex (n,) vector, the pair one factor earlier) for ``z' = H(v) H(v⁰) z``.
+
+    pair: ``(z', g')`` (2, M, n); ``vᴴ z'`` and ``vᴴ g'`` serve both the gradient and the
+    inverse ``H(v⁰) H(v)``, so they are computed once.
+    """
+    basis, coeff, scale = _reflection_coeffs(pair, v, v0)  # (2, n), (2, M, 2), (2,)
+    c_out, b = coeff[0, :, 0], coeff[1, :, 0]  # (M,) each: vᴴ z', vᴴ g'
     cross = (b.conj() * c_out).sum()
-    return (2 / norm2) * (c_out.conj() @ pair[1] - b.conj() @ pair[0] + (2j / norm2) * cross.imag * v)
+    grad = scale[0] * (c_out.conj() @ pair[1] - b.conj() @ pair[0] + (1j * scale[0]) * cross.imag * v)
+    return grad, _reflect_twice_from(pair, basis, coeff, scale)
 
 
 def _phase_backward(pair: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
