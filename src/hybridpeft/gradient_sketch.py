@@ -11,7 +11,9 @@ for low-rank matrix approximation", §4):
 
 ``Ω`` and ``Ψ`` are random signs (±1) drawn from a generator seeded by ``seed`` and the
 layer's name, so every process draws the same ones bit for bit (integer sampling does not
-depend on the CPU's vector width, unlike Gaussian sampling). Both sketches are linear in
+depend on the CPU's vector width, unlike Gaussian sampling). A test matrix as wide as its
+side (``k = d_in``, or ``l = d_out`` for layers with ``d_out ≤ 2k + 1``) is the identity
+instead: that side is then kept exactly. Both sketches are linear in
 ``G``: the sketch of a sum of per-batch gradients is the sum of their sketches, so
 batches, data-parallel ranks and FSDP shards combine by adding small matrices — one
 all-reduce of every layer's ``[Y; Z]`` stacked in one buffer (``SketchBank.all_reduce``).
@@ -113,8 +115,10 @@ class GradientSketch:
         self.d_out, self.d_in, self.k = d_out, d_in, k
         self.l = co_range_size(k, d_out)
         device = torch.device(device)
-        self.omega = random_signs(d_in, k, seed, f"{name}:omega").to(device)  # (d_in, k)
-        self.psi = random_signs(self.l, d_out, seed, f"{name}:psi").to(device)  # (l, d_out)
+        # A sketch as wide as its side is the identity: exact, and never a singular square sign matrix
+        # (a random n × n ±1 matrix is singular with real probability: two equal or opposite rows, ~1% at n = 16).
+        self.omega = (torch.eye(d_in) if k == d_in else random_signs(d_in, k, seed, f"{name}:omega")).to(device)  # (d_in, k)
+        self.psi = (torch.eye(d_out) if self.l == d_out else random_signs(self.l, d_out, seed, f"{name}:psi")).to(device)  # (l, d_out)
         self.y = torch.zeros(d_out, k, device=device) if y is None else y.zero_()  # (d_out, k)
         self.z = torch.zeros(self.l, d_in, device=device) if z is None else z.zero_()  # (l, d_in)
 
