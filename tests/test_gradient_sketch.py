@@ -93,7 +93,7 @@ def test_sketch_is_linear_and_outer_updates_equal_dense_ones():
 
 def test_test_matrices_are_signs_fixed_by_seed_and_name():
     a = random_signs(30, 7, 5, "layers.0.q_proj:omega")
-    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert a.dtype == torch.int8 and set(a.unique().tolist()) == {-1, 1}
     assert torch.equal(a, random_signs(30, 7, 5, "layers.0.q_proj:omega"))
     assert not torch.equal(a, random_signs(30, 7, 6, "layers.0.q_proj:omega"))
     assert not torch.equal(a, random_signs(30, 7, 5, "layers.1.q_proj:omega"))

@@ -35,9 +35,9 @@ The leading singular pairs of ``Q X`` approximate those of ``G`` when ``G``'s sp
 decays past ``k`` (the error bound scales with the tail ``σ_{k+1}, σ_{k+2}, …``);
 ``docs/perf/lora-ga-scale.md`` measures the principal angles on real gradients.
 
-Memory per layer: ``Y``, ``Z`` (float32, kept) and ``Ω``, ``Ψ`` (float32, kept so that
-an update costs two GEMMs) — ``4 (k + l)(d_in + d_out)`` bytes, against ``4 d_in d_out``
-for the dense estimate.
+Memory per layer: ``Y``, ``Z`` in float32 and ``Ω``, ``Ψ`` as int8 signs (kept, so that an
+update costs two GEMMs and a cast) — ``4 (d_out k + l d_in) + (d_in k + l d_out)`` bytes,
+against ``4 d_in d_out`` for the dense estimate.
 """
 from __future__ import annotations
 
@@ -57,18 +57,18 @@ def co_range_size(k: int, d_out: int) -> int:
 
 
 def sketch_bytes(d_out: int, d_in: int, k: int) -> int:
-    """Bytes one layer's sketch keeps: ``Y``, ``Z``, ``Ω``, ``Ψ`` in float32."""
+    """Bytes one layer's sketch keeps: ``Y``, ``Z`` in float32, ``Ω``, ``Ψ`` in int8."""
     l = co_range_size(k, d_out)
-    return 4 * (d_out * k + l * d_in + d_in * k + l * d_out)
+    return 4 * (d_out * k + l * d_in) + (d_in * k + l * d_out)
 
 
 def random_signs(rows: int, cols: int, seed: int, salt: str) -> Tensor:
-    """A (rows, cols) float32 matrix of ±1 drawn from a CPU generator seeded by ``seed`` and ``salt``.
+    """A (rows, cols) int8 matrix of ±1 drawn from a CPU generator seeded by ``seed`` and ``salt``.
 
     Identical on every machine: ``torch.randint`` on a seeded CPU generator is integer
     arithmetic on the Mersenne twister's output."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(salt.encode())) % (2**63))
-    return torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8).float().mul_(2).sub_(1)
+    return torch.randint(0, 2, (rows, cols), generator=gen, dtype=torch.int8).mul_(2).sub_(1)
 
 
 @dataclass
@@ -117,8 +117,9 @@ class GradientSketch:
         device = torch.device(device)
         # A sketch as wide as its side is the identity: exact, and never a singular square sign matrix
         # (a random n × n ±1 matrix is singular with real probability: two equal or opposite rows, ~1% at n = 16).
-        self.omega = (torch.eye(d_in) if k == d_in else random_signs(d_in, k, seed, f"{name}:omega")).to(device)  # (d_in, k)
-        self.psi = (torch.eye(d_out) if self.l == d_out else random_signs(self.l, d_out, seed, f"{name}:psi")).to(device)  # (l, d_out)
+        eye = lambda d: torch.eye(d, dtype=torch.int8)  # noqa: E731
+        self.omega = (eye(d_in) if k == d_in else random_signs(d_in, k, seed, f"{name}:omega")).to(device)  # (d_in, k) int8
+        self.psi = (eye(d_out) if self.l == d_out else random_signs(self.l, d_out, seed, f"{name}:psi")).to(device)  # (l, d_out) int8
         self.y = torch.zeros(d_out, k, device=device) if y is None else y.zero_()  # (d_out, k)
         self.z = torch.zeros(self.l, d_in, device=device) if z is None else z.zero_()  # (l, d_in)
 
@@ -258,9 +259,9 @@ class SketchBank:
         return {f"{n}.{part}" for n in self.sketches for part in ("Y", "Z")}
 
     def nbytes(self) -> int:
-        """Bytes held: the stacked ``Y``/``Z`` buffers plus every ``Ω`` and ``Ψ``."""
+        """Bytes held: the stacked float32 ``Y``/``Z`` buffers plus every int8 ``Ω`` and ``Ψ``."""
         flat = sum(b.numel() * b.element_size() for b in self.buffers.values())
-        tests = sum(sk.omega.numel() * 4 + sk.psi.numel() * 4 for sk in self.sketches.values())
+        tests = sum(sk.omega.numel() + sk.psi.numel() for sk in self.sketches.values())  # int8
         return flat + tests
 
     def low_rank(self, names: Iterable[str] | None = None, *, q: Mapping[str, int]) -> dict[str, LowRankGradient]:
