@@ -50,7 +50,7 @@ def adapter_config(method: str):
     return hp.FullConfig() if method == "full" else config_class(method)()
 
 
-def measure(shape: str, method: str, steps: int) -> dict:
+def measure(shape: str, method: str, steps: int, checkpointing: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -67,6 +67,8 @@ def measure(shape: str, method: str, steps: int) -> dict:
     config.use_cache = False
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    if checkpointing:  # as hybridpeft.train.setup.prepare_model does it, before injection
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hp.inject(model, adapter_config(method))
     optimizer = hp.build_optimizer(model, lr=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -83,16 +85,18 @@ def measure(shape: str, method: str, steps: int) -> dict:
             hp.after_optimizer_step(model)
             optimizer.zero_grad(set_to_none=True)
             del loss
-    return {"shape": shape, "method": method, "batch": batch, "seq": seq, "allocated_peak": tracker.peak,
+    return {"shape": shape, "method": method, "checkpointing": checkpointing, "batch": batch, "seq": seq,
+            "allocated_peak": tracker.peak,
             "rss_peak_minus_baseline": rss_peak() - baseline, "baseline_rss": baseline,
             "seconds": time.perf_counter() - started}
 
 
-def predict(shape: str, method: str) -> dict:
+def predict(shape: str, method: str, checkpointing: bool = False) -> dict:
     from hybridpeft.plan import PlanRequest, plan
 
     batch, seq = SHAPES[shape]
-    p = plan(PlanRequest(shape, method, batch=batch, seq=seq, dtype="float32", device_kind="cpu"))
+    p = plan(PlanRequest(shape, method, batch=batch, seq=seq, dtype="float32", device_kind="cpu",
+                         gradient_checkpointing=checkpointing))
     return {"predicted_peak": p.peak, "parts": p.parts, "phases": p.phases}
 
 
@@ -103,7 +107,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         pred = r["predicted_peak"]
-        lines.append(f"| {r['shape']} | {r['batch']}×{r['seq']} | {r['method']} | {pred / MiB:.2f} | "
+        method = r["method"] + (" + checkpointing" if r.get("checkpointing") else "")
+        lines.append(f"| {r['shape']} | {r['batch']}×{r['seq']} | {method} | {pred / MiB:.2f} | "
                      f"{r['allocated_peak'] / MiB:.2f} | {pred / r['allocated_peak']:.3f} | "
                      f"{r['rss_peak_minus_baseline'] / MiB:.2f} | {pred / max(r['rss_peak_minus_baseline'], 1):.3f} |")
     return "\n".join(lines) + "\n"
@@ -114,23 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="measure with activation checkpointing")
     p.add_argument("--out", help="write plan-validation[-TAG].{json,md} here")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. the malloc setting measured)")
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps)))
+        print(json.dumps(measure(*args.child, args.steps, args.gradient_checkpointing)))
         return 0
     rows = []
     for shape in args.shapes:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--child", shape, method, "--steps", str(args.steps)]
+            cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
-            row = {**json.loads(done.stdout.strip().splitlines()[-1]), **predict(shape, method)}
+            row = {**json.loads(done.stdout.strip().splitlines()[-1]),
+                   **predict(shape, method, args.gradient_checkpointing)}
             rows.append(row)
             print(f"{shape:<13} {method:<8} predicted {row['predicted_peak'] / MiB:9.2f} MiB  allocated "
                   f"{row['allocated_peak'] / MiB:9.2f} MiB  RSS-baseline {row['rss_peak_minus_baseline'] / MiB:9.2f} MiB "

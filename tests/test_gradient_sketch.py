@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridpeft as hp
 from hybridpeft import lora_ga as lora_ga_module
-from hybridpeft.gradient_sketch import GradientSketch, LowRankGradient, SketchBank, random_signs, sketch_bytes
+from hybridpeft.gradient_sketch import (GradientSketch, LowRankGradient, SketchBank, SubspaceSketch, random_signs,
+                                       sketch_bytes)
 from hybridpeft.lora_ga import choose_estimator, lora_ga_targets
 
 transformers = pytest.importorskip("transformers")
@@ -56,6 +57,44 @@ def test_sketch_recovers_top_subspace_of_low_rank_plus_noise(k, bound_deg):
     assert max_principal_angle(est.v, v_true) < bound_deg
     s_true = torch.linalg.svdvals(G)[:rank]
     assert (est.s.double() - s_true).abs().max() < 0.05 * s_true[0]
+
+
+@pytest.mark.parametrize("passes, bound_deg", [(2, 75.0), (4, 45.0), (6, 35.0)])
+def test_more_passes_separate_a_slowly_decaying_spectrum(passes, bound_deg):
+    """Noise of 3e-2 per entry (‖E‖₂ ≈ 0.9, close to σ_16 = 1): one pass cannot find the top-16
+    subspace (measured 79°/83° at k = 32); subspace iteration approaches what the full SVD of the
+    noisy G itself finds (30°/26°): measured 70°/54° (2 passes), 42°/32° (4), 32°/27° (6)."""
+    d_out, d_in, rank, k = 300, 200, 16, 32
+    G, u_true, v_true = low_rank_plus_noise(d_out, d_in, rank, noise=3e-2)
+    single = GradientSketch(d_out, d_in, k, seed=0, name="layer")
+    single.add_matrix(G)
+    assert max_principal_angle(single.low_rank(rank).u, u_true) > 70.0
+    sketch = SubspaceSketch(d_out, d_in, k, seed=0, name="layer", passes=passes)
+    for _ in range(passes):
+        for rows in torch.arange(d_out).chunk(3):  # each sweep streamed in three pieces that sum to G
+            piece = torch.zeros_like(G)
+            piece[rows] = G[rows]
+            sketch.add_matrix(piece)
+        sketch.end_pass()
+    est = sketch.low_rank(rank)
+    assert max_principal_angle(est.u, u_true) < bound_deg and max_principal_angle(est.v, v_true) < bound_deg
+    with pytest.raises(RuntimeError, match="run 0 of its 2 passes"):
+        SubspaceSketch(d_out, d_in, k, seed=0, passes=2).low_rank(4)
+
+
+def test_subspace_outer_updates_equal_dense_ones_on_both_sides():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(7, 40, generator=gen, dtype=torch.float64)  # (tokens, d_out)
+    x = torch.randn(7, 24, generator=gen, dtype=torch.float64)  # (tokens, d_in)
+    for passes in (2, 3):  # starts on the right, on the left
+        dense = SubspaceSketch(40, 24, 6, seed=2, name="n", passes=passes)
+        outer = SubspaceSketch(40, 24, 6, seed=2, name="n", passes=passes)
+        for _ in range(passes):
+            dense.add_matrix(g.t() @ x)
+            outer.add_outer(g, x)
+            torch.testing.assert_close(outer.acc, dense.acc, atol=1e-4, rtol=1e-5)
+            dense.end_pass()
+            outer.end_pass()
 
 
 def test_sketch_is_exact_when_k_spans_the_smaller_side():
@@ -123,17 +162,22 @@ def projector(t: torch.Tensor) -> torch.Tensor:
     return q @ q.t()
 
 
-@pytest.mark.parametrize("build, targets, source", [
-    (tiny_models.tiny_llama, TARGETS, "auto"),
-    (tiny_models.tiny_llama, TARGETS, "activations"),
-    (tiny_models.tiny_gpt2, ["c_attn", "c_fc"], "auto"),
-], ids=["llama-param-hooks", "llama-activations", "gpt2-conv1d"])
-def test_sketch_start_equals_exact_start_when_k_is_full(build, targets, source):
+@pytest.mark.parametrize("build, targets, source, passes", [
+    (tiny_models.tiny_llama, TARGETS, "auto", 1),
+    (tiny_models.tiny_llama, TARGETS, "activations", 1),
+    (tiny_models.tiny_gpt2, ["c_attn", "c_fc"], "auto", 1),
+    (tiny_models.tiny_llama, TARGETS, "auto", 2),
+    (tiny_models.tiny_llama, TARGETS, "activations", 3),
+    (tiny_models.tiny_gpt2, ["c_attn", "c_fc"], "auto", 3),
+], ids=["llama-param-hooks", "llama-activations", "gpt2-conv1d", "llama-2-passes", "llama-activations-3-passes",
+        "gpt2-conv1d-3-passes"])
+def test_sketch_start_equals_exact_start_when_k_is_full(build, targets, source, passes):
     """With k = min(d_in, d_out) (the default 2·rank_needed() with r = 8, capped per layer) the
-    sketch recovers G exactly, so A0's rows and B0's columns span the exact start's subspaces;
-    and the output is unchanged at init."""
+    sketch recovers G exactly, in one pass or several, so A0's rows and B0's columns span the
+    exact start's subspaces; and the output is unchanged at init."""
     def model_with(estimator):
-        return hp.inject(build(torch.float64), hp.LoraGAConfig(target_modules=targets, r=8, estimator=estimator))
+        return hp.inject(build(torch.float64), hp.LoraGAConfig(target_modules=targets, r=8, estimator=estimator,
+                                                               sketch_passes=passes))
 
     exact, sketched = model_with("exact"), model_with("sketch")
     ids = lm_batches(1, seed=9)[0]["input_ids"]
@@ -181,15 +225,15 @@ class AllocationLog(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("estimator", ["sketch", "exact"])
-def test_activation_path_never_forms_a_dense_gradient(estimator):
+@pytest.mark.parametrize("estimator, passes", [("sketch", 1), ("sketch", 3), ("exact", 1)])
+def test_activation_path_never_forms_a_dense_gradient(estimator, passes):
     """A wide layer (3072 × 2048) on the activation path (the 4-bit / FSDP path): the sketch's
     largest allocation is its stacked [Y; Z] buffer (d_out·k + l·d_in, under 1% of d_out × d_in);
     the exact estimator's gᵀx is d_out × d_in (the control case, which shows the check can fail)."""
     d_in, d_out = 2048, 3072
     torch.manual_seed(0)
     model = hp.inject(nn.Sequential(nn.Linear(d_in, d_out, bias=False)),
-                      hp.LoraGAConfig(target_modules=["0"], r=2, estimator=estimator))
+                      hp.LoraGAConfig(target_modules=["0"], r=2, estimator=estimator, sketch_passes=passes))
     x = torch.randn(2, 3, d_in)
     log = AllocationLog()
     with log:
@@ -221,30 +265,40 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             return reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting_all_reduce
-        model = hp.inject(tiny_models.tiny_llama(torch.float64),
-                          hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_size=6))
-        mine = lm_batches(4)[2 * rank:2 * rank + 2]  # each rank its half of the batches
-        lows = hp.lora_ga_init(model, mine, num_batches=2)
-        torch.save({"calls": calls, "dense": {n: g.dense() for n, g in lows.items()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        for passes in PASSES:
+            calls.clear()
+            model = hp.inject(tiny_models.tiny_llama(torch.float64),
+                              hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_size=6,
+                                              sketch_passes=passes))
+            mine = lm_batches(4)[2 * rank:2 * rank + 2]  # each rank its half of the batches
+            lows = hp.lora_ga_init(model, mine, num_batches=2)
+            torch.save({"calls": list(calls), "dense": {n: g.dense() for n, g in lows.items()}},
+                       os.path.join(out_dir, f"rank{rank}-{passes}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+PASSES = (1, 3)
+
+
 def test_two_process_all_reduce_equals_one_process(tmp_path):
+    """Two gloo ranks, each with half the batches, end with the one-process sketch of all of them;
+    each pass is one all-reduce of the stacked sums (single pass: every layer's [Y; Z])."""
     import torch.multiprocessing as mp
 
     mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")  # not fork: a child forked after OpenMP ran deadlocks in libgomp
-    model = hp.inject(tiny_models.tiny_llama(torch.float64),
-                      hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_size=6))
-    single = {n: g.dense() for n, g in hp.lora_ga_init(model, lm_batches(4), num_batches=4).items()}
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert len(got["calls"]) == 1, f"rank {rank} made {len(got['calls'])} all-reduce calls"
-        for name, g in single.items():
-            # the sum of two half-sums vs one sum of four: float32 rounding apart
-            torch.testing.assert_close(got["dense"][name], g, atol=1e-5 * g.abs().max().item(), rtol=0)
+    for passes in PASSES:
+        model = hp.inject(tiny_models.tiny_llama(torch.float64),
+                          hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_size=6,
+                                          sketch_passes=passes))
+        single = {n: g.dense() for n, g in hp.lora_ga_init(model, lm_batches(4), num_batches=4).items()}
+        for rank in range(2):
+            got = torch.load(tmp_path / f"rank{rank}-{passes}.pt", weights_only=True)
+            assert len(got["calls"]) == passes, f"rank {rank} made {len(got['calls'])} all-reduce calls"
+            for name, g in single.items():
+                # the sum of two half-sums vs one sum of four: float32 rounding apart
+                torch.testing.assert_close(got["dense"][name], g, atol=1e-5 * g.abs().max().item(), rtol=0)
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +320,16 @@ def test_sketch_cache_is_written_and_hit(tmp_path, monkeypatch):
                       hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_seed=1))
     with pytest.raises(pytest.fail.Exception, match="estimated again"):  # another seed: another key
         hp.lora_ga_init(other, lm_batches(2), num_batches=2, cache_dir=tmp_path)
+    monkeypatch.undo()
+
+    def two_pass():
+        return hp.inject(tiny_models.tiny_llama(torch.float64),
+                         hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_passes=2))
+
+    first = hp.lora_ga_init(two_pass(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
+    monkeypatch.setattr(lora_ga_module, "sketch_gradients", lambda *a, **k: pytest.fail("estimated again"))
+    again = hp.lora_ga_init(two_pass(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
+    assert all(torch.equal(again[n].u, low.u) and torch.equal(again[n].v, low.v) for n, low in first.items())
 
 
 def test_auto_picks_exact_below_the_threshold_and_the_sketch_above(monkeypatch):
@@ -285,6 +349,8 @@ def test_auto_picks_exact_below_the_threshold_and_the_sketch_above(monkeypatch):
     (lambda: hp.LoraGAConfig(r=4, init_form="paper_eq8", sketch_size=3), r"^sketch_size=3 .*≥ 4"),
     (lambda: hp.LoraGAConfig(estimator="dense"), r"^estimator='dense' is invalid: expected one of \['auto', 'exact', 'sketch'\]"),
     (lambda: hp.LoraGAConfig(sketch_seed=-1), r"^sketch_seed=-1 is invalid"),
+    (lambda: hp.LoraGAConfig(sketch_passes=0), r"^sketch_passes=0 is invalid: expected a positive integer"),
+    (lambda: hp.HybridConfig(ga_sketch_passes=1.5), r"^ga_sketch_passes=1.5 is invalid"),
     (lambda: hp.HybridConfig(lora_r=4, ga_sketch_size=2), r"^ga_sketch_size=2 is invalid"),
     (lambda: hp.HybridConfig(ga_estimator="svd"), r"^ga_estimator='svd' is invalid"),
     (lambda: hp.inject(nn.Sequential(nn.Linear(64, 20)), hp.LoraGAConfig(target_modules=["0"], r=2, sketch_size=21)),
@@ -292,7 +358,8 @@ def test_auto_picks_exact_below_the_threshold_and_the_sketch_above(monkeypatch):
     (lambda: hp.inject(nn.Sequential(nn.Linear(64, 20)), hp.HybridConfig(target_modules=["0"], lora_r=2, boft_block_size=4,
                                                                           boft_n_factors=1, ga_sketch_size=30)),
      r"ga_sketch_size=30 is invalid: expected at most min\(d_in, d_out\) = 20"),
-], ids=["below-2r", "below-r-eq8", "unknown-estimator", "negative-seed", "hybrid-below-2r", "hybrid-unknown",
+], ids=["below-2r", "below-r-eq8", "unknown-estimator", "negative-seed", "zero-passes", "hybrid-fractional-passes",
+        "hybrid-below-2r", "hybrid-unknown",
         "above-min-d", "hybrid-above-min-d"])
 def test_bad_sketch_settings_name_the_field_and_value(make, match):
     with pytest.raises(ValueError, match=match):

@@ -238,6 +238,8 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sharding", default=None, help="none, ddp or fsdp (default: none for one device, else fsdp)")
     p.add_argument("--device-memory", default=None, metavar="GIB", help="say whether the peak fits in this many GiB")
     p.add_argument("--device-kind", default="cuda", help="cuda (foreach optimizer) or cpu")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward (model.gradient_checkpointing)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
 
@@ -266,6 +268,7 @@ def _run_plan(args: argparse.Namespace) -> int:
             quantization=args.quantization, world_size=world,
             sharding=args.sharding or ("none" if world == 1 else "fsdp"), device_kind=args.device_kind,
             device_memory_gib=_plan_number("device_memory", args.device_memory),
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         result = plan(request)
     except (PlanInputError, ConfigError) as err:

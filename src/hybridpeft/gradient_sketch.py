@@ -1,4 +1,4 @@
-"""A single-pass randomized sketch of each adapted weight's averaged gradient (LoRA-GA at any scale).
+"""Randomized sketches of each adapted weight's averaged gradient (LoRA-GA at any scale).
 
 LoRA-GA's start needs only the top ``2r`` singular subspace of ``G = mean_b ∇_W L(b)``
 (d_out × d_in). Instead of a dense accumulator (4 bytes per adapted parameter on the
@@ -38,6 +38,21 @@ decays past ``k`` (the error bound scales with the tail ``σ_{k+1}, σ_{k+2}, �
 Memory per layer: ``Y``, ``Z`` in float32 and ``Ω``, ``Ψ`` as int8 signs (kept, so that an
 update costs two GEMMs and a cast) — ``4 (d_out k + l d_in) + (d_in k + l d_out)`` bytes,
 against ``4 d_in d_out`` for the dense estimate.
+
+More passes (``SubspaceSketch``, ``passes = p ≥ 2``): when the spectrum decays slowly a single
+pass cannot separate the top directions from the tail; randomized subspace iteration
+(Halko et al. 2011, Algorithm 4.4) can, at the price of ``p`` sweeps over the same batches.
+Each sweep sums one thin product over the batches — ``G M`` (d_out × k) or ``Gᵀ M`` (d_in × k)
+with ``M`` the orthonormalized result of the sweep before (random signs for the first) —
+streamed exactly like the single pass (``gᵀ (x M)``, ``xᵀ (g M)`` on the activation path).
+The last sweep is a ``Gᵀ Q`` one, so ``B = Qᵀ G`` (k × d_in) is exact and ``G ≈ Q B``:
+
+    p even:  Y = G Ω → Q,  Z = Gᵀ Q → P,  Y = G P → Q,  …,  B = (Gᵀ Q)ᵀ
+    p odd:   Z = Gᵀ Ω' → P,  Y = G P → Q,  …,  B = (Gᵀ Q)ᵀ
+
+``p = 2`` is the basic two-pass method; each further pair of sweeps is one power iteration
+(``p = 2 + 2q`` matches ``torch.svd_lowrank(niter=q)``, which the exact estimator runs with
+``q = 4``). Memory per layer: ``4 (d_in + d_out) k`` bytes (the basis and the sum).
 """
 from __future__ import annotations
 
@@ -56,8 +71,11 @@ def co_range_size(k: int, d_out: int) -> int:
     return min(2 * k + 1, d_out)
 
 
-def sketch_bytes(d_out: int, d_in: int, k: int) -> int:
-    """Bytes one layer's sketch keeps: ``Y``, ``Z`` in float32, ``Ω``, ``Ψ`` in int8."""
+def sketch_bytes(d_out: int, d_in: int, k: int, passes: int = 1) -> int:
+    """Bytes one layer's sketch keeps at most: one pass, ``Y``, ``Z`` in float32 and ``Ω``, ``Ψ``
+    in int8; several, the float32 basis and sum (``(d_in + d_out) k``) and the first sweep's signs."""
+    if passes > 1:
+        return 4 * (d_in + d_out) * k + max(d_in, d_out) * k
     l = co_range_size(k, d_out)
     return 4 * (d_out * k + l * d_in) + (d_in * k + l * d_out)
 
@@ -93,7 +111,7 @@ class LowRankGradient:
 
 
 class GradientSketch:
-    """``Y = G Ω`` and ``Z = Ψ G`` of one layer's gradient ``G`` (d_out × d_in), float32.
+    """Single pass: ``Y = G Ω`` and ``Z = Ψ G`` of one layer's gradient ``G`` (d_out × d_in), float32.
 
     Args:
         d_out, d_in: the weight's shape (``W`` is d_out × d_in).
@@ -144,10 +162,24 @@ class GradientSketch:
         self.y.add_((g.t() @ (x @ self.omega.to(math_dtype))).float())  # (d_out, N) @ (N, k)
         self.z.add_(((self.psi.to(math_dtype) @ g.t()) @ x).float())  # (l, N) @ (N, d_in)
 
-    def add_sketch(self, y: Tensor, z: Tensor) -> None:
-        """Add another sketch of the same shape drawn with the same ``Ω``, ``Ψ`` (e.g. a cached one)."""
-        self.y.add_(y.to(self.y))
-        self.z.add_(z.to(self.z))
+    passes = 1
+
+    def sums(self) -> dict[str, Tensor]:
+        """The tensors this pass sums over batches and ranks (and that the cache keeps)."""
+        return {"Y": self.y, "Z": self.z}
+
+    def sum_shapes(self) -> dict[str, tuple[int, int]]:
+        return {"Y": (self.d_out, self.k), "Z": (self.l, self.d_in)}
+
+    def bind(self, buffers: Mapping[str, Tensor]) -> None:
+        """Use ``buffers`` (zeroed views into a ``SketchBank``'s flat buffer) as the sums."""
+        self.y, self.z = buffers["Y"].zero_(), buffers["Z"].zero_()
+
+    def end_pass(self) -> None:
+        return None
+
+    def nbytes(self) -> int:
+        return 4 * (self.y.numel() + self.z.numel()) + self.omega.numel() + self.psi.numel()
 
     @torch.no_grad()
     def low_rank(self, q: int) -> LowRankGradient:
@@ -166,42 +198,141 @@ class GradientSketch:
         return LowRankGradient(u.float(), s[:q].float(), vh[:q].t().float())
 
 
-class SketchBank:
-    """The sketches of many layers, their ``Y`` and ``Z`` stacked in one flat float32 buffer per device.
+class SubspaceSketch:
+    """Several passes: randomized subspace iteration on one layer's gradient (see the module docstring).
 
-    One buffer means one all-reduce across ranks (``all_reduce``) and one write to the cache.
+    Args:
+        d_out, d_in, k, seed, name, device: as for ``GradientSketch``.
+        passes: sweeps over the batches, at least 2.
+
+    Between passes the caller sums ``sums()`` over batches and ranks, then calls ``end_pass``.
+    """
+
+    def __init__(self, d_out: int, d_in: int, k: int, *, seed: int, name: str = "",
+                 device: torch.device | str = "cpu", passes: int = 2) -> None:
+        if not (isinstance(k, int) and 1 <= k <= min(d_out, d_in)):
+            raise ValueError(f"sketch_size={k!r} is invalid: expected 1 ≤ k ≤ min(d_out, d_in) = {min(d_out, d_in)} "
+                             f"for {name or 'this layer'} ({d_out}×{d_in})")
+        if not (isinstance(passes, int) and passes >= 2):
+            raise ValueError(f"sketch_passes={passes!r} is invalid: SubspaceSketch needs at least 2")
+        self.d_out, self.d_in, self.k, self.passes = d_out, d_in, k, passes
+        self.device = torch.device(device)
+        self.done = 0
+        # even: start on the right (G Ω); odd: on the left (Gᵀ Ω'), so that the last sweep is Gᵀ Q
+        self.right = passes % 2 == 0
+        rows = d_in if self.right else d_out
+        start = torch.eye(rows, dtype=torch.int8) if k == rows else random_signs(rows, k, seed, f"{name}:start")
+        self.basis = start.to(self.device)  # (d_in or d_out, k): int8 signs, then float32 orthonormal
+        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device)
+        self.q: Tensor | None = None  # the final range basis (d_out, k)
+
+    def sum_shapes(self) -> dict[str, tuple[int, int]]:
+        return {"S": (self.d_out if self.right else self.d_in, self.k)}
+
+    def sums(self) -> dict[str, Tensor]:
+        return {"S": self.acc}
+
+    def bind(self, buffers: Mapping[str, Tensor]) -> None:
+        self.acc = buffers["S"].zero_()
+
+    @torch.no_grad()
+    def add_matrix(self, g: Tensor) -> None:
+        """Add ``G M`` (right sweep) or ``Gᵀ M`` (left sweep) for a gradient ``G`` (d_out, d_in)."""
+        g = g.to(self.device, torch.promote_types(g.dtype, torch.float32))
+        m = self.basis.to(g.dtype)
+        self.acc.add_((g @ m if self.right else g.t() @ m).float())
+
+    @torch.no_grad()
+    def add_outer(self, g: Tensor, x: Tensor) -> None:
+        """Add the sweep's product for ``G = gᵀ x`` without forming it: ``gᵀ (x M)`` or ``xᵀ (g M)``."""
+        math_dtype = torch.promote_types(torch.promote_types(g.dtype, x.dtype), torch.float32)
+        g = g.reshape(-1, g.shape[-1]).to(self.device, math_dtype)  # (N, d_out)
+        x = x.reshape(-1, x.shape[-1]).to(self.device, math_dtype)  # (N, d_in)
+        m = self.basis.to(math_dtype)
+        self.acc.add_((g.t() @ (x @ m) if self.right else x.t() @ (g @ m)).float())  # (d_out, k) or (d_in, k)
+
+    @torch.no_grad()
+    def end_pass(self) -> None:
+        """After a sweep's sums are complete: orthonormalize them into the next sweep's basis."""
+        self.done += 1
+        if self.done == self.passes:
+            return
+        if self.right:
+            self.q = torch.linalg.qr(self.acc.double())[0].float()  # (d_out, k)
+            self.basis = self.q
+        else:
+            self.basis = torch.linalg.qr(self.acc.double())[0].float()  # (d_in, k)
+        self.right = not self.right
+        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The last basis ``Q`` and sum ``Gᵀ Q`` (what ``low_rank`` needs)."""
+        return {"Q": self.basis, "S": self.acc}
+
+    def load_final(self, q: Tensor, s: Tensor) -> None:
+        self.basis, self.acc, self.done, self.right = q.to(self.device), s.to(self.device), self.passes, False
+
+    @torch.no_grad()
+    def low_rank(self, q: int) -> LowRankGradient:
+        """The leading ``q ≤ k`` singular triplets of ``Q B``, ``B = Qᵀ G = (Gᵀ Q)ᵀ`` (after the last sweep)."""
+        if not 1 <= q <= self.k:
+            raise ValueError(f"q={q} is invalid: expected 1 ≤ q ≤ sketch_size = {self.k}")
+        if self.done != self.passes:
+            raise RuntimeError(f"the sketch has run {self.done} of its {self.passes} passes")
+        basis = self.basis.double()  # (d_out, k): the Q of the last sweep
+        u_b, s, vh = torch.linalg.svd(self.acc.double().t(), full_matrices=False)  # B = (k, d_in)
+        return LowRankGradient((basis @ u_b[:, :q]).float(), s[:q].float(), vh[:q].t().float())
+
+    def nbytes(self) -> int:
+        return self.basis.numel() * self.basis.element_size() + 4 * self.acc.numel()
+
+
+class SketchBank:
+    """The sketches of many layers, each pass's sums stacked in one flat float32 buffer per device.
+
+    One buffer means one all-reduce across ranks per pass (``finish_pass``) — for the single
+    pass, every layer's ``[Y; Z]`` in one call.
 
     Args:
         shapes: name → (d_out, d_in, device) of each layer's weight, in a fixed order
             (the same on every rank).
         k: name → range sketch size (one int for all layers is accepted too).
-        seed: draws every ``Ω`` and ``Ψ`` (with each name).
+        seed: draws every test matrix (with each name).
+        passes: 1 (``GradientSketch``) or more (``SubspaceSketch``).
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, int, torch.device]], k: Mapping[str, int] | int,
-                 *, seed: int) -> None:
+                 *, seed: int, passes: int = 1) -> None:
         sizes = {name: k if isinstance(k, int) else k[name] for name in shapes}
-        self.seed = seed
-        self.buffers: dict[torch.device, Tensor] = {}
-        offsets: dict[str, tuple[torch.device, int]] = {}
-        totals: dict[torch.device, int] = {}
+        self.seed, self.passes, self.done = seed, passes, 0
+        self.sketches: dict[str, GradientSketch | SubspaceSketch] = {}
         for name, (d_out, d_in, device) in shapes.items():
-            device = torch.device(device)
-            numel = d_out * sizes[name] + co_range_size(sizes[name], d_out) * d_in
-            offsets[name] = (device, totals.get(device, 0))
-            totals[device] = totals.get(device, 0) + numel
-        for device, total in totals.items():
-            self.buffers[device] = torch.zeros(total, device=device)
-        self.sketches: dict[str, GradientSketch] = {}
-        for name, (d_out, d_in, _) in shapes.items():
-            device, start = offsets[name]
-            k_i, l_i = sizes[name], co_range_size(sizes[name], d_out)
-            flat = self.buffers[device]
-            y = flat[start:start + d_out * k_i].view(d_out, k_i)
-            z = flat[start + d_out * k_i:start + d_out * k_i + l_i * d_in].view(l_i, d_in)
-            self.sketches[name] = GradientSketch(d_out, d_in, k_i, seed=seed, name=name, device=device, y=y, z=z)
+            if passes == 1:
+                self.sketches[name] = GradientSketch(d_out, d_in, sizes[name], seed=seed, name=name, device=device)
+            else:
+                self.sketches[name] = SubspaceSketch(d_out, d_in, sizes[name], seed=seed, name=name, device=device,
+                                                     passes=passes)
+        self.buffers: dict[torch.device, Tensor] = {}
+        self._stack()
 
-    def __getitem__(self, name: str) -> GradientSketch:
+    def _stack(self) -> None:
+        """Allocate this pass's flat buffer per device and point every sketch's sums into it."""
+        totals: dict[torch.device, int] = {}
+        for sk in self.sketches.values():
+            device = sk.y.device if isinstance(sk, GradientSketch) else sk.device
+            totals[device] = totals.get(device, 0) + sum(r * c for r, c in sk.sum_shapes().values())
+        self.buffers = {device: torch.zeros(total, device=device) for device, total in totals.items()}
+        offsets = dict.fromkeys(totals, 0)
+        for sk in self.sketches.values():
+            device = sk.y.device if isinstance(sk, GradientSketch) else sk.device
+            views = {}
+            for part, (rows, cols) in sk.sum_shapes().items():
+                start = offsets[device]
+                views[part] = self.buffers[device][start:start + rows * cols].view(rows, cols)
+                offsets[device] = start + rows * cols
+            sk.bind(views)
+
+    def __getitem__(self, name: str) -> GradientSketch | SubspaceSketch:
         return self.sketches[name]
 
     def __iter__(self):
@@ -211,12 +342,12 @@ class SketchBank:
         return len(self.sketches)
 
     def scale_(self, factor: float) -> None:
-        """Multiply every sketch by ``factor`` (e.g. ``1 / batches`` for the mean)."""
+        """Multiply every sum of this pass by ``factor`` (e.g. ``1 / batches`` for the mean)."""
         for flat in self.buffers.values():
             flat.mul_(factor)
 
     def all_reduce(self) -> int:
-        """Sum every rank's sketches with one ``all_reduce`` per buffer (one buffer per device,
+        """Sum this pass over the ranks with one ``all_reduce`` per buffer (one buffer per device,
         usually one), if a default process group is running. Returns the number of calls made.
 
         NCCL needs a CUDA tensor: a CPU buffer is reduced through a CUDA copy then.
@@ -234,35 +365,64 @@ class SketchBank:
             calls += 1
         return calls
 
+    def finish_pass(self, batches: int) -> int:
+        """The pass's sums are complete on this rank: mean over ``batches`` and over the ranks (one
+        all-reduce per device buffer), then each sketch prepares its next pass. Returns the
+        number of all-reduce calls."""
+        self.scale_(1.0 / batches)
+        calls = self.all_reduce()
+        if calls:
+            self.scale_(1.0 / dist.get_world_size())
+        for sk in self.sketches.values():
+            sk.end_pass()
+        self.done += 1
+        if self.done < self.passes:
+            self._stack()
+        return calls
+
     def state_dict(self) -> dict[str, Tensor]:
-        """``{name}.Y`` and ``{name}.Z`` as separate CPU tensors (for safetensors)."""
+        """The final tensors of every sketch as ``{name}.{part}`` CPU tensors (for safetensors)."""
         out = {}
         for name, sk in self.sketches.items():
-            out[f"{name}.Y"] = sk.y.detach().to("cpu", copy=True)
-            out[f"{name}.Z"] = sk.z.detach().to("cpu", copy=True)
+            parts = sk.sums() if isinstance(sk, GradientSketch) else sk.state_dict()
+            for part, tensor in parts.items():
+                out[f"{name}.{part}"] = tensor.detach().to("cpu", copy=True).contiguous()
         return out
 
     def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
-        """Overwrite every sketch from ``state_dict`` output.
+        """Take every sketch's final tensors from ``state_dict`` output (all passes done).
 
         Raises:
             ValueError: a name is missing or a shape differs (e.g. another sketch size).
         """
         for name, sk in self.sketches.items():
-            y, z = tensors.get(f"{name}.Y"), tensors.get(f"{name}.Z")
-            if y is None or z is None or y.shape != sk.y.shape or z.shape != sk.z.shape:
-                raise ValueError(f"cached sketch of {name!r} is missing or has another shape")
-            sk.y.copy_(y)
-            sk.z.copy_(z)
+            if isinstance(sk, GradientSketch):
+                for part, target in sk.sums().items():
+                    value = tensors.get(f"{name}.{part}")
+                    if value is None or value.shape != target.shape:
+                        raise ValueError(f"cached sketch of {name!r} is missing or has another shape")
+                    target.copy_(value)
+            else:
+                q, s = tensors.get(f"{name}.Q"), tensors.get(f"{name}.S")
+                if q is None or s is None or q.shape != (sk.d_out, sk.k) or s.shape != (sk.d_in, sk.k):
+                    raise ValueError(f"cached sketch of {name!r} is missing or has another shape")
+                sk.load_final(q, s)
+        self.done = self.passes
 
     def expected_keys(self) -> set[str]:
-        return {f"{n}.{part}" for n in self.sketches for part in ("Y", "Z")}
+        parts = ("Y", "Z") if self.passes == 1 else ("Q", "S")
+        return {f"{n}.{part}" for n in self.sketches for part in parts}
 
     def nbytes(self) -> int:
-        """Bytes held: the stacked float32 ``Y``/``Z`` buffers plus every int8 ``Ω`` and ``Ψ``."""
+        """Bytes held now: the stacked float32 sums plus each sketch's test matrices or basis."""
         flat = sum(b.numel() * b.element_size() for b in self.buffers.values())
-        tests = sum(sk.omega.numel() + sk.psi.numel() for sk in self.sketches.values())  # int8
-        return flat + tests
+        own = 0
+        for sk in self.sketches.values():
+            if isinstance(sk, GradientSketch):
+                own += sk.omega.numel() + sk.psi.numel()  # int8
+            else:
+                own += sk.basis.numel() * sk.basis.element_size()
+        return flat + own
 
     def low_rank(self, names: Iterable[str] | None = None, *, q: Mapping[str, int]) -> dict[str, LowRankGradient]:
         return {name: self.sketches[name].low_rank(q[name]) for name in (names or self.sketches)}

@@ -227,8 +227,10 @@ def sketch_gradients(
     hosts: Mapping[str, AdaptedLinear] | None = None,
     transposed: Iterable[str] = (),
 ) -> SketchBank:
-    """The sketched estimate: ``bank`` ends holding ``Y = Ḡ Ω``, ``Z = Ψ Ḡ`` of the mean gradient
-    ``Ḡ`` of every weight and host (see ``hybridpeft.gradient_sketch``), on the weights' devices.
+    """One pass of the sketched estimate: every sketch in ``bank`` sums its pass's products of the
+    mean gradient ``Ḡ`` of each weight and host (``Y = Ḡ Ω``, ``Z = Ψ Ḡ`` for the single pass; see
+    ``hybridpeft.gradient_sketch``), averaged over the batches and, in one all-reduce, the ranks.
+    Call it ``bank.passes`` times on the same batches.
 
     A weight's gradient updates its sketch as soon as autograd produces it (two GEMMs
     with ``k``/``l`` columns) and is then dropped; nothing of size d_out × d_in is kept.
@@ -236,7 +238,7 @@ def sketch_gradients(
     so no d_out × d_in tensor is ever formed for it.
 
     Args:
-        bank: the sketches, one per name in ``weights`` and ``hosts`` (zeros on entry).
+        bank: the sketches, one per name in ``weights`` and ``hosts``.
         transposed: names whose parameter is stored (d_in, d_out) (GPT-2 ``Conv1D``).
         The rest as for ``estimate_gradients``.
     """
@@ -251,7 +253,7 @@ def sketch_gradients(
 
     count = run_backward_passes(model, weights, batches, num_batches=num_batches, loss_fn=loss_fn, hosts=hosts,
                                 on_grad=add_grad, on_outer=add_outer)
-    bank.scale_(1.0 / count)
+    bank.finish_pass(count)
     return bank
 
 
@@ -554,13 +556,14 @@ def _sketch_estimate(model, targets, shapes, weights, params, hosts, chosen, n, 
     ``sketch_gradients`` (or read from the cache) and summed over ranks in one all-reduce."""
     configs = {name: part.ga_config for name, (_, part) in targets.items()}
     sizes = {name: configs[name].sketch_size_for(d_in, d_out) for name, (d_in, d_out) in shapes.items()}
-    seed = next(iter(configs.values())).sketch_seed
+    first = next(iter(configs.values()))
+    seed, passes = first.sketch_seed, first.sketch_passes
     bank = SketchBank({name: (d_out, d_in, weights[name].device) for name, (d_in, d_out) in shapes.items()},
-                      sizes, seed=seed)
+                      sizes, seed=seed, passes=passes)
     path = None
     hit = False
     if cache_dir is not None:
-        spec = f"sketch seed={seed} k=" + ",".join(f"{name}:{k}" for name, k in sizes.items())
+        spec = f"sketch seed={seed} passes={passes} k=" + ",".join(f"{name}:{k}" for name, k in sizes.items())
         path = _cache_file(cache_dir, cache_key(model, weights, chosen, n, loss_fn, estimate=spec), kind="sketch")
         cached = _read_cache(path, bank.expected_keys())
         hit = _agree_on_hit(cached is not None)
@@ -568,9 +571,9 @@ def _sketch_estimate(model, targets, shapes, weights, params, hosts, chosen, n, 
             bank.load_state_dict(cached)
     if not hit:
         transposed = [name for name in params if not isinstance(targets[name][0].base_layer, nn.Linear)]
-        sketch_gradients(model, params, chosen, bank, num_batches=n, loss_fn=loss_fn, hosts=hosts, transposed=transposed)
-        if bank.all_reduce():  # linear sketches: the sum over ranks is one all-reduce; then the mean
-            bank.scale_(1.0 / dist.get_world_size())
+        for _ in range(passes):  # linear sketches: each pass sums over ranks in one all-reduce
+            sketch_gradients(model, params, chosen, bank, num_batches=n, loss_fn=loss_fn, hosts=hosts,
+                             transposed=transposed)
         if path is not None:
             _write_cache(path, bank.state_dict())
     return {name: bank[name].low_rank(configs[name].rank_needed()) for name in bank}

@@ -34,9 +34,9 @@ class HybridConfig(AdapterConfig):
     """Args (flat; ``lora_*``/``ga_*`` feed the LoRA-GA branch, ``boft_*`` the BOFT branch):
         lora_r, lora_alpha, lora_dropout, lora_rslora: ``LoraGAConfig``'s ``r``, ``alpha``, ``dropout``, ``rslora``.
         ga_direction, ga_scale, ga_stable_gamma, ga_init_form, ga_num_batches, ga_svd_niter,
-        ga_estimator, ga_sketch_size, ga_sketch_seed:
+        ga_estimator, ga_sketch_size, ga_sketch_seed, ga_sketch_passes:
             ``LoraGAConfig``'s ``direction``, ``scale``, ``stable_gamma``, ``init_form``,
-            ``num_batches``, ``svd_niter``, ``estimator``, ``sketch_size``, ``sketch_seed``. (The start point always stays in the adapter:
+            ``num_batches``, ``svd_niter``, ``estimator``, ``sketch_size``, ``sketch_seed``, ``sketch_passes``. (The start point always stays in the adapter:
             subtracting it from the ``W`` that the BOFT branch also rotates would change the output.)
         boft_block_size, boft_n_factors: ``BoftConfig``'s ``block_size``, ``n_factors`` (output side).
         recompute_base: ``BoftConfig``'s ``recompute_base``. ``False`` (default): backward keeps
@@ -70,6 +70,7 @@ class HybridConfig(AdapterConfig):
     ga_estimator: str = "auto"
     ga_sketch_size: int | None = None
     ga_sketch_seed: int = 0
+    ga_sketch_passes: int = 1
     boft_block_size: int = 8
     boft_n_factors: int = 3
     recompute_base: bool = False
@@ -115,6 +116,7 @@ _LORA_GA_FIELDS = {
     "direction": "ga_direction", "scale": "ga_scale", "stable_gamma": "ga_stable_gamma",
     "init_form": "ga_init_form", "num_batches": "ga_num_batches", "svd_niter": "ga_svd_niter",
     "estimator": "ga_estimator", "sketch_size": "ga_sketch_size", "sketch_seed": "ga_sketch_seed",
+    "sketch_passes": "ga_sketch_passes",
 }
 _BOFT_FIELDS = {"block_size": "boft_block_size", "n_factors": "boft_n_factors", "recompute_base": "recompute_base"}
 

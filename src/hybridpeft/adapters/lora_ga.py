@@ -75,6 +75,10 @@ class LoraGAConfig(LoraConfig):
             at least ``rank_needed()`` and at most ``min(d_in, d_out)`` of every adapted layer.
             ``None`` (default): ``DEFAULT_SKETCH_FACTOR × rank_needed()``, capped at ``min(d_in, d_out)``.
         sketch_seed: draws the sketch's random sign matrices (identical on every rank and machine).
+        sketch_passes: sweeps over the estimate's batches: 1 (default) the single-pass sketch;
+            ``p ≥ 2`` randomized subspace iteration, ``p`` times the forward/backward passes for a
+            better separation of the top directions when the spectrum decays slowly (``p = 2 + 2q``
+            equals ``svd_lowrank(niter=q)``; the exact estimator uses ``q = svd_niter``).
 
     ``norm_bound`` is refused: rescaling ``A`` and ``B`` does not rescale ``BA − B0A0``.
     """
@@ -90,6 +94,7 @@ class LoraGAConfig(LoraConfig):
     estimator: str = "auto"
     sketch_size: int | None = None
     sketch_seed: int = 0
+    sketch_passes: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +115,8 @@ class LoraGAConfig(LoraConfig):
               f"{'r' if need == self.r else '2r'} with r={self.r})")
         check(isinstance(self.sketch_seed, int) and not isinstance(self.sketch_seed, bool) and self.sketch_seed >= 0,
               "sketch_seed", self.sketch_seed, "a non-negative integer")
+        check(isinstance(self.sketch_passes, int) and not isinstance(self.sketch_passes, bool) and self.sketch_passes >= 1,
+              "sketch_passes", self.sketch_passes, "a positive integer (1: single pass)")
 
     def lora_ga_config(self) -> "LoraGAConfig":
         """The LoRA-GA options of this config (the Hybrid returns its sub-config here)."""

@@ -75,6 +75,7 @@ class BaseSaved:
 
     bytes: int
     input_grad: dict[tuple[int, str], bool]
+    per_layer: list[int]  # the part of ``bytes`` saved inside each decoder layer
 
 
 def base_saved(dims: Dims, batch: Batch, act: int, *, full: bool, adapted: dict[int, Collection[str]]) -> BaseSaved:
@@ -106,7 +107,9 @@ def _llama(d: Dims, b: Batch, a: int, full: bool, adapted: dict[int, Collection[
     grads: dict[tuple[int, str], bool] = {}
     stream = full  # does the residual stream need a gradient here?
     rope_saved = False
+    per_layer = []
     for layer in range(d.layers):
+        start = total
         mods = adapted.get(layer, ())
         grads[(layer, "attn_in")] = stream
         if stream:
@@ -131,11 +134,12 @@ def _llama(d: Dims, b: Batch, a: int, full: bool, adapted: dict[int, Collection[
             total += a * n * d.hidden + a * n * d.intermediate  # gate/up input, down input
         grads[(layer, "mlp_mid")] = gate or up
         stream = stream or gate or up or "down_proj" in mods
+        per_layer.append(total - start)
     if stream:
         total += norm  # final norm
     if full:
         total += a * n * d.hidden + I64 * n  # the head's input; the embedding's indices
-    return BaseSaved(total + _loss(d, n), grads)
+    return BaseSaved(total + _loss(d, n), grads, per_layer)
 
 
 def _bloom(d: Dims, b: Batch, a: int, full: bool, adapted: dict[int, Collection[str]]) -> BaseSaved:
@@ -145,7 +149,9 @@ def _bloom(d: Dims, b: Batch, a: int, full: bool, adapted: dict[int, Collection[
     total = norm if full else 0  # the embeddings' LayerNorm
     grads: dict[tuple[int, str], bool] = {}
     stream = full
+    per_layer = []
     for layer in range(d.layers):
+        start = total
         mods = adapted.get(layer, ())
         grads[(layer, "attn_in")] = stream
         if stream:
@@ -167,11 +173,26 @@ def _bloom(d: Dims, b: Batch, a: int, full: bool, adapted: dict[int, Collection[
             total += a * n * d.hidden + a * n * d.intermediate  # the two MLP inputs
         grads[(layer, "mlp_mid")] = up
         stream = stream or up or "dense_4h_to_h" in mods
+        per_layer.append(total - start)
     if stream:
         total += norm  # ln_f
     if full:
         total += a * n * d.hidden + I64 * n
-    return BaseSaved(total + _loss(d, n), grads)
+    return BaseSaved(total + _loss(d, n), grads, per_layer)
+
+
+def checkpointed_saved(dims: Dims, batch: Batch, act: int, walked: BaseSaved, module_per_layer: list[int]) -> tuple[int, int]:
+    """With activation checkpointing of every decoder layer (transformers' ``gradient_checkpointing``,
+    non-reentrant): (kept through the forward, recomputed at most at once in the backward).
+
+    Each layer keeps only its input hidden states (``a N H``); what the layers would save is
+    recomputed one layer at a time in the backward, so the largest layer's saved bytes (base
+    and adapters) are alive on top. Outside the layers (final norm, loss) nothing changes.
+    """
+    outside = walked.bytes - sum(walked.per_layer)
+    kept = dims.layers * act * batch.tokens * dims.hidden + outside
+    largest = max((b + m for b, m in zip(walked.per_layer, module_per_layer)), default=0)
+    return kept, largest
 
 
 def loss_backward_transient(dims: Dims, batch: Batch, act: int) -> int:

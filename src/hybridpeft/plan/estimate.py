@@ -36,7 +36,8 @@ from typing import Any
 
 from ..config import AdapterConfig, config_class
 from ..gradient_sketch import sketch_bytes
-from .activations import INPUT_GROUP, INPUT_SAVED, OUTPUT_SAVED, Batch, base_saved, loss_backward_transient
+from .activations import (INPUT_GROUP, INPUT_SAVED, OUTPUT_SAVED, Batch, base_saved, checkpointed_saved,
+                          loss_backward_transient)
 from .methods import adapter_tensors, module_saved
 from .shapes import Inventory, PlanInputError, default_targets, dims_of, family_of, inventory, resolve_config
 
@@ -66,6 +67,7 @@ class PlanRequest:
     sharding: str = "none"
     device_kind: str = "cuda"
     device_memory_gib: float | None = None
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -129,6 +131,7 @@ def validate(req: PlanRequest) -> None:
            f"'ddp' or 'fsdp' with world_size={req.world_size} (one device has nothing to shard or replicate)")
     _check(not (req.quantization == "nf4" and req.method == "full"), "quantization", req.quantization,
            "'none' for method='full': 4-bit weights cannot be trained")
+    _check(isinstance(req.gradient_checkpointing, bool), "gradient_checkpointing", req.gradient_checkpointing, "true or false")
     _check(req.device_memory_gib is None or (isinstance(req.device_memory_gib, (int, float)) and req.device_memory_gib > 0),
            "device_memory", req.device_memory_gib, "a positive number of GiB")
 
@@ -216,12 +219,19 @@ def plan(req: PlanRequest) -> Plan:
     walked = base_saved(dims, batch, act, full=full, adapted={} if full else adapted)
     base = walked.bytes
     mask = 1 if req.device_kind == "cuda" else act  # dropout masks: bool on CUDA, the input's dtype on a CPU
-    module_bytes = 0 if full else _modules_saved(config, targets, dims.family, batch.tokens, act, adapter_size,
-                                                 walked.input_grad, mask)
+    module_bytes, module_layers = (0, {}) if full else _modules_saved(
+        config, targets, dims.family, batch.tokens, act, adapter_size, walked.input_grad, mask)
     transient = loss_backward_transient(dims, batch, act)
     if full and not dims.tied and inv.head is not None:
         head = inv.linears[inv.head]
         transient = max(transient, act * batch.tokens * dims.vocab + act * head.d_in * head.d_out)
+    if req.gradient_checkpointing:
+        per_layer_modules = [module_layers.get(i, 0) for i in range(dims.layers)]
+        kept, recomputed = checkpointed_saved(dims, batch, act, walked, per_layer_modules)
+        base, module_bytes = kept, module_bytes - sum(per_layer_modules)
+        transient = max(transient, recomputed)  # one layer's activations at a time, after the loss's backward
+        notes.append("gradient checkpointing: each decoder layer keeps its input; the largest layer's activations "
+                     "are recomputed at a time in the backward (under 'loss backward')")
 
     gathered = 0
     if req.sharding == "fsdp":
@@ -263,20 +273,24 @@ def plan(req: PlanRequest) -> Plan:
 
 
 def _modules_saved(config: AdapterConfig, targets, family: str, n: int, act: int, adapter_size: int,
-                   input_grad: dict[tuple[int, str], bool], mask: int, force_input: bool = False) -> int:
-    """Saved bytes of the adapted modules, with each shared input kept once and what the base keeps not again."""
-    total = 0
+                   input_grad: dict[tuple[int, str], bool], mask: int,
+                   force_input: bool = False) -> tuple[int, dict[int | None, int]]:
+    """Saved bytes of the adapted modules (total, per decoder layer), each shared input kept once
+    and what the base keeps not again."""
+    per_layer: dict[int | None, int] = defaultdict(int)
     inputs: dict[tuple[int | None, str], int] = {}
     for lin in targets:
         group = INPUT_GROUP.get(family, {}).get(lin.short, lin.name)
         x_grad = input_grad.get((lin.layer, group), True)
         cost = module_saved(config, lin.d_in, lin.d_out, n, act, adapter_size, x_grad=x_grad, mask=mask)
-        total += cost.other
+        per_layer[lin.layer] += cost.other
         if (cost.keeps_input or force_input) and lin.short not in INPUT_SAVED.get(family, ()):
             inputs[(lin.layer, group)] = n * lin.d_in * act
         if cost.keeps_output and (lin.bias or lin.short not in OUTPUT_SAVED.get(family, ())):
-            total += n * lin.d_out * act
-    return total + sum(inputs.values())
+            per_layer[lin.layer] += n * lin.d_out * act
+    for (layer, _), nbytes in inputs.items():
+        per_layer[layer] += nbytes
+    return sum(per_layer.values()), dict(per_layer)
 
 
 def _estimate_peaks(req: PlanRequest, config, ga, inv: Inventory, targets, batch: Batch, act: int, adapter_size: int,
@@ -285,10 +299,15 @@ def _estimate_peaks(req: PlanRequest, config, ga, inv: Inventory, targets, batch
     n = batch.tokens
     activation_path = req.quantization == "nf4" or req.sharding == "fsdp"
     # every adapted weight requires a gradient: each adapted module keeps its input as well
-    saved = walked.bytes + _modules_saved(config, targets, inv.dims.family, n, act, adapter_size, walked.input_grad,
-                                          mask, force_input=True)
+    module_bytes, module_layers = _modules_saved(config, targets, inv.dims.family, n, act, adapter_size,
+                                                 walked.input_grad, mask, force_input=True)
+    saved, transient = walked.bytes + module_bytes, parts["loss_transient"]
+    if req.gradient_checkpointing:
+        per_layer = [module_layers.get(i, 0) for i in range(inv.dims.layers)]
+        kept, recomputed = checkpointed_saved(inv.dims, batch, act, walked, per_layer)
+        saved, transient = kept + module_bytes - sum(per_layer), max(transient, recomputed)
     device_static = parts["weights"] + parts["adapter_params"] + parts["adapter_buffers"]
-    common = device_static + saved + parts["loss_transient"]
+    common = device_static + saved + transient
     largest = max(lin.d_in * lin.d_out for lin in targets)
     adapted = inv.linear_weight_numel(inv.targets)
     widest = max(lin.d_in + lin.d_out for lin in targets)
@@ -299,13 +318,15 @@ def _estimate_peaks(req: PlanRequest, config, ga, inv: Inventory, targets, batch
         exact_flight = act * largest  # one weight's gradient, then copied to the host
     out.append(EstimatePeak("exact", common + exact_flight, 4 * adapted + (act + 4) * largest,
                             {"accumulators_host": 4 * adapted, "in_flight": exact_flight}))
-    bank = sum(sketch_bytes(lin.d_out, lin.d_in, ga.sketch_size_for(lin.d_in, lin.d_out)) for lin in targets)
+    bank = sum(sketch_bytes(lin.d_out, lin.d_in, ga.sketch_size_for(lin.d_in, lin.d_out), ga.sketch_passes)
+               for lin in targets)
     k = max(ga.sketch_size_for(lin.d_in, lin.d_out) for lin in targets)
     if activation_path:
         sketch_flight = 4 * n * widest + 4 * n * 3 * k  # g and x upcast; xΩ, Ψgᵀ
     else:
         sketch_flight = act * largest + (4 * largest if act != 4 else 0) + 4 * 3 * k * widest
-    out.append(EstimatePeak("sketch", common + bank + sketch_flight, 0, {"sketches": bank, "in_flight": sketch_flight}))
+    out.append(EstimatePeak("sketch", common + bank + sketch_flight, 0,
+                            {"sketches": bank, "in_flight": sketch_flight, "k": k, "passes": ga.sketch_passes}))
     return out
 
 

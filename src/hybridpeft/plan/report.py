@@ -51,8 +51,8 @@ def format_plan(p: Plan) -> str:
         for e in p.estimate:
             extra = ""
             if e.estimator == "sketch":
-                ga = cfg.lora_ga_config()
-                extra = f" (k = {ga.sketch_size if ga.sketch_size is not None else 'default'})"
+                passes = e.detail["passes"]
+                extra = f" (k = {e.detail['k']}, {passes} pass{'es' if passes > 1 else ''})"
             lines.append(f"  {(e.estimator + extra):<48}{e.device / GiB:12.2f}{e.host / GiB:10.2f}")
         lines.append(f"  estimator={cfg.lora_ga_config().estimator!r} picks: {p.auto_estimator}")
     fits = p.fits()
