@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -66,6 +67,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest intact checkpoint of the run dir (or the one given)")
     p.add_argument("--print-config", action="store_true",
                    help="validate, print the resolved config as YAML and exit (loads no model)")
+    _unsafe_exec_argument(p)
+
+
+def _unsafe_exec_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unsafe-exec", action="store_true",
+                   help="where no OS sandbox (bubblewrap) is available, run generated code (HumanEval) anyway, "
+                        "with resource limits only; without this flag such runs are refused")
+
+
+def apply_unsafe_exec(args: argparse.Namespace) -> None:
+    """``--allow-unsafe-exec``: opt in for this process and the workers it starts (an environment variable)."""
+    if getattr(args, "allow_unsafe_exec", False):
+        from .tasks.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"
 
 
 def _job_overrides(args: argparse.Namespace) -> list[str]:
@@ -111,6 +127,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--data-dir", help="local data files for tasks that read them")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
+    _unsafe_exec_argument(p)
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
@@ -186,6 +203,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from .bench.commands import add_bench_arguments
 
     add_bench_arguments(p)
+    _unsafe_exec_argument(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -239,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_CONFIG
+    from .tasks.sandbox import SandboxUnavailable
     from .train.config import ConfigError
     from .train.loop import TrainingAborted
 
+    apply_unsafe_exec(args)
     try:
         return args._run(args)
     except ConfigError as err:
@@ -250,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingAborted as err:
         print(f"hybridpeft: {err}", file=sys.stderr)
         return EXIT_ABORTED
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, SandboxUnavailable) as err:
         print(f"hybridpeft: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is saved; say how to go on

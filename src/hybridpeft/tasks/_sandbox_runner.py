@@ -1,15 +1,22 @@
-"""Child side of the sandbox: confine this process, then run ``program.py``.
+"""Child side of the sandbox: confine this process, then run the program.
 
-Started by ``sandbox.run_program`` as ``python -I _sandbox_runner.py WORKDIR MEMORY CPU FSIZE UID``
-in a new session (its own process group), with a stripped environment, stdin
-closed and stdout/stderr going to size-limited files. Standard library only; it
-must not import the package.
+Started by ``sandbox.run_program`` as
+``python -I _sandbox_runner.py WORKDIR PROGRAM MEMORY CPU FSIZE UID UNSAFE``
+with a stripped environment, stdin closed and stdout/stderr going to files —
+inside bubblewrap's namespaces normally (see ``_bwrap``), or, only when the
+user opted in to unsafe execution, directly on the host in a new session.
+Standard library only; it must not import the package.
 
 Order matters: everything that needs privileges or file access (reading the
-program, pre-importing its standard-library modules, leaving the network
-namespace) happens first; then resource limits, then dropping to an unprivileged
-uid, then disabling destructive functions, and only then the untrusted code runs.
+program, pre-importing its standard-library modules; in the unsafe mode also
+leaving the network namespace) happens first; then resource limits, then
+dropping to an unprivileged uid (``UID`` >= 0: the caller is root), then
+disabling destructive functions, and only then the untrusted code runs.
 Exit status 0 means the program ran to its end; anything else is a failure.
+
+The in-process guards are a last layer that the program can undo (for instance
+by re-importing a module); nothing relies on them. The kernel-enforced parts
+here are the resource limits and the uid drop.
 """
 import ast
 import builtins
@@ -22,8 +29,8 @@ import shutil
 import sys
 import traceback
 
-# Imported before the uid drop so that programs can use them even when the
-# interpreter's files are unreadable to the unprivileged user.
+# Imported before the guards (some modules call stubbed functions on import) and
+# the uid drop (in the unsafe mode the interpreter's files may become unreadable).
 PRELOAD = (
     "typing", "math", "cmath", "re", "string", "collections", "collections.abc", "itertools", "functools",
     "operator", "heapq", "bisect", "hashlib", "fractions", "decimal", "statistics", "random", "copy",
@@ -52,6 +59,7 @@ BLOCKED_SHUTIL = ("rmtree", "move", "chown", "disk_usage")
 CONFINED_OS = {"remove": 1, "unlink": 1, "rmdir": 1, "rename": 2, "replace": 2, "truncate": 1, "chmod": 1}
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+MAX_OPEN_FILES = 256
 
 
 def _blocked(name):
@@ -103,6 +111,7 @@ def limit(resource_id, soft, hard=None):
 
 def confine(memory, cpu, fsize, uid):
     limit(resource.RLIMIT_AS, memory)
+    limit(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)
     limit(resource.RLIMIT_CPU, max(1, cpu), max(1, cpu) + 1)  # SIGXCPU, then SIGKILL a second later
     limit(resource.RLIMIT_FSIZE, fsize)
     limit(resource.RLIMIT_CORE, 0)
@@ -176,12 +185,14 @@ def guard(workdir):
 
 
 def main():
-    workdir, memory, cpu, fsize, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    workdir, program = sys.argv[1], sys.argv[2]
+    memory, cpu, fsize, uid, unsafe = (int(a) for a in sys.argv[3:8])
     os.chdir(workdir)
-    with open("program.py", encoding="utf-8") as f:
+    with open(program, encoding="utf-8") as f:
         source = f.read()
-    leave_network()
-    preload(source)
+    if unsafe:  # no OS sandbox around us: do what little a process can do for itself
+        leave_network()
+    preload(source)  # before the guards stub functions some modules call on import (random: register_at_fork)
     confine(memory, cpu, fsize, uid)
     exit_now, flush = os._exit, sys.stdout.flush
     guard(workdir)
@@ -191,6 +202,10 @@ def main():
         flush()
     except BaseException:  # SystemExit too: leaving early is not passing
         try:
+            try:
+                flush()  # what the program printed before failing helps to see why
+            except BaseException:
+                pass
             traceback.print_exc()
             sys.stderr.flush()
         finally:
