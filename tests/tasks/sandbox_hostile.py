@@ -130,6 +130,12 @@ CASES = [
     Case("disk flood /dev/shm", FLOOD.format(cap_mb=64, where="'/dev/shm'"), unguard=True),
     Case("stdout flood", "import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)"),
     Case("stderr flood", "import sys\nwhile True:\n    sys.stderr.write('x' * 10**6)"),
+    # -- only the capped tmpfs mounts may be writable (an uncapped one would let a program fill the RAM)
+    Case("writable directories", "dirs = {'/', '/dev', '/sandbox', '/etc', '/var/tmp', '/run', sys.prefix, D, HOME}\n"
+         "dirs |= {os.path.join('/', d) for d in os.listdir('/')}\nwritable = []\nfor d in sorted(dirs):\n"
+         "    probe = os.path.join(d, f'hybridpeft-probe-{TOKEN}-{CASE_ID}')\n    try:\n"
+         "        with open(probe, 'x') as f:\n            f.write('x')\n    except OSError:\n        continue\n"
+         "    writable.append(d)\n    os.unlink(probe)\nprint('WRITABLE', writable)", unguard=True),
     # -- files that could outlive the run
     Case("leftovers", "for d in ('/tmp', '/dev/shm', '/var/tmp', HOME, '.'):\n    try:\n"
          "        open(os.path.join(d, f'hybridpeft-leak-{TOKEN}-{CASE_ID}'), 'w').write('left')\n"

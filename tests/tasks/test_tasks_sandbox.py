@@ -10,6 +10,7 @@ in any output, no leftover files or processes, floods bounded and failed.
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -117,6 +118,41 @@ def test_isolation_says_which_layers_are_active():
     for layer in ("mount namespace", "pid namespace", "network namespace", "seccomp", "rlimits"):
         assert layer in text, text
     assert ("no user namespace" in text) == (os.geteuid() == 0)
+
+
+LAYERS_PROBE = """
+import json, os
+status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines())
+mounts = {line.split()[4]: line.split(' - ')[1] + ' ' + line.split()[5] for line in open('/proc/self/mountinfo')}
+print(json.dumps({
+    'uid': os.getuid(), 'cap_eff': status['CapEff'].strip(), 'no_new_privs': status['NoNewPrivs'].strip(),
+    'seccomp': status['Seccomp'].strip(), 'ns': {n: os.readlink(f'/proc/self/ns/{n}') for n in NAMESPACES},
+    'mounts': mounts, 'interfaces': [l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]],
+    'nproc': [l.split()[2] for l in open('/proc/self/limits') if l.startswith('Max processes')][0], 'processes': sorted(p for p in os.listdir('/proc') if p.isdigit()),
+}))
+"""
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts")
+
+
+def test_layers_are_in_force():
+    """Read back from inside what the kernel applied: identity, namespaces, mounts, network, seccomp, rlimits."""
+    _require_isolation()
+    limits = SandboxLimits(timeout_s=10.0, cpu_s=5, memory_mb=512, disk_mb=16, output_chars=50_000)
+    result = run_program(f"NAMESPACES = {NAMESPACES!r}\n" + LAYERS_PROBE, limits)
+    assert result.passed, result.stderr
+    inside = json.loads(result.stdout)
+    assert inside["uid"] == NOBODY and int(inside["cap_eff"], 16) == 0 and inside["no_new_privs"] == "1"
+    for name in NAMESPACES:
+        assert inside["ns"][name] != os.readlink(f"/proc/self/ns/{name}"), name
+    assert inside["mounts"]["/"].split()[-1].startswith("ro"), inside["mounts"]["/"]
+    for path, size in (("/tmp", "size=16384k"), ("/dev/shm", "size=1024k")):
+        assert inside["mounts"][path].startswith("tmpfs") and size in inside["mounts"][path], inside["mounts"][path]
+    assert all(inside["mounts"][m].split()[-1].startswith("ro") for m in inside["mounts"]
+               if m not in ("/tmp", "/dev/shm", "/proc") and not m.startswith(("/dev", "/proc/"))), inside["mounts"]
+    assert inside["interfaces"] == ["lo"]
+    assert inside["nproc"] == "0" and len(inside["processes"]) <= 2  # bwrap's init and the program
+    if "syscalls denied" in sandbox.isolation().describe():
+        assert inside["seccomp"] == "2"  # filter mode
 
 
 # ---------------------------------------------------------------- no OS sandbox: refuse unless opted in
@@ -430,6 +466,9 @@ def _violations(state: dict, case: hostile.Case) -> list[str]:
         cap = 1 if "shm" in case.name else HOSTILE_LIMITS["disk_mb"]
         if wrote and int(wrote.group(1)) > cap:
             bad.append(f"wrote {wrote.group(1)} MiB, more than the {cap} MiB cap")
+    writable = re.search(r"WRITABLE (\[.*\])", record["stdout"])
+    if writable and not set(ast.literal_eval(writable.group(1))) <= {"/tmp", "/dev/shm"}:
+        bad.append(f"could write outside its capped tmpfs mounts: {writable.group(1)}")
     if case.name in state["ns_processes"]:
         if state["ns_processes"][case.name]:
             bad.append(f"processes outlived the run: {state['ns_processes'][case.name]}")

@@ -10,7 +10,8 @@ The program sees a new root: an empty tmpfs, remounted read-only, holding
   at the same paths — nothing else of the host's files, so no home directory,
   no ``/run`` (no host AF_UNIX sockets), no ``/work``;
 * ``/sandbox/runner.py`` and ``/sandbox/program.py``, read-only;
-* a fresh ``/proc`` of its own pid namespace, a minimal ``/dev``;
+* a fresh ``/proc`` of its own pid namespace, a minimal ``/dev`` (read-only:
+  in a user namespace its tmpfs would belong to the program, uncapped);
 * ``/tmp`` (its working directory, ``HOME`` and ``TMPDIR``) and ``/dev/shm``:
   private tmpfs mounts capped in size, the only writable places, gone when the
   namespace ends.
@@ -86,14 +87,19 @@ def _python_layer() -> list[str]:
 
 
 def command(bwrap: str, *, as_root: bool, runner: str, program_fd: int, seccomp_fd: int | None,
-            disk_bytes: int, status_fd: int) -> list[str]:
-    """The bwrap arguments up to (not including) the interpreter command inside."""
+            disk_bytes: int, status_fd: int, disable_userns: bool = True) -> list[str]:
+    """The bwrap arguments up to (not including) the interpreter command inside.
+
+    ``disable_userns`` needs bwrap >= 0.8; without it, seccomp's ban on
+    ``unshare``/``setns`` and RLIMIT_NPROC = 0 (no ``clone``) keep nested
+    namespaces out.
+    """
     if as_root:
         identity = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
                     "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        identity = ["--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(NOBODY), "--gid", str(NOBODY),
-                    "--cap-drop", "ALL"]
+        identity = ["--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
+                    "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL"]
     args = [bwrap, *identity, "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--json-status-fd", str(status_fd)]
     args += _system_layer() + _python_layer()
@@ -102,7 +108,7 @@ def command(bwrap: str, *, as_root: bool, runner: str, program_fd: int, seccomp_
     args += ["--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", WORKDIR,
              "--perms", "1777", "--size", str(SHM_BYTES), "--tmpfs", "/dev/shm",
-             "--remount-ro", "/", "--chdir", WORKDIR, "--clearenv"]
+             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", WORKDIR, "--clearenv"]
     for key, value in ENV.items():
         args += ["--setenv", key, value]
     if seccomp_fd is not None:

@@ -65,6 +65,7 @@ RUNNER = Path(__file__).with_name("_sandbox_runner.py")
 NOBODY = _bwrap.NOBODY
 UNSAFE_ENV = "HYBRIDPEFT_ALLOW_UNSAFE_EXEC"
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap)"
+MIN_BWRAP = (0, 7)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -132,6 +133,7 @@ class Isolation:
     reason: str = ""
     bwrap: str | None = None
     as_root: bool = False
+    bwrap_version: tuple[int, ...] = ()
 
     def describe(self) -> str:
         if self.kind == "none":
@@ -139,10 +141,11 @@ class Isolation:
         return f"bubblewrap sandbox: {'; '.join(self.layers)}"
 
 
-def _layers(as_root: bool) -> tuple[str, ...]:
+def _layers(as_root: bool, version: tuple[int, ...]) -> tuple[str, ...]:
     _, seccomp = _seccomp.compiled_filter()
+    nested = "may not create user namespaces" if version >= (0, 8) else "nested user namespaces left to seccomp"
     identity = ("no user namespace (caller is root); program runs as host uid 65534 with no capabilities" if as_root
-                else "user namespace: program is uid 65534, may not create user namespaces")
+                else f"user namespace: program is uid 65534, {nested}")
     return (
         identity,
         "mount namespace: read-only root with only /usr and the Python installation",
@@ -164,6 +167,15 @@ def _bwrap_binary() -> str | None:
     return next((p for p in ("/usr/bin/bwrap", "/bin/bwrap", "/usr/local/bin/bwrap") if os.access(p, os.X_OK)), None)
 
 
+def _bwrap_version(bwrap: str) -> tuple[int, ...]:
+    """``bwrap --version`` ("bubblewrap 0.8.0") as a tuple; () when it cannot be read."""
+    try:
+        text = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return tuple(int(x) for x in text.split()[-1].split("."))
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return ()
+
+
 PROBE = "import os\nassert os.getuid() == 65534, os.getuid()\nprint('sandbox-ok')\n"
 
 
@@ -174,8 +186,12 @@ def detect_isolation() -> Isolation:
     bwrap = _bwrap_binary()
     if bwrap is None:
         return Isolation("none", reason="bwrap is not installed")
+    version = _bwrap_version(bwrap)
+    if version < MIN_BWRAP:  # --size (a capped tmpfs) arrived in 0.7.0
+        found = ".".join(map(str, version)) or "of unknown version"
+        return Isolation("none", reason=f"bwrap {found} is too old: need >= 0.7 for size-capped tmpfs mounts")
     as_root = os.geteuid() == 0
-    candidate = Isolation("bwrap", _layers(as_root), bwrap=bwrap, as_root=as_root)
+    candidate = Isolation("bwrap", _layers(as_root, version), bwrap=bwrap, as_root=as_root, bwrap_version=version)
     try:
         result = _run_isolated(PROBE, SandboxLimits(timeout_s=30.0), candidate)
     except OSError as err:
@@ -276,39 +292,44 @@ def _runner_args(workdir: str, program: str, limits: SandboxLimits, uid: int, un
             str(uid), str(int(unsafe))]
 
 
+def _read_events(fd: int) -> list[dict]:
+    """bwrap's ``--json-status-fd`` stream: one JSON object per line (``child-pid``, then ``exit-code``)."""
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return [json.loads(line) for line in lines if line.strip().startswith("{")]
+
+
 def _run_isolated(source: str, limits: SandboxLimits, iso: Isolation) -> ExecutionResult:
-    program_fd = _memfd("hybridpeft-program", source.encode("utf-8"))
-    seccomp_fd = _seccomp.filter_fd()
     status_read, status_write = os.pipe()
-    child_fds = [fd for fd in (program_fd, seccomp_fd, status_write) if fd is not None]
+    child_fds = [status_write, _memfd("hybridpeft-program", source.encode("utf-8"))]
+    seccomp_fd = _seccomp.filter_fd()
+    if seccomp_fd is not None:
+        child_fds.append(seccomp_fd)
     uid = NOBODY if iso.as_root else -1  # as root, the runner drops to nobody itself (see _bwrap)
-    command = _bwrap.command(iso.bwrap, as_root=iso.as_root, runner=str(RUNNER), program_fd=program_fd,
-                             seccomp_fd=seccomp_fd, disk_bytes=limits.disk_mb * 2**20, status_fd=status_write)
+    command = _bwrap.command(iso.bwrap, as_root=iso.as_root, runner=str(RUNNER), program_fd=child_fds[1],
+                             seccomp_fd=seccomp_fd, disk_bytes=limits.disk_mb * 2**20, status_fd=status_write,
+                             disable_userns=iso.bwrap_version >= (0, 8))
     command += [os.path.abspath(sys.executable), "-I", "-B", f"{_bwrap.SANDBOX_DIR}/runner.py",
                 *_runner_args(_bwrap.WORKDIR, f"{_bwrap.SANDBOX_DIR}/program.py", limits, uid, unsafe=False)]
     start = time.monotonic()
-    try:
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=child_fds,
-                                        env={"PATH": "/usr/bin:/bin"}, start_new_session=True, close_fds=True)
-            finally:
-                for fd in child_fds:
-                    os.close(fd)
-                child_fds = []
-            timed_out = _wait(proc, limits.timeout_s)
-            with os.fdopen(status_read, "rb") as status_file:
-                status_read = -1
-                events = [json.loads(line) for line in status_file.read().decode().splitlines() if line.strip().startswith("{")]
-            if not timed_out and not any("child-pid" in e for e in events):
-                raise OSError(f"bwrap did not start the program: {_tail(err, 500).strip() or f'exit status {proc.returncode}'}")
-            status, code = _status(proc.returncode, timed_out)
-            return ExecutionResult(passed=status == "passed", status=status, returncode=code,
-                                   seconds=time.monotonic() - start, stdout=_tail(out, limits.output_chars),
-                                   stderr=_tail(err, limits.output_chars))
-    finally:
-        for fd in child_fds + ([status_read] if status_read >= 0 else []):
-            os.close(fd)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=child_fds,
+                                    env={"PATH": "/usr/bin:/bin"}, start_new_session=True, close_fds=True)
+        except BaseException:
+            os.close(status_read)
+            raise
+        finally:
+            for fd in child_fds:  # bwrap holds its own copies now
+                os.close(fd)
+        timed_out = _wait(proc, limits.timeout_s)
+        events = _read_events(status_read)
+        if not timed_out and not any("child-pid" in e for e in events):
+            raise OSError(f"bwrap did not start the program: {_tail(err, 500).strip() or f'exit status {proc.returncode}'}")
+        status, code = _status(proc.returncode, timed_out)
+        return ExecutionResult(passed=status == "passed", status=status, returncode=code,
+                               seconds=time.monotonic() - start, stdout=_tail(out, limits.output_chars),
+                               stderr=_tail(err, limits.output_chars))
 
 
 def _clean_env(workdir: str) -> dict[str, str]:
