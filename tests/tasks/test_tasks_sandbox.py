@@ -200,7 +200,7 @@ def test_unsafe_opt_in_warns_and_runs(monkeypatch, opt_in):
 def test_cli_flag_opts_in(monkeypatch):
     from hybridpeft import cli
 
-    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")  # recorded, so the flag's "1" is undone after the test
     for argv in (["train", "--allow-unsafe-exec"], ["eval", "--base", "--allow-unsafe-exec"],
                  ["bench", "x.yaml", "--allow-unsafe-exec"]):
         args = cli.build_parser().parse_args(argv)

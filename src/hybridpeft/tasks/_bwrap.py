@@ -9,7 +9,8 @@ The program sees a new root: an empty tmpfs, remounted read-only, holding
   ``sys.base_prefix``, the directory of the real interpreter binary), read-only,
   at the same paths — nothing else of the host's files, so no home directory,
   no ``/run`` (no host AF_UNIX sockets), no ``/work``;
-* ``/sandbox/runner.py`` and ``/sandbox/program.py``, read-only;
+* ``/sandbox/runner.py`` and ``/sandbox/program.py``, read-only copies (so
+  neither the source tree nor the user's umask matters);
 * a fresh ``/proc`` of its own pid namespace, a minimal ``/dev`` (read-only:
   in a user namespace its tmpfs would belong to the program, uncapped);
 * ``/tmp`` (its working directory, ``HOME`` and ``TMPDIR``) and ``/dev/shm``:
@@ -86,7 +87,7 @@ def _python_layer() -> list[str]:
     return args
 
 
-def command(bwrap: str, *, as_root: bool, runner: str, program_fd: int, seccomp_fd: int | None,
+def command(bwrap: str, *, as_root: bool, runner_fd: int, program_fd: int, seccomp_fd: int | None,
             disk_bytes: int, status_fd: int, disable_userns: bool = True) -> list[str]:
     """The bwrap arguments up to (not including) the interpreter command inside.
 
@@ -103,7 +104,8 @@ def command(bwrap: str, *, as_root: bool, runner: str, program_fd: int, seccomp_
     args = [bwrap, *identity, "--die-with-parent", "--new-session", "--hostname", "sandbox",
             "--json-status-fd", str(status_fd)]
     args += _system_layer() + _python_layer()
-    args += ["--perms", "0755", "--dir", SANDBOX_DIR, "--ro-bind", os.path.realpath(runner), f"{SANDBOX_DIR}/runner.py",
+    args += ["--perms", "0755", "--dir", SANDBOX_DIR,
+             "--perms", "0444", "--ro-bind-data", str(runner_fd), f"{SANDBOX_DIR}/runner.py",
              "--perms", "0444", "--ro-bind-data", str(program_fd), f"{SANDBOX_DIR}/program.py"]
     args += ["--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", WORKDIR,

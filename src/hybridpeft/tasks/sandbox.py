@@ -312,6 +312,11 @@ def _runner_args(workdir: str, program: str, limits: SandboxLimits, uid: int, un
             str(uid), str(int(unsafe))]
 
 
+@functools.cache
+def _runner_source() -> bytes:
+    return RUNNER.read_bytes()
+
+
 def _read_events(fd: int) -> list[dict]:
     """bwrap's ``--json-status-fd`` stream: one JSON object per line (``child-pid``, then ``exit-code``)."""
     with os.fdopen(fd, "rb") as f:
@@ -321,12 +326,12 @@ def _read_events(fd: int) -> list[dict]:
 
 def _run_isolated(source: str, limits: SandboxLimits, iso: Isolation) -> ExecutionResult:
     status_read, status_write = os.pipe()
-    child_fds = [status_write, _memfd("hybridpeft-program", source.encode("utf-8"))]
+    child_fds = [status_write, _memfd("hybridpeft-program", source.encode("utf-8")), _memfd("hybridpeft-runner", _runner_source())]
     seccomp_fd = _seccomp.filter_fd()
     if seccomp_fd is not None:
         child_fds.append(seccomp_fd)
     uid = NOBODY if iso.as_root else -1  # as root, the runner drops to nobody itself (see _bwrap)
-    command = _bwrap.command(iso.bwrap, as_root=iso.as_root, runner=str(RUNNER), program_fd=child_fds[1],
+    command = _bwrap.command(iso.bwrap, as_root=iso.as_root, runner_fd=child_fds[2], program_fd=child_fds[1],
                              seccomp_fd=seccomp_fd, disk_bytes=limits.disk_mb * 2**20, status_fd=status_write,
                              disable_userns=iso.bwrap_version >= (0, 8))
     command += [os.path.abspath(sys.executable), "-I", "-B", f"{_bwrap.SANDBOX_DIR}/runner.py",
@@ -403,7 +408,8 @@ def run_programs(
     """
     iso = ensure_available(limits)
     if progress:
-        tqdm.write(f"[sandbox] {iso.describe()}", file=sys.stderr)
+        unsafe = "; running generated code UNSAFELY with resource limits only (opted in)" if iso.kind == "none" else ""
+        tqdm.write(f"[sandbox] {iso.describe()}{unsafe}", file=sys.stderr)
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(tqdm(pool.map(lambda s: run_program(s, limits), sources), total=len(sources), desc="execute", disable=not progress))
