@@ -124,6 +124,7 @@ def main() -> None:
         "empty program": ["pass\n"] * 20,
         "HumanEval canonical (20 problems)": [build_program(problems[i], problems[i]["canonical_solution"]) for i in SUBSET],
     }
+    load_before = os.getloadavg()[0]
     modes = {name: (lambda run: lambda sources: measure(run, sources, args.workers))(run) for name, run in runners().items()}
     if args.previous_src:
         modes = {"previous": lambda sources: measure_previous(args.previous_src, sources, args.workers), **modes}
@@ -139,7 +140,7 @@ def main() -> None:
     iso = sandbox.isolation()
     rows, record = [], {"machine": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "isolation": iso.describe(), "as_root": iso.as_root, "rounds": args.rounds,
-                        "previous_src": args.previous_src,
+                        "previous_src": args.previous_src, "load_average_1min": [load_before, os.getloadavg()[0]],
                         "workers": args.workers, "results": {}}
     reference = "previous" if args.previous_src else "rlimits"
     for workload in workloads:
@@ -157,9 +158,12 @@ def main() -> None:
     out.write_text("\n".join([
         "# Sandbox overhead per program",
         "",
-        f"`python benchmarks/sandbox_overhead.py --rounds {args.rounds} --workers {args.workers}` on "
+        f"`python benchmarks/sandbox_overhead.py --rounds {args.rounds} --workers {args.workers}"
+        f"{' --previous-src DIR' if args.previous_src else ''}` on "
         f"{record['machine']}, {record['cpus']} CPUs, Python {record['python']}, "
-        f"{'as root' if iso.as_root else 'as an unprivileged user'}; modes interleaved in rounds.",
+        f"{'as root' if iso.as_root else 'as an unprivileged user'}; modes interleaved in rounds. "
+        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after: other jobs shared "
+        f"the machine, so absolute times are inflated; the ratios, taken side by side, are the result.",
         "",
         *([f"`previous` = `run_program` of the checkout at `--previous-src` (the in-process sandbox this one "
             f"replaced), timed in a worker process."] if args.previous_src else []),

@@ -44,6 +44,7 @@ BLOCKED_MODULES = (
     "venv", "pydoc",
 )
 # Destructive or escaping functions replaced by a stub that raises PermissionError.
+# (os.register_at_fork stays: ``random`` calls it on import, and RLIMIT_NPROC = 0 forbids forks anyway.)
 BLOCKED_OS = (
     "system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid",
     "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "putenv",
@@ -51,7 +52,7 @@ BLOCKED_OS = (
     "link", "symlink", "mkfifo", "mknod",
     "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve",
     "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp",
-    "register_at_fork", "_exit", "plock", "sched_setaffinity", "setpriority", "nice",
+    "_exit", "plock", "sched_setaffinity", "setpriority", "nice",
 )
 BLOCKED_SHUTIL = ("rmtree", "move", "chown", "disk_usage")
 # Functions allowed only on paths inside the sandbox directory (tempfile and
@@ -193,8 +194,8 @@ def main():
         source = f.read()
     if unsafe:  # no OS sandbox around us: do what little a process can do for itself
         leave_network()
-    # Before the guards stub functions that some modules call on import (random: register_at_fork); in the
-    # unsafe mode also the common modules, whose files the uid drop may make unreadable (~45 ms).
+    # Before the guards stub functions that a module might call on import; in the unsafe mode also the
+    # common modules, whose files the uid drop may make unreadable (~45 ms).
     preload(source, common=bool(unsafe))
     confine(memory, cpu, fsize, uid)
     exit_now, flush = os._exit, sys.stdout.flush
