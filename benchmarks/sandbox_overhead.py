@@ -93,7 +93,7 @@ def measure_previous(src: str, sources: list[str], workers: int) -> tuple[list[f
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump({"sources": sources, "workers": workers}, f)
         f.flush()
-        env = dict(os.environ, PYTHONPATH=src)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
         done = subprocess.run([sys.executable, __file__, "--worker", f.name], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the worker for --previous-src failed:\n{done.stderr[-2000:]}")
