@@ -290,7 +290,9 @@ def _exited_within(proc: subprocess.Popen, timeout_s: float) -> bool:
         except subprocess.TimeoutExpired:
             return False
     try:
-        return bool(select.select([pidfd], [], [], timeout_s)[0])
+        poller = select.poll()  # not select(): a busy process may hold fds numbered above FD_SETSIZE
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000))
     finally:
         os.close(pidfd)
 
