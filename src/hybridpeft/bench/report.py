@@ -69,7 +69,8 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
         ``{"markdown": path, "html": path, "figures": [...]}``-style mapping of names to paths.
 
     A run whose primary metric is missing or not finite (NaN, inf) is listed under
-    "Failed runs" as a failed metric and left out of every statistic; lines of the
+    "Failed runs" as a failed metric and left out of every statistic (a non-finite
+    secondary metric only out of that metric's mean, and listed too); lines of the
     results file that cannot be used are listed, with file and line, under "Skipped
     lines of the results file" (and warned about on stderr).
 
@@ -82,7 +83,7 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
         warnings.warn(f"skipped {line}", stacklevel=2)
     done, metric_failed = split_metric_failures(finished(records))
     if not done:
-        failed = "; ".join(f"{r['key']}: {metric_failure(r)}" for r in metric_failed)
+        failed = "; ".join(f"{r['key']}: {', '.join(metric_problems(r))}" for r in metric_failed)
         raise ValueError(f"{results} holds no finished run (status 'ok') with a usable metric; nothing to report"
                          + (f" ({failed})" if failed else ""))
     out = Path(out_dir)
@@ -100,23 +101,27 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     return paths
 
 
-def metric_failure(record: dict[str, Any]) -> str | None:
-    """Why a finished record's primary metric cannot be used (None if it can)."""
-    name = record["primary_metric"]
-    value = record["metrics"].get(name)
-    if value is None:
-        return f"primary metric {name!r} missing"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{name} = {value!r} is not a number"
-    if not math.isfinite(value):
-        return f"{name} = {value}"
-    return None
+def metric_problems(record: dict[str, Any]) -> list[str]:
+    """Every metric of a finished record that is not a finite number (``["accuracy = nan"]``);
+    a missing primary metric counts too."""
+    metrics = record["metrics"]
+    problems = [] if record["primary_metric"] in metrics else [f"primary metric {record['primary_metric']!r} missing"]
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} = {value!r} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"{name} = {value}")
+    return problems
+
+
+def primary_failed(record: dict[str, Any]) -> bool:
+    value = record["metrics"].get(record["primary_metric"])
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
 
 
 def split_metric_failures(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(records with a finite primary metric, records whose metric failed)."""
-    usable = [r for r in records if metric_failure(r) is None]
-    return usable, [r for r in records if metric_failure(r) is not None]
+    """(records whose primary metric is a finite number, records with any metric that is not)."""
+    return [r for r in records if not primary_failed(r)], [r for r in records if metric_problems(r)]
 
 
 def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str], Cell], out: Path, *,
@@ -208,7 +213,8 @@ def _failure_blocks(records: list[dict[str, Any]], metric_failed: list[dict[str,
         return [Heading(2, "Failed runs"), Para("None: every run in the store finished.")]
     rows = [[r["key"], r["status"], str(r.get("attempt", "?")), _last_line(r.get("error"))] for r in bad]
     rows += [[r["key"], "metric failed", str(r.get("attempt", "?")),
-              f"{metric_failure(r)}; left out of every table and test"] for r in metric_failed]
+              "; ".join(metric_problems(r)) + ("; left out of every table and test" if primary_failed(r)
+                                               else "; left out of that metric's mean")] for r in metric_failed]
     return [Heading(2, "Failed runs"), Table("Runs whose last attempt did not finish, or finished without a usable metric",
                                              ["Run", "Status", "Attempts", "Last error line"], rows)]
 

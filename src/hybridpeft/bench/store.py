@@ -122,7 +122,7 @@ def read_store(path: str | os.PathLike, complete: bool = False) -> tuple[list[di
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                skipped.append(SkippedLine(file, lineno, f"not valid JSON ({err.msg} at column {err.colno})"))
+                skipped.append(SkippedLine(file, lineno, f"not valid JSON ({err.msg}, column {err.colno})"))
                 continue
             problem = _record_problem(record, complete)
             if problem is not None:

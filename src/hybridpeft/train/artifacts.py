@@ -18,6 +18,7 @@ import torch
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
 from ..tasks import get_task
 from . import checkpoint as ckpt
+from .lock import describe_holder, read_holder
 from .loop import RUN_INFO
 from .records import read_jsonl
 from .setup import load_model
@@ -227,9 +228,14 @@ def _describe_run(path: Path) -> list[str]:
         data = json.loads(results.read_text())
         lines.append(f"  before: {data.get('before')}")
         lines.append(f"  after:  {data.get('after')}")
+    holder = read_holder(path)
+    if holder is not None:
+        lines.append(f"  in use by a training process: {describe_holder(holder)}")
     for step, cdir in ckpt.list_checkpoints(path / "checkpoints"):
         reason = ckpt.verify(cdir)
         lines.append(f"  checkpoint step {step}: {'complete' if reason is None else 'UNUSABLE: ' + reason}")
+    for cdir in sorted((path / "checkpoints").glob("*" + ckpt.SUSPECT_SUFFIX)):
+        lines.append(f"  set aside after a non-finite abort (not resumed from unless named): {cdir.name}")
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         lines += _describe_adapter(path / "adapter")
     return lines

@@ -332,8 +332,6 @@ class DebugSection:
         step_sleep_s: sleep after each optimizer step (lets a test kill a run mid-way).
         save_rank_states: every rank writes its adapter tensors to ``debug/rank<k>.safetensors``.
         crash_after_step: raise ``SimulatedCrash`` once this step (and its checkpoint) is done.
-        scale_weights_at_step / scale_weights_by: after this step's update, multiply every
-            trainable parameter by the factor (what a far too high learning rate does, at once).
     """
 
     nan_loss_at_steps: list[int] = field(default_factory=list)
@@ -341,8 +339,6 @@ class DebugSection:
     step_sleep_s: float = 0.0
     save_rank_states: bool = False
     crash_after_step: int | None = None
-    scale_weights_at_step: int | None = None
-    scale_weights_by: float = 1e30
 
     def __post_init__(self) -> None:
         e = _Errors()
@@ -355,10 +351,6 @@ class DebugSection:
         e.check(isinstance(self.save_rank_states, bool), "save_rank_states", self.save_rank_states, "true or false")
         e.check(_optional_positive_int(self.crash_after_step), "crash_after_step", self.crash_after_step,
                 "null or a positive step number")
-        e.check(_optional_positive_int(self.scale_weights_at_step), "scale_weights_at_step",
-                self.scale_weights_at_step, "null or a positive step number")
-        e.check(isinstance(self.scale_weights_by, (int, float)) and not isinstance(self.scale_weights_by, bool),
-                "scale_weights_by", self.scale_weights_by, "a number (inf allowed)")
         e.raise_if_any()
 
 

@@ -519,10 +519,6 @@ def _train_step(run: _Run) -> dict[str, Any]:
         run.optimizer.step()
         if not getattr(run.optimizer, "step_was_skipped", False):
             after_optimizer_step(run.unwrapped)  # before zero_grad: the Hybrid reads the branch gradients
-        if step == job.debug.scale_weights_at_step:
-            with torch.no_grad():
-                for p in run.params:
-                    p.mul_(job.debug.scale_weights_by)
         state.consecutive_bad = 0
         mixing = mixing_stats(run.unwrapped)
         if mixing:
