@@ -519,3 +519,18 @@ def test_after_a_nan_abort_the_named_checkpoint_resumes_at_a_lower_lr(factor, ti
         assert "steps [5, 6, 7]" in message and "step-000004.suspect" in message
     resumed = _train(_job(tiny_model, tmp_path / "run", 10, ["train.nan_abort_after=3", "train.lr=1e-3"]), resume=True)
     assert resumed.step == 10 and resumed.skipped_steps == 0
+
+
+def test_the_pre_save_check_names_non_finite_weights_and_optimizer_state():
+    from hybridpeft.train.health import non_finite_names
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    params = list(model.parameters())
+    assert non_finite_names(model, params, optimizer) == []
+    with torch.no_grad():
+        model[1].bias.fill_(float("inf"))
+    optimizer.state[model[0].weight]["exp_avg_sq"][0, 0] = float("nan")
+    assert non_finite_names(model, params, optimizer) == ["optimizer state 'exp_avg_sq' of 0.weight", "1.bias"]

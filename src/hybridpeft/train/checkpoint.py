@@ -47,6 +47,14 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def step_of(checkpoint: Path) -> int:
+    """The step a checkpoint holds: from its ``step-NNNNNN`` name, else from its trainer state."""
+    match = _STEP_DIR.match(checkpoint.name)
+    if match:
+        return int(match.group(1))
+    return int(load_trainer_state(checkpoint)["loop"]["step"])  # e.g. a checkpoint --resume named elsewhere
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())

@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ from .config import JobConfig, dump_yaml, read_yaml
 from .data import BatchStream
 from .evaluation import task_metrics, validation_loss
 from .failures import ResumeError, explain_failures
+from .health import non_finite_names
 from .lock import RunDirBusy, RunDirLock
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
@@ -105,7 +105,6 @@ class _Run:
     log: RunLog | None = None
     last_saved: Path | None = None
     last_good: Path | None = None  # newest checkpoint whose weights then gave a finite step
-
 
     @property
     def checkpoints(self) -> Path:
@@ -430,7 +429,7 @@ def _last_good_checkpoint(run: _Run) -> str:
     good, set_aside = run.last_good, []
     if run.is_main:
         for step, path in ckpt.list_checkpoints(run.checkpoints):
-            if good is None or step > _step_of(good):
+            if good is None or step > ckpt.step_of(good):
                 set_aside.append(ckpt.set_aside(path))
     run.accelerator.wait_for_everyone()
     text = f"Last good checkpoint: {good if good is not None else 'none (no checkpoint was confirmed good)'}. "
@@ -441,45 +440,13 @@ def _last_good_checkpoint(run: _Run) -> str:
     return text
 
 
-def _step_of(checkpoint: Path) -> int:
-    match = re.fullmatch(r"step-(\d+)", checkpoint.name)
-    if match:
-        return int(match.group(1))
-    return int(ckpt.load_trainer_state(checkpoint)["loop"]["step"])  # a checkpoint --resume named elsewhere
-
-
-def _optimizer_states(optimizer: Any) -> dict[Any, dict[str, Any]]:
-    """parameter → its optimizer state, through accelerate's wrapper and a ``CombinedOptimizer``."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    states: dict[Any, dict[str, Any]] = {}
-    for part in getattr(inner, "optimizers", [inner]):
-        states.update(getattr(part, "state", {}))
-    return states
-
-
-def _non_finite(run: _Run) -> list[str]:
-    """Names of trainable parameters (and their optimizer state) that hold NaN or ±inf."""
-    names = {id(p): n for n, p in run.unwrapped.named_parameters() if p.requires_grad}
-    states = _optimizer_states(run.optimizer)
-    bad = []
-    for p in run.params:
-        local = p.to_local() if hasattr(p, "to_local") else p  # a sharded (DTensor) parameter: this rank's shard
-        if not bool(torch.isfinite(local.detach()).all()):
-            bad.append(names.get(id(p), "?"))
-        for key, value in states.get(p, {}).items():
-            value = value.to_local() if hasattr(value, "to_local") else value
-            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad.append(f"optimizer state {key!r} of {names.get(id(p), '?')}")
-    return bad
-
-
 def _refuse_non_finite(run: _Run) -> None:
     """Before a checkpoint: weights that went non-finite are never saved (every rank checks its part)."""
-    bad = _non_finite(run)
+    bad = non_finite_names(run.unwrapped, run.params, run.optimizer)
     flag = torch.tensor(float(len(bad)), device=run.accelerator.device)
     if run.accelerator.reduce(flag, "sum").item() == 0:
         return
-    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") if bad else "on another rank"
+    shown = (", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")) if bad else "on another rank"
     raise TrainingAborted(
         f"training aborted at step {run.state.step}: after this step's update the weights are not finite "
         f"({shown}); they were not saved. {_last_good_checkpoint(run)}"
@@ -655,10 +622,10 @@ def _read_results(run_dir: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as err:
-        data = err
-    if not isinstance(data, dict):
-        warnings.warn(f"{path} is unreadable ({data}); its scores will be measured again", stacklevel=3)
+        warnings.warn(f"{path} is unreadable ({err}); its scores will be measured again", stacklevel=3)
         return {}
     return data
 
