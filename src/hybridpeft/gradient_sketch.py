@@ -118,26 +118,30 @@ class GradientSketch:
         k: range sketch size, ``rank_needed ≤ k ≤ min(d_out, d_in)``.
         seed, name: draw ``Ω`` and ``Ψ`` (the same ones for the same seed and name everywhere).
         device: where the sketch lives and its updates run (the weight's device).
-        y, z: optional preallocated (d_out, k) and (l, d_in) float32 buffers (views into a
-            ``SketchBank``'s flat buffer); zeros are written into them.
+        y, z: optional preallocated (d_out, k) and (l, d_in) float32 buffers; zeros are written
+            into them. ``bind_later=True``: none now — a ``SketchBank`` binds views of its buffer.
 
     Raises:
         ValueError: ``k`` outside ``[1, min(d_out, d_in)]``.
     """
 
     def __init__(self, d_out: int, d_in: int, k: int, *, seed: int, name: str = "",
-                 device: torch.device | str = "cpu", y: Tensor | None = None, z: Tensor | None = None) -> None:
+                 device: torch.device | str = "cpu", y: Tensor | None = None, z: Tensor | None = None,
+                 bind_later: bool = False) -> None:
         if not (isinstance(k, int) and 1 <= k <= min(d_out, d_in)):
             raise ValueError(f"sketch_size={k!r} is invalid: expected 1 ≤ k ≤ min(d_out, d_in) = {min(d_out, d_in)} "
                              f"for {name or 'this layer'} ({d_out}×{d_in})")
         self.d_out, self.d_in, self.k = d_out, d_in, k
         self.l = co_range_size(k, d_out)
-        device = torch.device(device)
+        self.device = device = torch.device(device)
         # A sketch as wide as its side is the identity: exact, and never a singular square sign matrix
         # (a random n × n ±1 matrix is singular with real probability: two equal or opposite rows, ~1% at n = 16).
         eye = lambda d: torch.eye(d, dtype=torch.int8)  # noqa: E731
         self.omega = (eye(d_in) if k == d_in else random_signs(d_in, k, seed, f"{name}:omega")).to(device)  # (d_in, k) int8
         self.psi = (eye(d_out) if self.l == d_out else random_signs(self.l, d_out, seed, f"{name}:psi")).to(device)  # (l, d_out) int8
+        if bind_later:
+            self.y = self.z = torch.empty(0, device=device)
+            return
         self.y = torch.zeros(d_out, k, device=device) if y is None else y.zero_()  # (d_out, k)
         self.z = torch.zeros(self.l, d_in, device=device) if z is None else z.zero_()  # (l, d_in)
 
@@ -209,7 +213,7 @@ class SubspaceSketch:
     """
 
     def __init__(self, d_out: int, d_in: int, k: int, *, seed: int, name: str = "",
-                 device: torch.device | str = "cpu", passes: int = 2) -> None:
+                 device: torch.device | str = "cpu", passes: int = 2, bind_later: bool = False) -> None:
         if not (isinstance(k, int) and 1 <= k <= min(d_out, d_in)):
             raise ValueError(f"sketch_size={k!r} is invalid: expected 1 ≤ k ≤ min(d_out, d_in) = {min(d_out, d_in)} "
                              f"for {name or 'this layer'} ({d_out}×{d_in})")
@@ -223,8 +227,8 @@ class SubspaceSketch:
         rows = d_in if self.right else d_out
         start = torch.eye(rows, dtype=torch.int8) if k == rows else random_signs(rows, k, seed, f"{name}:start")
         self.basis = start.to(self.device)  # (d_in or d_out, k): int8 signs, then float32 orthonormal
-        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device)
-        self.q: Tensor | None = None  # the final range basis (d_out, k)
+        self.owns_sums = not bind_later  # else a SketchBank binds each pass's sum into its buffer
+        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device) if self.owns_sums else torch.empty(0)
 
     def sum_shapes(self) -> dict[str, tuple[int, int]]:
         return {"S": (self.d_out if self.right else self.d_in, self.k)}
@@ -257,13 +261,9 @@ class SubspaceSketch:
         self.done += 1
         if self.done == self.passes:
             return
-        if self.right:
-            self.q = torch.linalg.qr(self.acc.double())[0].float()  # (d_out, k)
-            self.basis = self.q
-        else:
-            self.basis = torch.linalg.qr(self.acc.double())[0].float()  # (d_in, k)
+        self.basis = torch.linalg.qr(self.acc.double())[0].float()  # (d_out, k) after a right sweep, else (d_in, k)
         self.right = not self.right
-        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device)
+        self.acc = torch.zeros(*self.sum_shapes()["S"], device=self.device) if self.owns_sums else torch.empty(0)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The last basis ``Q`` and sum ``Gᵀ Q`` (what ``low_rank`` needs)."""
@@ -308,10 +308,11 @@ class SketchBank:
         self.sketches: dict[str, GradientSketch | SubspaceSketch] = {}
         for name, (d_out, d_in, device) in shapes.items():
             if passes == 1:
-                self.sketches[name] = GradientSketch(d_out, d_in, sizes[name], seed=seed, name=name, device=device)
+                self.sketches[name] = GradientSketch(d_out, d_in, sizes[name], seed=seed, name=name, device=device,
+                                                     bind_later=True)
             else:
                 self.sketches[name] = SubspaceSketch(d_out, d_in, sizes[name], seed=seed, name=name, device=device,
-                                                     passes=passes)
+                                                     passes=passes, bind_later=True)
         self.buffers: dict[torch.device, Tensor] = {}
         self._stack()
 
@@ -319,12 +320,12 @@ class SketchBank:
         """Allocate this pass's flat buffer per device and point every sketch's sums into it."""
         totals: dict[torch.device, int] = {}
         for sk in self.sketches.values():
-            device = sk.y.device if isinstance(sk, GradientSketch) else sk.device
-            totals[device] = totals.get(device, 0) + sum(r * c for r, c in sk.sum_shapes().values())
+            totals[sk.device] = totals.get(sk.device, 0) + sum(r * c for r, c in sk.sum_shapes().values())
+        self.buffers = {}  # the last pass's buffers go first
         self.buffers = {device: torch.zeros(total, device=device) for device, total in totals.items()}
         offsets = dict.fromkeys(totals, 0)
         for sk in self.sketches.values():
-            device = sk.y.device if isinstance(sk, GradientSketch) else sk.device
+            device = sk.device
             views = {}
             for part, (rows, cols) in sk.sum_shapes().items():
                 start = offsets[device]

@@ -43,7 +43,7 @@ from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
     build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
-    needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name,
+    lora_ga_estimate_plan, needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name,
 )
 
 RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
@@ -345,7 +345,7 @@ def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Modul
     if not needs_lora_ga_init(model):
         return
     n = lora_ga_batch_count(model)
-    _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
+    _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ({lora_ga_estimate_plan(model)}) ...")
     cache = None
     if job.train.lora_ga_cache:
         from ..models import cache_dir

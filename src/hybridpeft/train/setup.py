@@ -121,6 +121,21 @@ def run_lora_ga_init(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     lora_ga_init(model, batches, cache_dir=cache_dir)
 
 
+def lora_ga_estimate_plan(model: nn.Module) -> str:
+    """How ``lora_ga_init`` will keep the estimate, in words: the estimator ``auto`` resolves to
+    and, for the sketch, its passes over the batches."""
+    from ..adapters.base import layer_shape
+    from ..inject import config_of
+    from ..lora_ga import choose_estimator, lora_ga_targets
+
+    ga = config_of(model).lora_ga_config()
+    adapted = sum(d_in * d_out for d_in, d_out in (layer_shape(layer.base_layer) for layer, _ in lora_ga_targets(model).values()))
+    estimator = choose_estimator(ga.estimator, adapted)
+    if estimator == "exact":
+        return f"exact, {4 * adapted / 2**30:.2f} GiB of host accumulators"
+    return f"sketch, {ga.sketch_passes} pass{'es' if ga.sketch_passes > 1 else ''}"
+
+
 def lora_ga_batch_count(model: nn.Module) -> int:
     from ..inject import config_of
 
