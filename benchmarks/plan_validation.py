@@ -18,7 +18,9 @@ threshold keeps freed mid-size blocks in the heap, so RSS runs above the live te
 
     python benchmarks/plan_validation.py [--shapes tiny cpu-small smollm2-135m] [--methods ...] [--out docs/perf]
 
-Writes ``<out>/plan-validation.{json,md}``.
+Writes ``<out>/plan-validation[-TAG].{json,md}``. On a GPU (not run yet: no GPU here)::
+
+    python benchmarks/plan_validation.py --device cuda --dtype bfloat16 --shapes llama-3.2-1b llama-3.1-8b --tag cuda
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ try:  # a fresh checkout without `pip install -e .` still runs
 except ImportError:
     sys.path.insert(0, str(HERE.parent / "src"))
 
-SHAPES = {"tiny": (2, 16), "cpu-small": (2, 128), "smollm2-135m": (8, 128)}
+SHAPES = {"tiny": (2, 16), "cpu-small": (2, 128), "smollm2-135m": (8, 128),
+          # for --device cuda (not run here: this machine has no GPU)
+          "llama-3.2-1b": (4, 1024), "llama-3.1-8b": (2, 1024)}
 METHODS = ["lora", "lora_ga", "boft", "unitary", "hybrid", "full"]
 MiB = 2 ** 20
 
@@ -50,7 +54,8 @@ def adapter_config(method: str):
     return hp.FullConfig() if method == "full" else config_class(method)()
 
 
-def measure(shape: str, method: str, steps: int, checkpointing: bool = False) -> dict:
+def measure(shape: str, method: str, steps: int, checkpointing: bool = False, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -62,17 +67,23 @@ def measure(shape: str, method: str, steps: int, checkpointing: bool = False) ->
     warm_up()
     gc.collect()
     baseline = rss_now()
+    cuda_base = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
     batch, seq = SHAPES[shape]
     config = resolve_config(shape)
     config.use_cache = False
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).train()
     if checkpointing:  # as hybridpeft.train.setup.prepare_model does it, before injection
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hp.inject(model, adapter_config(method))
     optimizer = hp.build_optimizer(model, lr=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     tracker = StorageTracker()
     tracker.track(list(model.parameters()) + list(model.buffers()) + [ids])
     started = time.perf_counter()
@@ -85,17 +96,20 @@ def measure(shape: str, method: str, steps: int, checkpointing: bool = False) ->
             hp.after_optimizer_step(model)
             optimizer.zero_grad(set_to_none=True)
             del loss
+    if device == "cuda":  # the allocator's own count; the tracker sees only CPU storages
+        torch.cuda.synchronize()
+        tracker.peak = torch.cuda.max_memory_allocated() - cuda_base
     return {"shape": shape, "method": method, "checkpointing": checkpointing, "batch": batch, "seq": seq,
-            "allocated_peak": tracker.peak,
+            "device": device, "dtype": dtype, "allocated_peak": tracker.peak,
             "rss_peak_minus_baseline": rss_peak() - baseline, "baseline_rss": baseline,
             "seconds": time.perf_counter() - started}
 
 
-def predict(shape: str, method: str, checkpointing: bool = False) -> dict:
+def predict(shape: str, method: str, checkpointing: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     from hybridpeft.plan import PlanRequest, plan
 
     batch, seq = SHAPES[shape]
-    p = plan(PlanRequest(shape, method, batch=batch, seq=seq, dtype="float32", device_kind="cpu",
+    p = plan(PlanRequest(shape, method, batch=batch, seq=seq, dtype=dtype, device_kind=device,
                          gradient_checkpointing=checkpointing))
     return {"predicted_peak": p.peak, "parts": p.parts, "phases": p.phases}
 
@@ -116,29 +130,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=["tiny", "cpu-small", "smollm2-135m"], choices=list(SHAPES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--gradient-checkpointing", action="store_true", help="measure with activation checkpointing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: compare with torch.cuda.max_memory_allocated (e.g. --shapes llama-3.2-1b --dtype bfloat16)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", help="write plan-validation[-TAG].{json,md} here")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. the malloc setting measured)")
     p.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(*args.child, args.steps, args.gradient_checkpointing)))
+        print(json.dumps(measure(*args.child, args.steps, args.gradient_checkpointing, args.device, args.dtype)))
         return 0
     rows = []
     for shape in args.shapes:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--child", shape, method, "--steps", str(args.steps)]
             cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+            cmd += ["--device", args.device, "--dtype", args.dtype]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             row = {**json.loads(done.stdout.strip().splitlines()[-1]),
-                   **predict(shape, method, args.gradient_checkpointing)}
+                   **predict(shape, method, args.gradient_checkpointing, args.device, args.dtype)}
             rows.append(row)
             print(f"{shape:<13} {method:<8} predicted {row['predicted_peak'] / MiB:9.2f} MiB  allocated "
                   f"{row['allocated_peak'] / MiB:9.2f} MiB  RSS-baseline {row['rss_peak_minus_baseline'] / MiB:9.2f} MiB "
