@@ -63,23 +63,45 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for a causal LM; the tokenizer gets a pad token if it lacks one."""
+def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32,
+                   empty: bool = False) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a causal LM; the tokenizer gets a pad token if it lacks one.
+
+    ``empty``: parameters on the ``meta`` device, no weights read (buffers are real);
+    see ``empty_model``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if empty:
+        return empty_model(AutoModelForCausalLM, path, dtype), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
 
 
-def load_sequence_classifier(name: str = MINILM, num_labels: int = 2, dtype: torch.dtype = torch.float32):
+def load_sequence_classifier(name: str = MINILM, num_labels: int = 2, dtype: torch.dtype = torch.float32,
+                             empty: bool = False):
     """(model, tokenizer) for an encoder with a fresh classification head of ``num_labels``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if empty:
+        return empty_model(AutoModelForSequenceClassification, path, dtype, num_labels=num_labels), tokenizer
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
     return model, tokenizer
+
+
+def empty_model(auto_class: type, path: str, dtype: torch.dtype, **config_kwargs) -> nn.Module:
+    """The architecture at ``path`` with every parameter on the ``meta`` device (no memory, no
+    weights read) and real buffers: what the ranks of a RAM-efficient sharded run other
+    than 0 start from (they receive their pieces from rank 0 after sharding)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    with init_empty_weights(include_buffers=False):
+        return auto_class.from_config(config, dtype=dtype)

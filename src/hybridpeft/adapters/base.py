@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .. import distributed
+
 BaseMatmul = Callable[[Tensor], Tensor]  # x (..., d_in) -> W x (..., d_out), no bias
 BaseHook = Callable[[Tensor, Tensor], None]  # (x (..., d_in), h = W x (..., d_out)) -> None
 
@@ -247,6 +249,7 @@ class AdaptedLinear(nn.Module):
             )
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() it first")
+        self._refuse_sharded("merge")
         self._write_weight(self.adapter.merged_weight(self._weight_for_math()))
         self.merged = True
 
@@ -254,6 +257,7 @@ class AdaptedLinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("layer is not merged")
+        self._refuse_sharded("unmerge")
         self._write_weight(self.adapter.unmerged_weight(self._weight_for_math()))
         self.merged = False
 
@@ -280,6 +284,11 @@ class AdaptedLinear(nn.Module):
             out.bias.copy_(self.bias)
         out.requires_grad_(False)
         return out
+
+    def _refuse_sharded(self, what: str) -> None:
+        if distributed.is_sharded(self.base_layer.weight):
+            raise RuntimeError(f"cannot {what} a sharded (FSDP) layer in place: this rank holds only a piece of W; "
+                               "hybridpeft.merge_and_unload(model) gathers the model and merges it on rank 0")
 
     def _weight_for_math(self) -> Tensor:
         # Merging in float32 at least: a bf16 product of two bf16 matrices loses bits we can keep.

@@ -1,7 +1,7 @@
 """The training job's configuration: typed sections, YAML + ``--set`` overrides, validation.
 
 A job is a YAML mapping with the sections ``model``, ``data``, ``adapter``,
-``train``, ``eval``, ``output`` and ``debug`` (see ``configs/default.yaml``).
+``train``, ``fsdp``, ``eval``, ``output`` and ``debug`` (see ``configs/default.yaml``).
 Resolution order: the built-in defaults, then the YAML file, then each
 ``--set dotted.key=value`` (the value parsed as YAML, so ``[q_proj, v_proj]``
 is a list and ``2e-4`` a float).
@@ -33,7 +33,7 @@ import yaml
 
 from ..config import AdapterConfig, config_class, known_methods
 
-SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
+SECTIONS = ("model", "data", "adapter", "train", "fsdp", "eval", "output", "debug")
 
 
 class ConfigError(ValueError):
@@ -239,6 +239,42 @@ class TrainSection:
 
 
 @dataclass
+class FsdpSection:
+    """Sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``); see ``docs/distributed.md``.
+
+    Args:
+        enabled: shard the model over the processes instead of copying it to each (DDP).
+            Needs a multi-process launch (``torchrun --nproc_per_node N -m hybridpeft.cli train
+            --set fsdp.enabled=true``). ``accelerate launch --config_file examples/accelerate/fsdp.yaml``
+            turns it on by itself, and the ``fsdp_*`` fields of that file replace this section.
+        layer_classes: module classes sharded as one unit each (their frozen weights and adapters
+            together); null = the model's own blocks (transformers' ``_no_split_modules``, e.g.
+            ``LlamaDecoderLayer``). What is left (embeddings, final norm, head) forms the root unit.
+        reshard_after_forward: free each gathered block after its forward and gather it again
+            for backward (less memory, one more all-gather per block).
+        ram_efficient_loading: only rank 0 reads the checkpoint; the other ranks build the model
+            on the meta device and receive their pieces from rank 0, one tensor at a time.
+    """
+
+    enabled: bool = False
+    layer_classes: list[str] | None = None
+    reshard_after_forward: bool = True
+    ram_efficient_loading: bool = True
+
+    def __post_init__(self) -> None:
+        e = _Errors()
+        e.check(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
+        e.check(self.layer_classes is None or (isinstance(self.layer_classes, list) and bool(self.layer_classes)
+                                               and all(isinstance(c, str) and c for c in self.layer_classes)),
+                "layer_classes", self.layer_classes, "null or a non-empty list of class names")
+        e.check(isinstance(self.reshard_after_forward, bool), "reshard_after_forward", self.reshard_after_forward,
+                "true or false")
+        e.check(isinstance(self.ram_efficient_loading, bool), "ram_efficient_loading", self.ram_efficient_loading,
+                "true or false")
+        e.raise_if_any()
+
+
+@dataclass
 class EvalSection:
     """Args:
         every: validation loss every N optimizer steps (0 = never during training).
@@ -330,7 +366,7 @@ class DebugSection:
 
 
 _SECTION_CLASSES = {
-    "model": ModelSection, "data": DataSection, "train": TrainSection,
+    "model": ModelSection, "data": DataSection, "train": TrainSection, "fsdp": FsdpSection,
     "eval": EvalSection, "output": OutputSection, "debug": DebugSection,
 }
 
@@ -346,6 +382,7 @@ class JobConfig:
     eval: EvalSection
     output: OutputSection
     debug: DebugSection
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -565,6 +602,10 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     from ..tasks import get_task, known_tasks
 
     errors: list[str] = []
+    if job.fsdp.enabled:
+        from .parallel import sharding_problems
+
+        errors.extend(sharding_problems(job))
     if job.data.task in known_tasks():
         try:
             get_task(job.data.task, **job.data.task_args)

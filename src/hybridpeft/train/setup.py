@@ -62,13 +62,17 @@ def load_splits(job: JobConfig, task: Task) -> tuple[list[Example], list[Example
     return train, val
 
 
-def load_model(name: str, task: Task, dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise."""
+def load_model(name: str, task: Task, dtype: str = "float32", empty: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise.
+
+    ``empty``: build the architecture with parameters on the ``meta`` device and read no
+    weights (the ranks of a RAM-efficient sharded run other than 0; see ``train/parallel.py``).
+    """
     from ..models import load_causal_lm, load_sequence_classifier
 
     if task.kind == "classification":
-        return load_sequence_classifier(name, num_labels=task.num_labels, dtype=_DTYPES[dtype])
-    return load_causal_lm(name, dtype=_DTYPES[dtype])
+        return load_sequence_classifier(name, num_labels=task.num_labels, dtype=_DTYPES[dtype], empty=empty)
+    return load_causal_lm(name, dtype=_DTYPES[dtype], empty=empty)
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -90,9 +94,9 @@ def adapter_config_for(job: JobConfig, model: nn.Module, task: Task) -> AdapterC
     return config
 
 
-def prepare_model(model: nn.Module, job: JobConfig, task: Task) -> nn.Module:
-    """Gradient checkpointing (if asked) and adapter injection."""
-    if job.model.gradient_checkpointing:
+def prepare_model(model: nn.Module, job: JobConfig, task: Task, checkpointing: bool = False) -> nn.Module:
+    """Gradient checkpointing (if ``model.gradient_checkpointing`` or ``checkpointing``) and adapter injection."""
+    if job.model.gradient_checkpointing or checkpointing:
         # Non-reentrant checkpointing works with a frozen base (no input needs grad).
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
