@@ -97,17 +97,30 @@ def adapter_config_for(job: JobConfig, model: nn.Module, task: Task) -> AdapterC
 def prepare_model(model: nn.Module, job: JobConfig, task: Task, checkpointing: bool = False) -> nn.Module:
     """Gradient checkpointing (if ``model.gradient_checkpointing`` or ``checkpointing``) and adapter injection."""
     if job.model.gradient_checkpointing or checkpointing:
-        # Non-reentrant checkpointing works with a frozen base (no input needs grad).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
-        if hasattr(model, "config"):
-            model.config.use_cache = False
+        enable_activation_checkpointing(model)
     return inject(model, adapter_config_for(job, model, task))
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """transformers' activation checkpointing per block, non-reentrant; returns ``model``.
+
+    Non-reentrant: with a frozen base no block input requires grad, and the reentrant
+    variant would then compute no gradient for the adapters inside the blocks. Every
+    method's custom autograd Function runs again in the recomputation (tests/test_checkpointing.py).
+
+    Raises:
+        ValueError: the model has no checkpointing support (named).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return model
 
 
 def needs_lora_ga_init(model: nn.Module) -> bool:
