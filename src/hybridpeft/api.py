@@ -42,7 +42,7 @@ def merge(model: nn.Module) -> nn.Module:
     layers = adapted_layers(model)
     for name, layer in layers:
         if layer.quantized:
-            raise RuntimeError(f"cannot merge {name!r}: it has a 4-bit (bitsandbytes) base weight. "
+            raise RuntimeError(f"cannot merge {name!r}: it has a {layer.quant_kind} (bitsandbytes) base weight. "
                                "Use hybridpeft.merge_and_unload(model) for a float model with the merged weights, "
                                "or load the saved adapter onto the unquantized base model and merge there")
     for _, layer in layers:

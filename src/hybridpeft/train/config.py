@@ -78,13 +78,22 @@ class ModelSection:
         name: a hub id, a local directory, or an offline name (``smollm2-135m``,
             ``minilm-l6``); ``None`` picks ``smollm2-135m`` for causal tasks and
             ``minilm-l6`` for classification tasks.
-        dtype: dtype the base weights are loaded in.
-        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        dtype: dtype the base weights are loaded in (and the adapters' dtype on a quantized base
+            is float32 unless ``adapter.adapter_dtype`` says otherwise).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower);
+            transformers' non-reentrant checkpointing per block, with every method.
+        quantization: load the base quantized by bitsandbytes (through transformers'
+            ``BitsAndBytesConfig``): ``nf4`` or ``fp4`` (4-bit, the QLoRA setting) or ``int8``
+            (LLM.int8()); null = as stored. Adapters stay in float; eval and merge of the run
+            load the base the same way (``hybridpeft merge`` writes a float model).
+        compute_dtype: the dtype 4-bit layers compute in; null = ``dtype``.
     """
 
     name: str | None = None
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    quantization: str | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         e = _Errors()
@@ -96,6 +105,16 @@ class ModelSection:
                 "'float32', 'bfloat16' or 'float16'")
         e.check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing",
                 self.gradient_checkpointing, "true or false")
+        e.check(self.quantization in (None, "nf4", "fp4", "int8"), "quantization", self.quantization,
+                "null, 'nf4', 'fp4' or 'int8'")
+        if self.quantization is not None:
+            e.check(importlib.util.find_spec("bitsandbytes") is not None, "quantization", self.quantization,
+                    "null, or the 'bitsandbytes' package installed (pip install 'bitsandbytes>=0.49')")
+        e.check(self.compute_dtype in (None, "float32", "bfloat16", "float16"), "compute_dtype", self.compute_dtype,
+                "null, 'float32', 'bfloat16' or 'float16'")
+        if self.compute_dtype is not None:
+            e.check(self.quantization in ("nf4", "fp4"), "compute_dtype", self.compute_dtype,
+                    f"null unless model.quantization is 'nf4' or 'fp4' (it is {self.quantization!r})")
         e.raise_if_any()
 
 
@@ -602,6 +621,9 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     from ..tasks import get_task, known_tasks
 
     errors: list[str] = []
+    if job.model.quantization is not None and job.method == "full":
+        errors.append(f"adapter.method='full' is invalid with model.quantization={job.model.quantization!r}: "
+                      "quantized weights cannot be trained; use an adapter method or a float base")
     if job.fsdp.enabled:
         from .parallel import sharding_problems
 

@@ -48,7 +48,7 @@ from .evaluation import task_metrics, validation_loss
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
-    build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
+    build_optimizer, build_scheduler, build_task, load_job_model, load_splits, lora_ga_batch_count,
     needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name,
 )
 
@@ -201,7 +201,7 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
     BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
 
     model_name = job.model_name(task.kind)
-    model, tokenizer = load_model(model_name, task, job.model.dtype, empty=strategy.loads_empty)
+    model, tokenizer = load_job_model(job, model_name, task, empty=strategy.loads_empty, device=accelerator.device)
     model = strategy.place(model)
     results = _read_results(run_dir) if source is not None else {}
     if job.eval.before and "before" not in results and accelerator.is_main_process:
@@ -214,8 +214,7 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
     stream = BatchStream(task, tokenizer, train_examples, job.train.batch_size, job.train.seed,
                          accelerator.process_index, accelerator.num_processes, job.data.max_length)
     model = strategy.shard(prepare_model(model, job, task, checkpointing=strategy.activation_checkpointing))
-    if not strategy.sharded:
-        model = model.to(accelerator.device)
+    model = strategy.place(model)  # the new adapter tensors too
     if source is not None:
         load_adapter(model, source / ckpt.ADAPTER_DIR)
     else:
@@ -452,6 +451,7 @@ def _write_run_info(adapter_dir: Path, run: _Run) -> None:
     write_json(adapter_dir / RUN_INFO, {
         "base_model": run.model_name, "task": job.data.task, "task_args": job.data.task_args,
         "method": job.method, "step": run.state.step, "seed": job.train.seed, "max_length": job.data.max_length,
+        "dtype": job.model.dtype, "quantization": job.model.quantization, "compute_dtype": job.model.compute_dtype,
     })
 
 

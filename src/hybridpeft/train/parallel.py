@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import distributed
 from ..fsdp import materialize_from_rank0, named_state, shard_model
+from ..models import is_quantized_model
 from .config import ConfigError, FsdpSection, JobConfig
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
@@ -142,8 +143,8 @@ class Replicated:
         return False
 
     def place(self, model: nn.Module) -> nn.Module:
-        """Move the freshly loaded base model to this rank's device."""
-        return model.to(self.accelerator.device)
+        """Move the model to this rank's device (a quantized model was loaded there and cannot move)."""
+        return model if is_quantized_model(model) else model.to(self.accelerator.device)
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Called once adapters are injected, before their data-dependent start."""

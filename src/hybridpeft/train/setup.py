@@ -62,17 +62,30 @@ def load_splits(job: JobConfig, task: Task) -> tuple[list[Example], list[Example
     return train, val
 
 
-def load_model(name: str, task: Task, dtype: str = "float32", empty: bool = False) -> tuple[nn.Module, Any]:
+def load_model(name: str, task: Task, dtype: str = "float32", empty: bool = False, quantization: str | None = None,
+               compute_dtype: str | None = None, device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise.
 
     ``empty``: build the architecture with parameters on the ``meta`` device and read no
     weights (the ranks of a RAM-efficient sharded run other than 0; see ``train/parallel.py``).
+    ``quantization`` (``nf4``/``fp4``/``int8``), ``compute_dtype``: a bitsandbytes base, loaded
+    onto ``device`` (see ``hybridpeft.models.quantization_kwargs``).
     """
     from ..models import load_causal_lm, load_sequence_classifier
 
+    kwargs = dict(dtype=_DTYPES[dtype], empty=empty, quantization=quantization, device=device,
+                  compute_dtype=_DTYPES[compute_dtype] if compute_dtype else None)
     if task.kind == "classification":
-        return load_sequence_classifier(name, num_labels=task.num_labels, dtype=_DTYPES[dtype], empty=empty)
-    return load_causal_lm(name, dtype=_DTYPES[dtype], empty=empty)
+        return load_sequence_classifier(name, num_labels=task.num_labels, **kwargs)
+    return load_causal_lm(name, **kwargs)
+
+
+def load_job_model(job: JobConfig, name: str, task: Task, empty: bool = False,
+                   device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """``load_model`` with the job's ``model`` section (dtype, quantization)."""
+    m = job.model
+    return load_model(name, task, m.dtype, empty=empty, quantization=m.quantization, compute_dtype=m.compute_dtype,
+                      device=device)
 
 
 def head_modules(model: nn.Module) -> list[str]:
