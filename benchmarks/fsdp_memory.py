@@ -68,7 +68,7 @@ def worker(model_dir: str, mode: str, method: str, out: str) -> None:
     if mode == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        source = dict(fsdp.named_state(model)) if mode == "fsdp-ram-efficient" and rank == 0 else None
+        source = fsdp.detach_for_sharding(model) if mode == "fsdp-ram-efficient" and rank == 0 else None
         fsdp.shard_model(model)
         if mode == "fsdp-ram-efficient":
             fsdp.materialize_from_rank0(model, source)

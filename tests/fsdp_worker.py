@@ -54,16 +54,25 @@ CONFIGS = {
 LR = {"full": 1e-3}  # every weight moves in full fine-tuning; adapters take 1e-2
 
 
-def base_model() -> torch.nn.Module:
+def base_model(empty: bool = False) -> torch.nn.Module:
+    """Tied embeddings (as SmolLM2 has): the shared matrix must stay one tensor in one unit.
+    ``empty``: parameters on the meta device (a RAM-efficient rank other than 0)."""
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
+                                   tie_word_embeddings=True, dtype=torch.float64)
     torch.manual_seed(0)
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = transformers.LlamaForCausalLM(cfg)
+        model.tie_weights()
+        return model.to(torch.float64).train()
     return transformers.LlamaForCausalLM(cfg).to(torch.float64).train()
 
 
-def adapted(method: str) -> torch.nn.Module:
-    model = base_model()
+def adapted(method: str, empty: bool = False) -> torch.nn.Module:
+    model = base_model(empty)
     torch.manual_seed(1)  # adapter initialization (LoRA's A, the structured unitary's reflections)
     return hp.inject(model, CONFIGS[method]())
 
@@ -109,9 +118,13 @@ def run(method: str, rank: int, world: int, shard: bool,
     ``start``: LoRA-GA factors (``<layer>.A0`` / ``<layer>.B0``, as in ``start.safetensors``)
     to begin from instead of the estimated ones.
     """
-    model = adapted(method)
+    # Sharded: the RAM-efficient path — rank 0 builds the model, the others start on the meta
+    # device and receive their pieces (and the adapters' initial values) from rank 0.
+    model = adapted(method, empty=shard and rank != 0)
     if shard:
+        source = fsdp.detach_for_sharding(model) if rank == 0 else None
         fsdp.shard_model(model)
+        fsdp.materialize_from_rank0(model, source)
     record: dict = {"loss": [], "lambda": [], "bytes": fsdp.local_parameter_bytes(model)}
     if lora_ga_targets(model):
         torch.manual_seed(2)  # the randomized SVD's draws (rank 0's factors are broadcast)

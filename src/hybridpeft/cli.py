@@ -92,6 +92,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(dump_yaml(job), end="")
         return 0
     result = train(job, resume=args.resume)
+    from .distributed import rank
+
+    if rank() != 0:  # several processes: one summary, from rank 0
+        return 0
     print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "stop_reason": result.stop_reason,
                       "before": result.before, "after": result.after, "adapter": str(result.adapter_dir),
                       "skipped_steps": result.skipped_steps}, indent=2))

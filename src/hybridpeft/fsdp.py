@@ -88,8 +88,26 @@ def shard_model(model: nn.Module, *, mesh: Any = None, layer_classes: Iterable[s
     for block in reversed(blocks):  # innermost first, should blocks nest
         if not isinstance(block, FSDPModule):
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh)  # the root: embeddings, final norm, head; kept gathered after forward
+    # Untied embeddings and head get units of their own (often the largest matrices): the input
+    # embedding is freed after its forward; the head, used last in forward and first in backward,
+    # stays gathered in between. Tied ones stay in the root (one parameter, one unit).
+    inputs = _get(model, "get_input_embeddings")
+    outputs = _get(model, "get_output_embeddings")
+    tied = inputs is not None and outputs is not None and inputs.weight is outputs.weight
+    if inputs is not None and not tied and not isinstance(inputs, FSDPModule):
+        fully_shard(inputs, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if outputs is not None and not tied and not isinstance(outputs, FSDPModule):
+        fully_shard(outputs, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)  # the root: what is left (final norm; tied embeddings)
     return model
+
+
+def _get(model: nn.Module, getter: str) -> nn.Module | None:
+    try:
+        module = getattr(model, getter)() if hasattr(model, getter) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return module if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), Tensor) else None
 
 
 def local_parameter_bytes(model: nn.Module) -> dict[str, int]:
@@ -115,11 +133,13 @@ def materialize_from_rank0(model: nn.Module, source: dict[str, Tensor] | None) -
     """Fill a sharded ``model`` with rank 0's values, one tensor at a time.
 
     Rank 0 passes ``source`` = ``dict(named_state(model))`` taken *before* ``shard_model``
-    (the whole tensors); the other ranks built the same model on the ``meta`` device
-    and pass ``None``. Each tensor is broadcast from rank 0 and every rank keeps its
-    piece, so a rank other than 0 holds at most one whole tensor at a time. Buffers,
-    including non-persistent ones (rotary frequencies, BOFT's permutation plans), and
-    the adapters' initial values come from rank 0 too, so every rank starts identical.
+    (the whole tensors; see ``detach_for_sharding``); the other ranks built the same model on
+    the ``meta`` device and pass ``None``. Each tensor is broadcast from rank 0, every rank
+    keeps its piece, and rank 0 drops its whole copy (``source`` is emptied as it goes), so a
+    rank other than 0 holds at most one whole tensor at a time and rank 0 never more than the
+    whole model. Buffers, including non-persistent ones (rotary frequencies, BOFT's
+    permutation plans), and the adapters' initial values come from rank 0 too, so every
+    rank starts identical.
 
     Raises:
         ValueError: rank 0 has no ``source``, or ``source`` lacks a tensor of the model.
@@ -127,6 +147,7 @@ def materialize_from_rank0(model: nn.Module, source: dict[str, Tensor] | None) -
     is_root = distributed.rank() == 0
     if is_root and source is None:
         raise ValueError("rank 0 must pass the unsharded tensors (named_state before shard_model)")
+    _check_same_tensors(model)
     if any(t.is_meta for _, t in named_state(model)):
         device = _mesh_device(model)
         model.to_empty(device=device)  # uninitialized storage for this rank's pieces; filled below
@@ -135,13 +156,54 @@ def materialize_from_rank0(model: nn.Module, source: dict[str, Tensor] | None) -
         if is_root:
             if name not in source:
                 raise ValueError(f"rank 0 has no value for {name!r}")
-            value = source[name].detach().to(device)
+            value = source.pop(name).detach().to(device)
         else:
             value = torch.empty(shape, dtype=dtype, device=device)
         if dist.get_backend() == "gloo" and value.device.type != "cpu":  # pragma: no cover - gloo on GPU tensors
             value = value.cpu()
         dist.broadcast(value, src=0)
         distributed.assign(target, value)
+
+
+def _check_same_tensors(model: nn.Module) -> None:
+    """Every rank must list the same tensors (names, shapes, dtypes) in the same order, or the
+    broadcasts below would pair different tensors; compared by a digest, in one all-reduce."""
+    import hashlib
+
+    listing = "\n".join(f"{n} {tuple(t.shape)} {t.dtype}" for n, t in named_state(model)).encode()
+    digest = int.from_bytes(hashlib.sha256(listing).digest()[:7], "big")  # fits an int64
+    device = _mesh_device(model) if dist.get_backend() != "gloo" else torch.device("cpu")
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MIN)
+    if int(both[0]) != digest or int(-both[1]) != digest:
+        raise ValueError(f"the ranks built different models ({len(named_state(model))} tensors on rank "
+                         f"{distributed.rank()}): every rank must load the same architecture and adapters")
+
+
+def detach_for_sharding(model: nn.Module) -> dict[str, Tensor]:
+    """Rank 0 of a RAM-efficient load: take the whole tensors out of ``model`` (returned by name,
+    for ``materialize_from_rank0``) and leave the model on the ``meta`` device, like the other
+    ranks' — so sharding allocates only this rank's pieces and the whole copy is freed tensor
+    by tensor as it is broadcast, instead of living beside the pieces."""
+    source = {name: t.detach() for name, t in named_state(model)}
+    _to_meta(model)
+    return source
+
+
+def _to_meta(model: nn.Module) -> None:
+    """Every parameter and buffer replaced by a ``meta`` tensor of its shape and dtype, tensors
+    shared between modules (tied embeddings) kept shared — ``model.to("meta")`` would untie them."""
+    memo: dict[int, Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in memo:
+                    empty = torch.empty_like(tensor, device="meta")
+                    memo[id(tensor)] = nn.Parameter(empty, requires_grad=tensor.requires_grad) \
+                        if isinstance(tensor, nn.Parameter) else empty
+                table[name] = memo[id(tensor)]
 
 
 def _mesh_device(model: nn.Module) -> torch.device:

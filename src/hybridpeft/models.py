@@ -177,4 +177,7 @@ def empty_model(auto_class: type, path: str, dtype: torch.dtype, **config_kwargs
 
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     with init_empty_weights(include_buffers=False):
-        return auto_class.from_config(config, dtype=dtype)
+        model = auto_class.from_config(config, dtype=dtype)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # from_pretrained ties them; on meta from_config leaves the head apart
+    return model

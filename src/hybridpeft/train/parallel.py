@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..fsdp import materialize_from_rank0, named_state, shard_model
+from ..fsdp import detach_for_sharding, materialize_from_rank0, shard_model
 from ..models import is_quantized_model
 from .config import ConfigError, FsdpSection, JobConfig
 
@@ -193,8 +193,11 @@ class Sharded(Replicated):
 
     def shard(self, model: nn.Module) -> nn.Module:
         ram_efficient = self.settings.ram_efficient_loading
-        source = dict(named_state(model)) if ram_efficient and self.accelerator.process_index == 0 else None
-        shard_model(model, layer_classes=self.settings.layer_classes,
+        source = detach_for_sharding(model) if ram_efficient and self.accelerator.process_index == 0 else None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.accelerator.device.type, (self.accelerator.num_processes,))
+        shard_model(model, mesh=mesh, layer_classes=self.settings.layer_classes,
                     reshard_after_forward=self.settings.reshard_after_forward)
         if ram_efficient:
             materialize_from_rank0(model, source)
