@@ -127,7 +127,9 @@ def run(method: str, rank: int, world: int, shard: bool,
         fsdp.materialize_from_rank0(model, source)
     record: dict = {"loss": [], "lambda": [], "bytes": fsdp.local_parameter_bytes(model)}
     if lora_ga_targets(model):
-        torch.manual_seed(2)  # the randomized SVD's draws (rank 0's factors are broadcast)
+        # The randomized SVD's draws differ between ranks here (as they can in a real run, where
+        # ranks consume random numbers differently); rank 0's factors must be the ones every rank keeps.
+        torch.manual_seed(2 + rank)
         batches = [global_batch(-1 - i) for i in range(2)]
         if world > 1:
             batches = [rank_rows(b, rank) for b in batches]

@@ -214,7 +214,10 @@ def tiny_model(tmp_path_factory) -> Path:
 def _sets(model: Path, run_dir: Path, method: str, extra: list[str] = ()) -> list[str]:
     sets = smoke_overrides(model, run_dir, steps=4) + [
         f"adapter.method={method}", "train.batch_size=2", "train.save_every=2", "eval.every=2",
-        "eval.before=false", "eval.after=false", "debug.save_rank_states=true", *extra,
+        # 5 validation examples in batches of 2: rank 0 scores 3 (2 batches), rank 1 scores 2 (1 batch)
+        # and must run a second forward, or the sharded forward would wait for it forever
+        "data.val_limit=5", "eval.batch_size=2",
+        "eval.limit=3", "debug.save_rank_states=true", *extra,  # the task metric after: on a gathered copy
     ]
     return [a for s in sets for a in ("--set", s)]
 
@@ -255,7 +258,9 @@ def cli_run(tiny_model, tmp_path_factory):
             done = subprocess.run(_accelerate(["train", *_sets(tiny_model, run_dir, method, _extra(method))]),
                                   env=_env(), capture_output=True, text=True, timeout=600)
             assert done.returncode == 0, done.stderr[-5000:]
-            assert "sharded (FSDP2 over 2 processes" in done.stderr
+                    assert "sharded (FSDP2 over 2 processes" in done.stderr
+            results = json.loads((run_dir / "results.json").read_text())
+            assert results["before"]["n"] == results["after"]["n"] == 3
             _CLI_RUNS[method] = run_dir
         return _CLI_RUNS[method]
     return get
