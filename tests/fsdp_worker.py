@@ -102,13 +102,16 @@ def probe() -> torch.Tensor:
 def _start_state(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {f"{name}.grad": g.double() for name, g in grads.items()}
     for name, (_, part) in lora_ga_targets(model).items():
-        out[f"{name}.A0"] = distributed.full(part.lora_A0).detach().cpu()
+        out[f"{name}.A0"] = distributed.full(part.lora_A0).detach().cpu()  # a buffer: rank 0's, whole
         out[f"{name}.B0"] = distributed.full(part.lora_B0).detach().cpu()
+        out[f"{name}.A"] = distributed.full(part.lora_A).detach().cpu()  # gathered from every rank's rows
+        out[f"{name}.B"] = distributed.full(part.lora_B).detach().cpu()
     return out
 
 
-def _lambdas(model: torch.nn.Module) -> dict[str, float]:
-    return {name: row["lambda"] for name, row in hp.mixing_state(model).items()}
+def _lambdas(model: torch.nn.Module) -> dict[str, list[float]]:
+    """Per Hybrid layer: [λ, ‖∇ LoRA-GA branch‖, ‖∇ BOFT branch‖] after the step."""
+    return {name: [row["lambda"], row["g_lora"], row["g_boft"]] for name, row in hp.mixing_state(model).items()}
 
 
 def run(method: str, rank: int, world: int, shard: bool,
