@@ -1,7 +1,7 @@
 """The default benchmark job: one run of ``hybridpeft.train`` turned into a result record.
 
 A run's resolved benchmark config carries the training job's own sections
-(``model``, ``data``, ``adapter``, ``train``, ``eval``, ``output``, ``debug``; see
+(``model``, ``data``, ``adapter``, ``train``, ``fsdp``, ``eval``, ``output``, ``debug``; see
 ``hybridpeft.train.config``) plus ``run: {model, task, method, seed}``. The job
 fills ``model.name``, ``data.task`` and ``train.seed`` from ``run``, trains in
 ``<run_dir>/train`` (fresh each attempt: a retry must not inherit a half-run),

@@ -29,7 +29,9 @@ def validation_loss(model: torch.nn.Module, tokenizer: Any, task: Task, examples
 
     ``L = Σ loss / Σ count``, pooled over the whole set (not a mean of batch means);
     under data parallelism each rank scores every ``world``-th example and the sums
-    are all-reduced, so every rank gets the same value.
+    are all-reduced, so every rank gets the same value. A sharded (FSDP) model gathers
+    its weights in every forward, so there each rank runs as many forwards as the
+    busiest one (the extra ones on a throwaway batch).
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
