@@ -6,6 +6,8 @@ from .adapters.full import FullConfig  # noqa: E402
 from .adapters.lora import LoraConfig  # noqa: E402
 from .adapters.unitary import UnitaryConfig  # noqa: E402
 from .adapters.boft import BoftConfig  # noqa: E402
+from .adapters.dora import DoraConfig  # noqa: E402
+from .adapters.ia3 import IA3Config  # noqa: E402
 from .api import (  # noqa: E402
     after_optimizer_step,
     count_trainable,

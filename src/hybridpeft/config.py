@@ -38,6 +38,14 @@ def check(condition: bool, field_name: str, value: Any, expected: str) -> None:
         raise ValueError(f"{field_name}={value!r} is invalid: expected {expected}")
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a module's qualified ``name`` is selected by a ``target_modules``-style ``pattern``:
+    equal to it, ending with ``"." + pattern``, or (``"re:…"``) fully matching the regex."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

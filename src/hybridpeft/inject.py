@@ -1,22 +1,17 @@
 """Find target modules in any torch model and wrap them with adapters."""
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from .adapters import adapter_class
 from .adapters.base import AdaptedLinear, is_supported_layer, layer_shape
-from .config import AdapterConfig
+from .config import AdapterConfig, name_matches
 
 CONFIG_ATTR = "hybridpeft_config"
 
 
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
+_matches = name_matches
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -83,7 +78,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         layer = model.get_submodule(name)
         d_in, d_out = layer_shape(layer)
         try:
-            adapter = cls(d_in, d_out, config)
+            adapter = cls.for_layer(name, d_in, d_out, config)
         except ValueError as err:
             raise ValueError(f"cannot adapt {name!r} (d_in={d_in}, d_out={d_out}): {err}") from None
         weight = layer.weight
