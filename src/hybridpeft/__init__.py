@@ -28,3 +28,4 @@ from .adapters.lora_ga import LoraGAConfig  # noqa: E402
 from .lora_ga import lora_ga_init  # noqa: E402
 from .adapters.hybrid import HybridConfig  # noqa: E402
 from .mixing import mixing_state  # noqa: E402
+from .peft_format import export_peft, load_peft  # noqa: E402

@@ -83,7 +83,9 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             raise ValueError(f"cannot adapt {name!r} (d_in={d_in}, d_out={d_out}): {err}") from None
         weight = layer.weight
         adapter.to(device=weight.device, dtype=_dtype(config, weight))
-        _replace(model, name, AdaptedLinear(layer, adapter))
+        # the new modules take the replaced layer's train/eval mode: an adapter's dropout must not
+        # switch on inside a model that was put in eval mode before injection
+        _replace(model, name, AdaptedLinear(layer, adapter).train(layer.training))
     for name in _trainable_module_names(model, config):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)

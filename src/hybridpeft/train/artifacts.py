@@ -101,6 +101,30 @@ def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str 
     return out
 
 
+def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft", model: str | None = None,
+                   task: str | None = None, base_model: str | None = None) -> Path:
+    """Write an adapter dir (or a run / checkpoint's adapter) in another library's format.
+
+    ``fmt="peft"``: HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+    (``hybridpeft.peft_format.export_peft``). The method is checked before any model
+    loads; ``base_model`` (recorded as ``base_model_name_or_path``) defaults to the
+    run's base model, offline aliases given by their hub ids.
+
+    Raises:
+        NotRepresentable: the method has no such form (nothing is written).
+    """
+    from ..models import hub_id
+    from ..peft_format import check_exportable, export_peft
+
+    if fmt != "peft":
+        raise ValueError(f"--format {fmt!r} is invalid: expected 'peft'")
+    adapter_dir = find_adapter_dir(adapter)
+    check_exportable(read_adapter_config(adapter_dir).method)
+    net, _, _ = load_adapted(adapter_dir, model, task)
+    name = base_model or hub_id(model or run_info(adapter_dir).get("base_model") or "") or None
+    return export_peft(net, out, base_model_name_or_path=name)
+
+
 def describe(path: str | os.PathLike) -> str:
     """A readable summary of an adapter dir, a checkpoint or a run dir."""
     path = Path(path)
