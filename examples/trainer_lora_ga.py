@@ -6,7 +6,7 @@ adapter-only checkpoints: ``checkpoint-N/adapter`` (ours, ``hp.load_adapter``) a
 ``checkpoint-N/adapter-peft`` (HF PEFT's format: ``peft.PeftModel.from_pretrained``,
 vLLM, TGI), plus the same two at the end of training in ``--out``.
 
-    python examples/trainer_lora_ga.py                        # SmolLM2-135M (offline), 20 steps, ~2 min on 2 cores
+    python examples/trainer_lora_ga.py                        # SmolLM2-135M (offline), 20 steps (~5 min on a busy 2-core CPU)
     python examples/trainer_lora_ga.py --max-steps 60 --out runs/trainer-lora-ga
     python examples/trainer_lora_ga.py --model path/or/hub-id # any causal LM with q_proj/v_proj
 """
@@ -21,7 +21,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 import hybridpeft as hp
 from hybridpeft.callbacks import HybridPeftCallback
-from hybridpeft.models import load_causal_lm
+from hybridpeft.models import hub_id, load_causal_lm
 
 
 class Sums(Dataset):
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
     )
     trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=collator,
-                      callbacks=[HybridPeftCallback()])
+                      callbacks=[HybridPeftCallback(base_model_name_or_path=hub_id(args.model))])
     probe = collator([data[i] for i in range(8)])
     with torch.no_grad():
         before = model(**probe).loss.item()  # the LoRA-GA start leaves the output unchanged

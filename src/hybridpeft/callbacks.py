@@ -59,16 +59,19 @@ class HybridPeftCallback(TrainerCallback):
         loss_fn: ``(model, batch) -> loss`` for it (default: ``model(**batch).loss``).
         save_adapters: write the adapter-only copies.
         peft_format: also write the PEFT-format copy where the method has one.
+        base_model_name_or_path: recorded in it (default: the model's ``config._name_or_path``).
     """
 
     def __init__(self, keep_history: bool = True, lora_ga_init: bool = True, num_batches: int | None = None,
-                 loss_fn: Callable[..., Any] | None = None, save_adapters: bool = True, peft_format: bool = True) -> None:
+                 loss_fn: Callable[..., Any] | None = None, save_adapters: bool = True, peft_format: bool = True,
+                 base_model_name_or_path: str | None = None) -> None:
         self.keep_history = keep_history
         self.run_lora_ga_init = lora_ga_init
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.save_adapters = save_adapters
         self.peft_format = peft_format
+        self.base_model_name_or_path = base_model_name_or_path
         self.history: list[tuple[int, dict[str, dict[str, float]]]] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, train_dataloader: Any = None,
@@ -118,7 +121,7 @@ class HybridPeftCallback(TrainerCallback):
             from .peft_format import EXPORTABLE, export_peft
 
             if config_of(model).method in EXPORTABLE:
-                export_peft(model, where / PEFT_ADAPTER_DIR)
+                export_peft(model, where / PEFT_ADAPTER_DIR, base_model_name_or_path=self.base_model_name_or_path)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, model: Any = None, **kwargs: Any) -> None:
         if model is None:
