@@ -155,6 +155,14 @@ def test_bad_config_names_field_and_value(make, field):
         make()
 
 
+def test_ia3_feedforward_default_follows_the_targets():
+    assert hp.IA3Config().feedforward_modules == ["down_proj"]
+    assert hp.IA3Config(target_modules=["q_proj", "v_proj"]).feedforward_modules == []
+    assert hp.IA3Config(target_modules="all-linear").feedforward_modules == ["down_proj"]
+    config = hp.IA3Config(target_modules=["k_proj"])
+    assert hp.AdapterConfig.from_dict(config.to_dict()) == config  # the resolved list is what is saved
+
+
 def test_ia3_defaults_are_pefts_llama_defaults():
     peft = pytest.importorskip("peft")
     ours = hp.inject(tiny_llama(), hp.IA3Config())

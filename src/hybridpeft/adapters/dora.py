@@ -12,8 +12,8 @@ gradients PEFT gives them.
 
 The norm without a dense ``V``: for each output row ``i``,
 
-    ‖V_i‖² = ‖W_i‖² + 2 s ⟨W_i, (BA)_i⟩ + s² ‖(BA)_i‖²,
-    ⟨W_i, (BA)_i⟩ = Σ_k (W Aᵀ)_ik B_ik,      ‖(BA)_i‖² = Σ_k (B (A Aᵀ))_ik B_ik,
+    ‖V_i‖² = ‖W_i‖² + 2 s ⟨W_i, (BA)_i⟩ + s² ‖(BA)_i‖²
+           = ‖W_i‖² + s Σ_k B_ik (2 W Aᵀ + s B (A Aᵀ))_ik,
 
 with ``‖W_i‖`` computed once in ``bind`` and ``W Aᵀ`` (d_out, r) obtained as the
 base matmul of the ``r`` rows of ``A`` — so a step costs one ``r``-token base
@@ -76,17 +76,20 @@ class DoraAdapter(LoraAdapter):
 
     @torch.no_grad()
     def row_norm(self, base: BaseMatmul, dtype: torch.dtype) -> Tensor:
-        """``‖W_i + s (BA)_i‖`` for every output row (d_out,), detached, in float32 at least."""
+        """``‖W_i + s (BA)_i‖`` for every output row (d_out,), detached, in float32 at least.
+
+        ``‖V_i‖² = ‖W_i‖² + s Σ_k B_ik (2 W Aᵀ + s B A Aᵀ)_ik``: one base matmul of A's r rows,
+        one r × r Gram matrix, one fused ``addmm`` and a row-wise dot product.
+        """
         math = _math_dtype(self.lora_A.dtype)
         a, b = self.lora_A.to(math), self.lora_B.to(math)  # (r, d_in), (d_out, r)
         w_at = base(self.lora_A.to(dtype)).to(math).t()  # (r, d_out) -> W Aᵀ (d_out, r)
-        cross = (w_at * b).sum(dim=1)  # ⟨W_i, (BA)_i⟩, (d_out,)
-        lora_sq = ((b @ (a @ a.t())) * b).sum(dim=1)  # ‖(BA)_i‖², (d_out,)
         s = self.scaling
-        base_sq = self.base_row_norm.to(math).square()
-        sq = base_sq + 2 * s * cross + s * s * lora_sq
-        # A zero row (W_i = 0, B_i = 0) would give 0/0: its output row is 0 whatever the scale.
-        return sq.clamp_min(0).sqrt().clamp_min(torch.finfo(math).tiny)
+        z = torch.addmm(w_at, b, a @ a.t(), beta=2.0, alpha=s)  # 2 W Aᵀ + s B (A Aᵀ), (d_out, r)
+        sq = torch.add(self.base_row_norm.to(math).square(), torch.linalg.vecdot(b, z), alpha=s)  # (d_out,)
+        # A zero row (W_i = 0, B_i = 0) would give 0/0 (its output row is 0 whatever the scale); rounding
+        # may push an almost-zero ‖V_i‖² below 0. At init (B = 0) this is ‖W_i‖² and sqrt gives ‖W_i‖ exactly.
+        return sq.clamp_min_(torch.finfo(math).tiny).sqrt_()
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out)

@@ -33,14 +33,19 @@ class IA3Config(AdapterConfig):
             ``v_proj``, ``down_proj``.
         feedforward_modules: the targets whose *input* is scaled (same pattern rules);
             with plain-name targets each entry must be one of ``target_modules`` (as PEFT
-            requires). Default ``["down_proj"]``.
+            requires). Default (``None``): ``["down_proj"]`` if it is a target (or the
+            targets are a regex or ``"all-linear"``), else none.
     """
 
     method = "ia3"
     target_modules: list[str] = field(default_factory=lambda: list(IA3_TARGETS))
-    feedforward_modules: list[str] = field(default_factory=lambda: list(IA3_FEEDFORWARD))
+    feedforward_modules: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.feedforward_modules is None:
+            targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+            plain = targets != ["all-linear"] and not any(t.startswith("re:") for t in targets)
+            self.feedforward_modules = [p for p in IA3_FEEDFORWARD if p in targets or not plain]
         if isinstance(self.feedforward_modules, str):
             self.feedforward_modules = [self.feedforward_modules]
         self.feedforward_modules = list(self.feedforward_modules)
