@@ -291,3 +291,13 @@ def test_dora_step_builds_no_dense_weight_sized_tensor():
         layer(x).sum().backward()
     assert 0 < mode.largest < d_out * d_in, mode.largest
     assert all(p.grad is not None for p in perturb_layer)
+
+
+def test_job_config_checks_feedforward_against_the_jobs_own_targets():
+    """A job file's error names the targets the job set, not IA³'s defaults."""
+    from hybridpeft.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"feedforward_modules=\['nope'\] is invalid: expected a subset of "
+                                          r"target_modules \['q_proj', 'v_proj'\]"):
+        load_config(overrides=["adapter.method=ia3", "adapter.target_modules=[q_proj,v_proj]",
+                               "adapter.ia3.feedforward_modules=[nope]", "train.lr=0"])
