@@ -327,8 +327,11 @@ def test_cli_export_writes_a_peft_adapter_of_a_run(tiny_model_dir, tmp_path, cap
     peft = pytest.importorskip("peft")
     result = _train_run(tiny_model_dir, tmp_path / "run", "lora_ga")
     out = tmp_path / "peft"
-    assert cli.main(["export", str(result.run_dir), str(out), "--format", "peft"]) == 0
-    assert "PEFT adapter written to" in capsys.readouterr().out
+    capsys.readouterr()
+    assert cli.main(["export", str(result.run_dir), str(out), "--format", "peft", "--check"]) == 0
+    printed = capsys.readouterr().out
+    assert "PEFT adapter written to" in printed and "reproduces our logits within" in printed
+    assert float(printed.split("within ")[1].split(" ")[0]) < 1e-5
     meta = json.loads((out / "adapter_config.json").read_text())
     assert meta["base_model_name_or_path"] == str(tiny_model_dir) and meta["r"] == 16  # LoRA-GA r = 8 -> 2r
     ours, tokenizer, _ = load_adapted(result.adapter_dir)

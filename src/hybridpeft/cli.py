@@ -185,6 +185,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
     p.add_argument("--base-model", help="base_model_name_or_path to record (default: the base model's hub id)")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT (needs peft) and report its largest logit difference from ours")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -200,6 +202,15 @@ def _run_export(args: argparse.Namespace) -> int:
     print(f"PEFT adapter written to {out}")
     for problem in serving_problems(out):
         print(f"  note for serving engines: {problem}")
+    if args.check:
+        from .train.artifacts import check_peft_export
+
+        try:
+            error = check_peft_export(args.adapter, out, model=args.model, task=args.task)
+        except ImportError as err:
+            print(f"hybridpeft: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"  check: peft.PeftModel.from_pretrained reproduces our logits within {error:.2e} (max |difference|)")
     return 0
 
 

@@ -125,6 +125,29 @@ def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, fmt: str 
     return export_peft(net, out, base_model_name_or_path=name)
 
 
+def check_peft_export(adapter: str | os.PathLike, exported: str | os.PathLike, model: str | None = None,
+                      task: str | None = None) -> float:
+    """Load ``exported`` with HF PEFT itself onto a fresh base model and return the largest
+    |difference| between its logits and ours on a probe sentence (the optional check; needs ``peft``).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the export check loads the adapter with HF PEFT: pip install peft") from None
+
+    net, tokenizer, task_obj = load_adapted(adapter, model, task)
+    model_name, _ = _base_and_task(find_adapter_dir(adapter), model, task, None)
+    base, _ = load_model(model_name, task_obj if task_obj is not None else _CausalKind())
+    theirs = peft.PeftModel.from_pretrained(base, str(exported))
+    probe = tokenizer(["Question: Tom has 3 apples and gets 4 more. Answer:"], return_tensors="pt")
+    with torch.no_grad():
+        ours_out, theirs_out = net.eval()(**probe).logits, theirs.eval()(**probe).logits
+    return float((ours_out - theirs_out).abs().max())
+
+
 def describe(path: str | os.PathLike) -> str:
     """A readable summary of an adapter dir, a checkpoint or a run dir."""
     path = Path(path)
