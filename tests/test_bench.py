@@ -62,6 +62,8 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
         lam = {"layers": _LAYERS, "steps": steps,
                "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
     metrics = {"accuracy": acc, "val_loss": 1.0 - acc}
+    if config.get("nan_metric"):
+        metrics[config["nan_metric"]] = float("nan")
     if "majority" in config:
         metrics["majority_class_accuracy"] = config["majority"]
     return {"metrics": metrics, "primary_metric": "accuracy", "curves": curves,
@@ -408,6 +410,35 @@ def test_report_lists_failures_and_rejects_empty(tmp_path):
     ResultStore(empty).append({"key": "k", "status": "running"})
     with pytest.raises(ValueError, match="no finished run"):
         write_report(empty, tmp_path / "r2")
+
+
+def test_report_names_a_nan_metric_and_skipped_lines_and_goes_on(tmp_path, capsys):
+    """One NaN metric used to sink the whole report without naming the run (issue 12, item 7)."""
+    from hybridpeft import cli
+
+    data = _bench(tmp_path, seeds=[0, 1, 2], methods=["lora", "hybrid"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}])
+    data["overrides"] = [{"where": {"method": "hybrid", "seed": 2}, "set": {"nan_metric": "val_loss"}}]
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    store = bench.output_dir / "results.jsonl"
+    good = {(r["method"], r["seed"]): r for r in map(json.loads, store.read_text().splitlines()) if r["status"] == "ok"}
+    rerun = {**good[("lora", 2)], "metrics": {**good[("lora", 2)]["metrics"], "accuracy": float("nan")}}
+    no_seed = {k: v for k, v in good[("lora", 0)].items() if k != "seed"}
+    with store.open("a") as fh:  # a NaN primary metric (hand-edited store, older writer), then three bad lines
+        fh.write(json.dumps(rerun) + "\n[1, 2]\n" + json.dumps(no_seed) + "\n" + '{"key": "x", "status": "o')
+    lines = len(store.read_text().splitlines())
+    with pytest.warns(UserWarning, match=r"skipped .*results.jsonl, line"):
+        assert cli.main(["report", str(bench.output_dir), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"| {rerun['key']} | metric failed | 1 | accuracy = nan; left out of every table and test |" in md
+    assert f"| {good[('hybrid', 2)]['key']} | metric failed | 1 | val_loss = nan; left out of that metric's mean |" in md
+    assert "| lora | 80.00 / 81.00 / — | 80.50 ± 0.71 |" in md  # the other seeds still count
+    assert "| hybrid | 90.00 / 91.00 / 89.00 | 90.00 ± 1.00† |" in md  # its primary metric is fine ...
+    assert "| tiny | sst2-cls | hybrid | 3 | 0.9000 | 0.0950 |" in md  # ... and val_loss is the mean of seeds 0 and 1
+    assert "## Skipped lines of the results file" in md
+    assert f"`results.jsonl` line {lines - 2}: a JSON list, not a record object" in md
+    assert f"`results.jsonl` line {lines - 1}: finished record" in md and "['seed']" in md
+    assert f"`results.jsonl` line {lines}: not valid JSON" in md
 
 
 def test_cli_entry_points(tmp_path, capsys):

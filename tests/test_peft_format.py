@@ -339,6 +339,13 @@ def test_cli_export_writes_a_peft_adapter_of_a_run(tiny_model_dir, tmp_path, cap
     ids = tokenizer(["Question: Tom has 3 apples."], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(**ids).logits, ours.eval()(**ids).logits, rtol=1e-5, atol=1e-6)
+    # as for merge: a non-empty target needs --overwrite, and a file is never written over
+    assert cli.main(["export", str(result.run_dir), str(out)]) == cli.EXIT_ERROR
+    assert "non-empty directory" in capsys.readouterr().err
+    assert cli.main(["export", str(result.run_dir), str(out), "--overwrite"]) == 0
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["export", str(result.run_dir), str(tmp_path / "file"), "--overwrite"]) == cli.EXIT_ERROR
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_cli_export_refuses_boft_with_exit_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -55,8 +55,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import is_supported_layer, layer_shape
-from .config import AdapterConfig, name_matches
+from .config import AdapterConfig
 from .inject import CONFIG_ATTR, _trainable_module_names, adapted_layers, config_of, find_targets, inject
+from .patterns import select
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -208,11 +209,17 @@ def _peft_feedforward_rule(name: str, pattern: str) -> bool:
     return name.endswith(pattern)  # PEFT's list form of feedforward_modules (no "." boundary)
 
 
+def _our_rule(name: str, pattern: str) -> bool:
+    return bool(select([name], pattern, "target_modules"))  # ours: equal, ".name" suffix, or "re:" full match
+
+
 def _selects(patterns: list[str] | str, names: list[str], rule) -> set[str]:
     """The names that ``patterns`` select: a string is a full-match regex (PEFT's string form,
-    our ``"re:"``), a list selects by ``rule(name, entry)``."""
+    our ``"re:"``; time-bounded, see ``hybridpeft.patterns``), a list selects by ``rule(name, entry)``."""
     if isinstance(patterns, str):
-        return {n for n in names if name_matches(n, "re:" + patterns)}
+        return set(select(names, "re:" + patterns, "target_modules"))
+    if rule is _our_rule:
+        return {n for p in patterns for n in select(names, p, "target_modules")}
     return {n for n in names if any(rule(n, p) for p in patterns)}
 
 
@@ -569,7 +576,7 @@ def _is_feedforward(name: str, shape: tuple[int, ...], dims: tuple[int, int], me
 
 def _our_patterns(peft_patterns: list[str] | str | None, chosen: list[str], universe: list[str]) -> list[str]:
     """Our patterns selecting exactly ``chosen`` among ``universe`` (by our rule,
-    ``name_matches``): PEFT's own when they do (a string regex becomes ``"re:…"``), else
+    ``hybridpeft.patterns.select``): PEFT's own when they do (a string regex becomes ``"re:…"``), else
     the full module names."""
     want = set(chosen)
     candidate: list[str] | None = None
@@ -577,6 +584,6 @@ def _our_patterns(peft_patterns: list[str] | str | None, chosen: list[str], univ
         candidate = ["re:" + peft_patterns]
     elif isinstance(peft_patterns, list) and peft_patterns and all(isinstance(p, str) and p for p in peft_patterns):
         candidate = list(peft_patterns)
-    if candidate is not None and _selects(candidate, universe, name_matches) == want:
+    if candidate is not None and _selects(candidate, universe, _our_rule) == want:
         return candidate
     return list(chosen)

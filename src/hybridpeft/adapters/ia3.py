@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check, name_matches
+from ..config import AdapterConfig, check
+from ..patterns import select
 from .base import Adapter, BaseMatmul
 
 IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
@@ -72,7 +73,8 @@ class IA3Adapter(Adapter):
 
     @classmethod
     def for_layer(cls, name: str, d_in: int, d_out: int, config: IA3Config) -> "IA3Adapter":
-        return cls(d_in, d_out, config, feedforward=any(name_matches(name, p) for p in config.feedforward_modules))
+        return cls(d_in, d_out, config, feedforward=any(select([name], p, "feedforward_modules")
+                                                         for p in config.feedforward_modules))
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         l = self.ia3_l.to(x.dtype)
