@@ -235,6 +235,12 @@ def test_load_peft_reproduces_pefts_outputs_and_trains(case, arch, tmp_path):
     assert {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])} == set(trainable)
 
 
+def test_our_loader_points_a_peft_directory_to_load_peft(tmp_path):
+    hp.export_peft(trained_like("llama", hp.LoraConfig(target_modules=["q_proj"], r=2)), tmp_path)
+    with pytest.raises(ValueError, match=r"HF PEFT adapter \(peft_type='LORA'\).*hybridpeft.load_peft"):
+        hp.load_adapter(build("llama"), tmp_path)
+
+
 def test_our_export_imports_back_exactly(tmp_path):
     ours = trained_like("gpt2", hp.LoraGAConfig(target_modules=["c_attn"], r=2, num_batches=2))
     hp.export_peft(ours, tmp_path)
