@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="offline alias, local dir or hub id")
     p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--out", default="runs/trainer-lora-ga")
     args = p.parse_args(argv)
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = Sums(tokenizer, 256)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     training = TrainingArguments(
-        output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=2e-4,
+        output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=2, logging_steps=5, save_steps=max(1, args.max_steps // 2),
         report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
     )

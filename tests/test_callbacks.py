@@ -130,8 +130,8 @@ def test_trainer_example_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("trainer_lora_ga", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    losses = example.main(["--model", str(model_dir), "--max-steps", "4", "--out", str(tmp_path / "out")])
-    assert losses["after"] < losses["before"]
+    losses = example.main(["--model", str(model_dir), "--max-steps", "4", "--lr", "1e-2", "--out", str(tmp_path / "out")])
+    assert losses["after"] < losses["before"] - 0.1, losses  # it trains (the tiny model knows nothing)
     for where in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
         assert (where / "adapter" / "adapter_config.json").is_file()
         assert (where / "adapter-peft" / "adapter_model.safetensors").is_file()
