@@ -131,7 +131,7 @@ def test_trainer_example_runs(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     losses = example.main(["--model", str(model_dir), "--max-steps", "4", "--lr", "1e-2", "--out", str(tmp_path / "out")])
-    assert losses["after"] < losses["before"] - 0.1, losses  # it trains (the tiny model knows nothing)
+    assert losses["after"] < losses["before"] - 0.05, losses  # it trains: 4.373 -> 4.262 measured
     for where in (tmp_path / "out", tmp_path / "out" / "checkpoint-2"):
         assert (where / "adapter" / "adapter_config.json").is_file()
         assert (where / "adapter-peft" / "adapter_model.safetensors").is_file()
