@@ -182,6 +182,9 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
         raise ValueError(f"{config_path} is invalid: expected a JSON object of adapter settings, "
                          f"found a JSON {type(data).__name__}")
     data.pop("hybridpeft_version", None)
+    if "peft_type" in data and "method" not in data:  # same file name, HF PEFT's format
+        raise ValueError(f"{config_path} describes an HF PEFT adapter (peft_type={data['peft_type']!r}), not a "
+                         "hybridpeft one: read it with hybridpeft.load_peft(model, path)")
     try:
         return AdapterConfig.from_dict(data)
     except (ValueError, TypeError) as err:

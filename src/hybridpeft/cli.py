@@ -225,6 +225,53 @@ register_command("train", Command(
 register_command("eval", Command("score an adapter (or the base model) with its task's metric", _eval_arguments, _run_eval))
 register_command("merge", Command("merge an adapter into its base model and save a plain transformers model",
                                   _merge_arguments, _run_merge))
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter dir, checkpoint or run dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="peft", choices=["peft"],
+                   help="peft: HF PEFT's adapter_config.json + adapter_model.safetensors (vLLM, TGI, SGLang, the Hub)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the base model's hub id)")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT (needs peft) and report its largest logit difference from ours")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT even if it is a non-empty directory (its adapter files are replaced)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .peft_format import NotRepresentable, serving_problems
+    from .train.artifacts import export_adapter
+
+    try:
+        out = export_adapter(args.adapter, args.out, args.format, model=args.model, task=args.task,
+                             base_model=args.base_model, overwrite=args.overwrite)
+    except NotRepresentable as err:
+        print(f"hybridpeft: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"PEFT adapter written to {out}")
+    for problem in serving_problems(out):
+        print(f"  note for serving engines: {problem}")
+    if args.check:
+        from .train.artifacts import check_peft_export
+
+        try:
+            error = check_peft_export(args.adapter, out, model=args.model, task=args.task)
+        except ImportError as err:
+            print(f"hybridpeft: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"  check: peft.PeftModel.from_pretrained reproduces our logits within {error:.2e} (max |difference|)")
+    return 0
+
+
+register_command("export", Command(
+    "write an adapter in HF PEFT's format (LoRA, LoRA-GA as a rank-2r LoRA, DoRA, IA³)", _export_arguments,
+    _run_export, "Write the adapter as adapter_config.json + adapter_model.safetensors, which "
+    "peft.PeftModel.from_pretrained, vLLM, TGI and SGLang load. BOFT, unitary and Hybrid adapters have no "
+    "PEFT form (exit 2, nothing written): merge them with `hybridpeft merge` instead.",
+))
 register_command("info", Command("show what an adapter dir, checkpoint or run dir holds", _info_arguments, _run_info))
 
 

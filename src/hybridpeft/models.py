@@ -21,6 +21,17 @@ MINILM = "minilm-l6"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+HUB_IDS = {  # what the offline packages hold, by their hub names (for adapters meant to be shared)
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",  # offline: de-quantized from a Q4_1 GGUF, not the hub's float weights
+    MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
+def hub_id(name: str) -> str:
+    """The hub id of an offline alias (``smollm2-135m``), any other name unchanged."""
+    return HUB_IDS.get(name, name)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("HYBRIDPEFT_CACHE", Path.home() / ".cache" / "hybridpeft"))
 

@@ -161,13 +161,68 @@ def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str 
 
 
 def _check_merge_target(out: Path, overwrite: bool) -> None:
-    if overwrite or not out.exists():
+    _check_target(out, overwrite, "merge")
+
+
+def _check_target(out: Path, overwrite: bool, what: str) -> None:
+    if not out.exists():
         return
-    if not out.is_dir():
-        raise FileExistsError(f"merge target {out} is a file, not a directory; choose another path or pass --overwrite")
-    if any(out.iterdir()):
-        raise FileExistsError(f"merge target {out} is a non-empty directory; choose another path or pass --overwrite "
-                              "to replace its contents")
+    if not out.is_dir() and (what != "merge" or not overwrite):  # an export writes files into a directory
+        raise FileExistsError(f"{what} target {out} is a file, not a directory; choose another path"
+                              + (" or pass --overwrite" if what == "merge" else ""))
+    if not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{what} target {out} is a non-empty directory; choose another path or pass --overwrite "
+                              + ("to replace its contents" if what == "merge" else "to replace its adapter files"))
+
+
+def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft", model: str | None = None,
+                   task: str | None = None, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Write an adapter dir (or a run / checkpoint's adapter) in another library's format.
+
+    ``fmt="peft"``: HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+    (``hybridpeft.peft_format.export_peft``). The method is checked before any model
+    loads; ``base_model`` (recorded as ``base_model_name_or_path``) defaults to the
+    run's base model, offline aliases given by their hub ids.
+
+    Raises:
+        NotRepresentable: the method has no such form (nothing is written).
+        FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
+            (as for ``merge``; checked before any model is loaded).
+    """
+    from ..models import hub_id
+    from ..peft_format import check_exportable, export_peft
+
+    if fmt != "peft":
+        raise ValueError(f"--format {fmt!r} is invalid: expected 'peft'")
+    adapter_dir = find_adapter_dir(adapter)
+    check_exportable(read_adapter_config(adapter_dir).method)
+    _check_target(Path(out), overwrite, "export")
+    net, _, _ = load_adapted(adapter_dir, model, task)
+    name = base_model or hub_id(model or run_info(adapter_dir).get("base_model") or "") or None
+    return export_peft(net, out, base_model_name_or_path=name)
+
+
+def check_peft_export(adapter: str | os.PathLike, exported: str | os.PathLike, model: str | None = None,
+                      task: str | None = None) -> float:
+    """Load ``exported`` with HF PEFT itself onto a fresh base model and return the largest
+    |difference| between its logits and ours on a probe sentence (the optional check; needs ``peft``).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the export check loads the adapter with HF PEFT: pip install peft") from None
+
+    net, tokenizer, task_obj = load_adapted(adapter, model, task)
+    model_name, _ = _base_and_task(find_adapter_dir(adapter), model, task, None)
+    base, _ = load_model(model_name, task_obj if task_obj is not None else _CausalKind())
+    theirs = peft.PeftModel.from_pretrained(base, str(exported))
+    probe = tokenizer(["Question: Tom has 3 apples and gets 4 more. Answer:"], return_tensors="pt")
+    with torch.no_grad():
+        ours_out, theirs_out = net.eval()(**probe).logits, theirs.eval()(**probe).logits
+    return float((ours_out - theirs_out).abs().max())
 
 
 def describe(path: str | os.PathLike) -> str:

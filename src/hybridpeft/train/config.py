@@ -561,12 +561,23 @@ def _adapter_errors(cls: type[AdapterConfig], kwargs: dict[str, Any], origin: di
         return []
     except (ValueError, TypeError) as first:
         found: list[str] = []
+        # The shared fields that are valid on their own go with every retry: a method field may be
+        # checked against them (IA³'s feedforward_modules must be among target_modules).
+        context = {k: v for k, v in kwargs.items() if k in _SHARED_ADAPTER_FIELDS and _accepts(cls, {k: v})}
         for key, value in kwargs.items():
             try:
-                cls(**{key: value})
+                cls(**{**context, key: value})
             except (ValueError, TypeError) as err:
                 found.append(f"{origin.get(key, prefix)}.{err}")
         return found or [f"{prefix}.{first}"]
+
+
+def _accepts(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> bool:
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _build_adapter(data: Any, errors: list[str]) -> AdapterConfig:
