@@ -49,6 +49,8 @@ CONFIGS = {
                                              drift_tolerance=1e-300),
     "hybrid": lambda: hp.HybridConfig(target_modules=TARGETS, lora_r=2, boft_block_size=4, boft_n_factors=2,
                                       lam_init=0.6, ga_num_batches=2),
+    "dora": lambda: hp.DoraConfig(target_modules=TARGETS, r=2),  # magnitude per row, norms of W from bind()
+    "ia3": lambda: hp.IA3Config(target_modules=TARGETS),  # down_proj scales its input (d_in = 64)
     "full": lambda: hp.FullConfig(),
 }
 LR = {"full": 1e-3}  # every weight moves in full fine-tuning; adapters take 1e-2

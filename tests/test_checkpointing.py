@@ -37,6 +37,8 @@ CONFIGS = {
                                       ga_num_batches=1, lam_init=0.3, lora_dropout=0.2),
     "hybrid-recompute_base": lambda: hp.HybridConfig(target_modules=TARGETS, lora_r=2, boft_block_size=4,
                                                      boft_n_factors=2, ga_num_batches=1, recompute_base=True),
+    "dora": lambda: hp.DoraConfig(target_modules=TARGETS, r=2, dropout=0.2),
+    "ia3": lambda: hp.IA3Config(target_modules=TARGETS),
     "full": lambda: hp.FullConfig(),
 }
 

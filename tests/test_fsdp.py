@@ -244,7 +244,7 @@ def _digest(run_dir: Path) -> dict[str, str]:
 
 
 KILL_METHODS = [pytest.param(m, marks=() if m == "hybrid" else pytest.mark.slow)
-                for m in ("lora", "lora_ga", "boft", "unitary", "hybrid", "full")]
+                for m in ("lora", "lora_ga", "boft", "unitary", "hybrid", "dora", "ia3", "full")]
 
 
 def _extra(method: str) -> list[str]:

@@ -286,7 +286,8 @@ def _describe_checkpoint(path: Path) -> list[str]:
             lines.append(f"  step: {loop.get('step')}, data position: {state.get('data')}, "
                          f"skipped steps: {loop.get('skipped')}, best val loss: {loop.get('best_val_loss')}")
             lines.append(f"  world size {state.get('world_size')}, batch size {state.get('batch_size')}, "
-                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}")
+                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}"
+                         + (", written by a sharded (FSDP) run (whole tensors)" if state.get("sharded") else ""))
         except Exception as err:  # a corrupt file is exactly what info should report, not crash on
             lines.append(f"  trainer state unreadable: {err}")
     if (path / ckpt.ADAPTER_DIR / ADAPTER_CONFIG).is_file():
@@ -301,7 +302,8 @@ def _describe_run(path: Path) -> list[str]:
     meta = json.loads((path / "run.json").read_text())
     lines = [f"run: {path}",
              f"  task: {config.get('data', {}).get('task')}, method: {config.get('adapter', {}).get('method')}, "
-             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"]
+             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"
+             + (f" ({meta['parallel']['strategy']})" if isinstance(meta.get("parallel"), dict) else "")]
     steps = read_jsonl(path / "train_log.jsonl")
     if steps:
         last = steps[-1]
