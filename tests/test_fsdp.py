@@ -38,6 +38,7 @@ from hybridpeft import distributed
 from hybridpeft.fsdp import block_classes
 from hybridpeft.train import ConfigError, load_config, train
 from hybridpeft.train import checkpoint as ckpt
+from hybridpeft.train.lock import read_holder
 from hybridpeft.train.parallel import accelerate_fsdp_settings
 from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
 
@@ -288,6 +289,12 @@ def test_accelerate_fsdp_launch_killed_and_resumed_is_exact(method, tiny_model, 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # torchrun starts the ranks in their own sessions, so the kill above reached only the
+    # launcher; the ranks must follow it (distributed.die_with_launcher) and free the run dir.
+    deadline = time.time() + 60
+    while read_holder(crash_dir) is not None and time.time() < deadline:
+        time.sleep(0.05)
+    assert read_holder(crash_dir) is None, f"ranks outlived their launcher: {read_holder(crash_dir)}"
     assert not (crash_dir / "adapter").exists()
 
     resumed = subprocess.run(_accelerate(["train", *_sets(tiny_model, crash_dir, method, extra), "--resume"]),

@@ -22,6 +22,9 @@ Only dim-0 sharding on a mesh spanning the default process group is supported (w
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 from typing import Any
 
 import torch
@@ -32,6 +35,35 @@ try:  # torch.distributed.tensor is missing from builds without distributed supp
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - such builds cannot shard anything
     DTensor = None  # type: ignore[assignment,misc]
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher(environ: dict[str, str] | None = None) -> bool:
+    """Under ``torchrun`` / ``accelerate launch``, have the kernel SIGKILL this rank when
+    its launcher dies; returns whether that was arranged.
+
+    torch's elastic agent starts every rank in a new session, so a launcher that is
+    killed (OOM killer, ``kill -9``, a lost job allocation) leaves its ranks running:
+    they keep the run dir's lock and keep writing checkpoints, and a resume is refused
+    until they finish. SIGKILL, not SIGTERM, because a rank without its launcher has
+    nothing to report to; checkpoints are written atomically, so the newest intact one
+    is what a resume continues from. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere,
+    or outside a torchrun launch (``TORCHELASTIC_RUN_ID`` unset), nothing changes.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or not os.uname().sysname == "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
 
 
 def initialized() -> bool:

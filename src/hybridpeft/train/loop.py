@@ -196,6 +196,7 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
         ValueError: the run dir holds a previous run and neither resume nor overwrite was asked,
             or a resume does not fit the job (other world size, batch size, ...).
     """
+    distributed.die_with_launcher()  # a killed launcher must not leave ranks holding the run dir
     accelerator = _make_accelerator(job)
     strategy = par.for_job(job, accelerator)  # refuses unsupported sharding settings before anything loads
     run_dir = job.run_dir()
