@@ -41,6 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import distributed
 from .adapters.base import AdaptedLinear, layer_shape
 from .adapters.lora_ga import ESTIMATORS, LoraGAAdapter, LoraGAConfig
 from .gradient_sketch import LowRankGradient, SketchBank
@@ -386,7 +387,7 @@ def cache_key(model: nn.Module, weights: Mapping[str, Tensor], batches: Sequence
     if estimate != "exact":  # exact keys are unchanged, so existing caches stay valid
         h.update(f"estimate={estimate}".encode())
     for name, w in weights.items():
-        _weight_fingerprint(h, name, w)
+        _weight_fingerprint(h, name, distributed.local(w))  # the key names the rank
     _hash_value(h, list(batches))
     if dist.is_available() and dist.is_initialized():
         h.update(f"world={dist.get_world_size()} rank={dist.get_rank()}".encode())
@@ -510,7 +511,9 @@ def lora_ga_init(
     shapes = {name: layer_shape(layer.base_layer) for name, (layer, _) in targets.items()}  # (d_in, d_out)
     estimator = choose_estimator(estimator, sum(d_in * d_out for d_in, d_out in shapes.values()))
     weights = {name: layer.base_layer.weight for name, (layer, _) in targets.items()}  # packed codes if 4-bit
-    hosts = {name: layer for name, (layer, _) in targets.items() if layer.quantized or gradient_source == "activations"}
+    # 4-bit and sharded (FSDP) weights cannot take per-parameter gradient hooks: estimate those from activations
+    hosts = {name: layer for name, (layer, _) in targets.items()
+             if layer.quantized or gradient_source == "activations" or distributed.is_sharded(layer.base_layer.weight)}
     params = {name: w for name, w in weights.items() if name not in hosts}
     chosen = list(islice(batches, n))
     if estimator == "sketch":
@@ -522,8 +525,10 @@ def lora_ga_init(
         estimate = estimates[name]
         if isinstance(estimate, Tensor):
             estimate = estimate.to(layer.base_layer.weight.device)
-        weight = layer.weight if part.ga_config.scale == "weight_svd" else None  # a 4-bit W is dequantized here
+        # a 4-bit W is dequantized here, a sharded one gathered (every rank takes this branch alike)
+        weight = distributed.full(layer.weight) if part.ga_config.scale == "weight_svd" else None
         a0, b0 = start_factors(estimate, part.ga_config, scaling=part.scaling, weight=weight)
+        distributed.broadcast_from_rank0(a0, b0)  # the SVD's random draws may differ between ranks
         part.set_start(a0.to(part.lora_A.device), b0.to(part.lora_B.device))
         if part.ga_config.offset == "subtract":
             _shift_base(layer, part, sign=-1.0)
