@@ -144,7 +144,8 @@ def test_cli_prints_the_breakdown_offline(capsys):
     (["--model", "tiny", "--world-size", "8", "--sharding", "none"], r"sharding='none' is invalid"),
     (["--model", "tiny", "--batch", "0"], r"batch=0 is invalid"),
     (["--model", "tiny", "--batch", "two"], r"batch='two' is invalid"),
-    (["--model", "tiny", "--method", "dora"], r"method='dora' is invalid"),
+    (["--model", "tiny", "--method", "bogus"], r"method='bogus' is invalid"),
+    (["--model", "tiny", "--method", "dora"], r"method='dora' is invalid: .*no byte formula for 'dora'"),
     (["--model", "tiny", "--adapter", "rank=4"], r"adapter='rank' is invalid"),
     (["--model", "tiny", "--method", "lora_ga", "--adapter", "sketch_size=3", "--adapter", "r=2"], r"sketch_size=3 is invalid"),
     (["--model", "tiny", "--method", "lora_ga", "--adapter", "sketch_size=100", "--adapter", "r=2"],
@@ -152,7 +153,7 @@ def test_cli_prints_the_breakdown_offline(capsys):
     (["--model", "tiny", "--method", "lora_ga", "--adapter", "estimator=dense"], r"estimator='dense' is invalid"),
     (["--model", "tiny", "--targets", "attn"], r"target_modules entry 'attn' matches no module"),
     (["--model", "tiny", "--device-memory", "-3"], r"device_memory=-3.0 is invalid"),
-], ids=["unknown-shape", "dtype", "nf4-full", "sharding", "batch-zero", "batch-text", "method", "adapter-field",
+], ids=["unknown-shape", "dtype", "nf4-full", "sharding", "batch-zero", "batch-text", "method", "unplanned-method", "adapter-field",
         "sketch-below-2r", "sketch-above-min-d", "estimator", "targets", "memory"])
 def test_bad_input_is_one_line_naming_field_and_value_and_exit_2(argv, message, capsys):
     assert cli.main(["plan", *argv]) == 2

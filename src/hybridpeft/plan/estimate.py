@@ -38,7 +38,7 @@ from ..config import AdapterConfig, config_class
 from ..gradient_sketch import sketch_bytes
 from .activations import (INPUT_GROUP, INPUT_SAVED, OUTPUT_SAVED, Batch, base_saved, checkpointed_saved,
                           loss_backward_transient)
-from .methods import adapter_tensors, module_saved
+from .methods import PLANNED_METHODS, adapter_tensors, module_saved
 from .shapes import Inventory, PlanInputError, default_targets, dims_of, family_of, inventory, resolve_config
 
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -119,7 +119,10 @@ def validate(req: PlanRequest) -> None:
     """Raise ``PlanInputError`` (one line naming the field and the value) for a bad or impossible request."""
     from ..config import known_methods
 
-    _check(req.method in known_methods(), "method", req.method, f"one of {known_methods()}")
+    planned = [m for m in known_methods() if m in PLANNED_METHODS]
+    _check(req.method in known_methods(), "method", req.method, f"one of {planned}")
+    _check(req.method in PLANNED_METHODS, "method", req.method,
+           f"one of {planned}: the planner has no byte formula for {req.method!r} yet")
     _check(_is_count(req.batch), "batch", req.batch, "a positive integer")
     _check(_is_count(req.seq), "seq", req.seq, "a positive integer")
     _check(req.dtype in DTYPES, "dtype", req.dtype, f"one of {list(DTYPES)}")

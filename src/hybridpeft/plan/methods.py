@@ -59,6 +59,9 @@ class ModuleSaved:
     other: int
 
 
+PLANNED_METHODS = ("lora", "lora_ga", "boft", "unitary", "hybrid", "full")  # module_saved has a formula for each
+
+
 def _lora_part(r2: int, d_in: int, d_out: int, n: int, a: int, p: int, dropout: float, stacked: bool,
                x_grad: bool, mask: int) -> tuple[bool, int]:
     """(keeps x as is, other bytes) of a LoRA-style branch with ``r2`` columns."""
