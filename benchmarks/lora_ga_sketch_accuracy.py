@@ -228,14 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "r": R,
             "batch": args.batch_size, "max_length": args.max_length, "ks": args.ks, "passes": args.passes,
             "machine": f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start"}
-    results = [run_task(task, args) for task in args.tasks]
-    text = markdown(meta, results)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "lora-ga-sketch-accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-        (out / "lora-ga-sketch-accuracy.md").write_text(text)
+    results = []
+    for task in args.tasks:  # the files are rewritten after each task: a stopped run keeps the finished ones
+        results.append(run_task(task, args))
+        text = markdown(meta, results)
+        print(text, flush=True)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "lora-ga-sketch-accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+            (out / "lora-ga-sketch-accuracy.md").write_text(text)
     return 0
 
 
