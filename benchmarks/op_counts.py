@@ -55,7 +55,9 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+def _ours(method: str, butterfly: str | None = None, **fields: Any) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+    """``butterfly``: force BOFT's form (``"composed"`` / ``"factored"``), in a Hybrid too."""
+
     def make(d: int):
         from hybridpeft.adapters import adapter_class
         from hybridpeft.adapters.base import AdaptedLinear
@@ -63,6 +65,8 @@ def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callab
 
         config = config_class(method)(**fields)
         layer = AdaptedLinear(nn.Linear(d, d, bias=False), adapter_class(method)(d, d, config))
+        if butterfly is not None:
+            getattr(layer.adapter, "boft", layer.adapter).form = butterfly
         _off_start(layer.adapter)
         return layer, layer.adapter.after_optimizer_step
 
@@ -105,10 +109,13 @@ MODULES: dict[str, Callable[[int], tuple[nn.Module, Callable[[], None]]]] = {
     "lora": _ours("lora", r=16, alpha=32.0),
     "lora_ga": _ours("lora_ga", r=16, alpha=32.0),
     "boft": _ours("boft", block_size=8, n_factors=3),
+    "boft-factored": _ours("boft", butterfly="factored", block_size=8, n_factors=3),
     "boft-m1": _ours("boft", block_size=8, n_factors=1),
     "unitary": _ours("unitary", parameterization="structured"),
     "unitary-full": _ours("unitary", parameterization="full", block_size=32),
     "hybrid": _ours("hybrid", lora_r=16, lora_alpha=32.0, boft_block_size=8, boft_n_factors=3),
+    "hybrid-factored": _ours("hybrid", butterfly="factored", lora_r=16, lora_alpha=32.0, boft_block_size=8,
+                             boft_n_factors=3),
     "frozen linear": lambda d: (nn.Linear(d, d, bias=False).requires_grad_(False), lambda: None),
     "peft-lora": _peft("lora"),
     "peft-boft": _peft("boft"),
@@ -174,7 +181,7 @@ def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) 
 
     results: dict[str, Any] = {}
     for name, make in MODULES.items():
-        base = name.replace("-m1", "").replace("-full", "")
+        base = name.replace("-m1", "").replace("-full", "").replace("-factored", "")
         if base in ("lora", "lora_ga", "boft", "unitary", "hybrid") and base not in known_methods():
             continue
         torch.manual_seed(0)

@@ -128,9 +128,11 @@ def test_lora_ga_rank_2r_branch_matches_dense():
         (2, 4, "input", 16, 5),  # m = 1 + log2(k): R is dense
     ],
 )
-def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out):
+@pytest.mark.parametrize("form", ["composed", "factored"])
+def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out, form):
     layer = _host("boft", d_in, d_out, block_size=block_size, n_factors=n_factors, side=side)
     a = layer.adapter
+    a.form = form
     if side == "output":
         _compare(layer, lambda: _boft_dense(a) @ layer.weight, d_in)
     else:
@@ -141,6 +143,7 @@ def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out):
 def test_boft_recomputing_backward_equals_plain_autograd():
     """The stage-recomputing autograd function and the plain-autograd path give identical gradients."""
     layer = _host("boft", 8, 32, block_size=4, n_factors=3, side="output")
+    layer.adapter.form = "factored"
     x = torch.randn(3, 4, 8, dtype=torch.float64)
     probe = torch.randn(3, 4, 32, dtype=torch.float64)
     grads = []

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check
-from .base import Adapter, BaseMatmul
+from .base import Adapter, BaseMatmul, OwnedBaseMatmul
 
 
 @dataclass
@@ -68,17 +68,21 @@ class LoraAdapter(Adapter):
         if self.norm_bound is not None:
             self.base_norm.fill_(weight.float().norm())
 
+    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of shapes (r, d_in), (d_out, r), cast to ``dtype`` (the small factors, not the activations)."""
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
+
     def branch(self, x: Tensor) -> Tensor:
         """The low-rank term ``s · B A x`` alone. x: (..., d_in) -> (..., d_out)."""
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # cast r×d factors, not N×d activations
-        return (self.dropout(x) @ A.t() * self.scaling) @ B.t()  # (..., r) -> (..., d_out)
+        a, b = self.factors(x.dtype)
+        return (self.dropout(x) @ a.t() * self.scaling) @ b.t()  # (..., r) -> (..., d_out)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
-        h = base(x)  # (..., d_out)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        u = self.dropout(x) @ A.t() * self.scaling  # (..., r); scaling the rank-r side is cheaper
-        # addmm fuses "h +" into the second GEMM: one less pass over the (N, d_out) output.
-        return torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), B.t()).view_as(h)
+        flat = x.reshape(-1, self.d_in)  # (N, d_in): h = base(flat) is 2-D, so adding into it needs no view
+        h = base(flat)  # (N, d_out)
+        a, b = self.factors(x.dtype)
+        u = self.dropout(flat) @ a.t() * self.scaling  # (N, r); scaling the rank-r side is cheaper
+        return add_low_rank(h, u, b, owned=isinstance(base, OwnedBaseMatmul)).view(*x.shape[:-1], self.d_out)
 
     def delta_weight(self) -> Tensor:
         return self.scaling * self.lora_B @ self.lora_A  # (d_out, d_in)
@@ -99,6 +103,20 @@ class LoraAdapter(Adapter):
             factor = (limit / norm).sqrt()
             self.lora_A.mul_(factor)
             self.lora_B.mul_(factor)
+
+
+def add_low_rank(h: Tensor, u: Tensor, b: Tensor, owned: bool) -> Tensor:
+    """``h + u bᵀ`` for h: (N, d_out), u: (N, r), b: (d_out, r), the add fused into the GEMM.
+
+    ``owned`` (``h`` is a new tensor nothing else refers to): accumulate into ``h`` itself
+    (``addmm_``, the GEMM with β = 1 on ``h``). Otherwise, or where autograd forbids it (``h``
+    a leaf that requires grad), ``torch.addmm``, which first copies ``h`` into a new output.
+    Measured per module on CPU (``benchmarks/lora_forms.py``): the copy is the only
+    difference; both are faster than ``h + (u bᵀ)`` (one more pass) and PEFT's form.
+    """
+    if owned and h.is_contiguous() and not (h.is_leaf and h.requires_grad):
+        return h.addmm_(u.to(h.dtype), b.t().to(h.dtype))  # in place: autocast does not cast for us
+    return torch.addmm(h, u, b.t())
 
 
 def lowrank_frobenius(B: Tensor, A: Tensor) -> Tensor:

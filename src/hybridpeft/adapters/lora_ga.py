@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ..config import check
-from .base import BaseMatmul
 from .lora import LoraAdapter, LoraConfig
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -98,7 +97,8 @@ class LoraGAAdapter(LoraAdapter):
     """``W' x = W x + s · [B, −B0] ([A; A0] x)``, i.e. ``ΔW = s (B A − B0 A0)``.
 
     ``LoraAdapter`` supplies the parameters, dropout and merge/unmerge (through
-    ``delta_weight``); this class adds the frozen start and the rank-2r forward.
+    ``delta_weight``) and the forward; this class adds the frozen start and overrides ``factors`` with
+    the rank-2r pair, so ``branch`` and ``forward`` compute ``s (B A − B0 A0) x`` as one rank-2r product.
 
     ``offset_in_base`` is ``True`` only in this process after ``lora_ga_init`` with
     ``offset="subtract"`` shifted the host's ``W`` by ``−s B0 A0``; then the branch is
@@ -136,18 +136,6 @@ class LoraGAAdapter(LoraAdapter):
             a = torch.cat([self.lora_A, self.lora_A0])  # (2r, d_in)
             b = torch.cat([self.lora_B, -self.lora_B0], dim=1)  # (d_out, 2r)
         return a.to(dtype), b.to(dtype)
-
-    def branch(self, x: Tensor) -> Tensor:
-        """``s (B A − B0 A0) x`` as one rank-2r product. x: (..., d_in) -> (..., d_out)."""
-        a, b = self.factors(x.dtype)
-        return (self.dropout(x) @ a.t() * self.scaling) @ b.t()  # (..., 2r) -> (..., d_out)
-
-    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
-        h = base(x)  # (..., d_out)
-        a, b = self.factors(x.dtype)
-        u = self.dropout(x) @ a.t() * self.scaling  # (..., 2r)
-        # addmm fuses "h +" into the second GEMM, as LoraAdapter does
-        return torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), b.t()).view_as(h)
 
     def start_delta(self) -> Tensor:
         """``s B0 A0`` (d_out, d_in): the frozen start point that the branch cancels."""

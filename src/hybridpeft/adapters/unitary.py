@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import AdapterConfig, check
 from .base import Adapter, BaseMatmul
+from .blockdiag import BlockDiagonalFunction, Keep
 
 PARAMETERIZATIONS = ("structured", "full")
 RETRACTIONS = ("cayley", "exp")
@@ -327,8 +328,16 @@ class BlockOrthogonal(nn.Module):
         self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
 
     def apply(self, h: Tensor) -> Tensor:
-        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype)."""
+        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype).
+
+        With autograd on, backward keeps only the output and rebuilds ``h = U⁻¹ y`` there
+        (``blockdiag.BlockDiagonalFunction``; ``U⁻¹`` solved per block rather than taken as
+        ``Uᵀ``, because the blocks are orthogonal only up to the drift the optimizer allows).
+        """
         hb, u = self._operands(h)
+        if torch.is_grad_enabled() and (hb.requires_grad or u.requires_grad):
+            y = BlockDiagonalFunction.apply(hb.reshape(-1, self.d), u, None, None, None, Keep("output", inverse="solve"))
+            return y.view(h.shape).to(h.dtype)
         y = torch.einsum("...kj,kij->...ki", hb, u)  # (..., k, c)
         return y.reshape(h.shape).to(h.dtype)
 
