@@ -22,6 +22,7 @@ from hybridpeft.adapters.boft import (
     ComposedButterflyFunction,
     butterfly_form,
     composed_size,
+    skew_index,
 )
 from hybridpeft.adapters.hybrid import HybridAdapter, HybridConfig, rebuild_is_accurate
 from numerics import assert_close_ulps
@@ -73,22 +74,38 @@ def test_form_rule_picks_composed_up_to_its_limit_and_factored_beyond():
 # --- the custom autograd Functions ------------------------------------------------------------
 
 
-def test_cayley_function_equals_solve_and_passes_gradcheck():
+def _skew(q, b):
+    rows, cols = torch.triu_indices(b, b, offset=1)
+    skew = q.new_zeros(*q.shape[:-1], b, b)
+    skew[..., rows, cols] = q
+    return skew - skew.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("scale", [0.3, 30.0])  # 30: rotations near 180°, far beyond fine-tuning
+def test_cayley_function_equals_solve_and_passes_gradcheck(scale):
     b = 5
-    triu = torch.triu_indices(b, b, offset=1)
-    q = torch.randn(2, 3, b * (b - 1) // 2, dtype=torch.float64, requires_grad=True)
-    skew = q.new_zeros(2, 3, b, b)
-    skew[..., triu[0], triu[1]] = q
-    skew = skew - skew.transpose(-1, -2)
+    q = (scale * torch.randn(2, 3, b * (b - 1) // 2, dtype=torch.float64)).requires_grad_(True)
+    skew = _skew(q, b)
     eye = torch.eye(b, dtype=torch.float64)
     reference = (eye + skew) @ torch.linalg.inv(eye - skew)
-    fast = CayleyFunction.apply(q, triu, b)
+    fast = CayleyFunction.apply(q, skew_index(b), b)
     torch.testing.assert_close(fast, reference, **TOL)
     probe = torch.randn_like(fast)
     g_fast, = torch.autograd.grad((fast * probe).sum(), q)
     g_ref, = torch.autograd.grad((reference * probe).sum(), q)
-    torch.testing.assert_close(g_fast, g_ref, **TOL)
-    assert torch.autograd.gradcheck(lambda t: CayleyFunction.apply(t, triu, b), (q,))
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-11)
+    assert torch.autograd.gradcheck(lambda t: CayleyFunction.apply(t, skew_index(b), b), (q,))
+
+
+def test_cayley_in_float32_is_correctly_rounded_without_pivoting():
+    """The CPU forward eliminates without pivoting, in float64: correct to float32 rounding even for large S."""
+    b = 8
+    q = 10 * torch.randn(3, 64, b * (b - 1) // 2)
+    r = CayleyFunction.apply(q, skew_index(b), b)
+    skew, eye = _skew(q.double(), b), torch.eye(b, dtype=torch.float64)
+    exact = torch.linalg.solve(eye - skew, eye + skew)
+    assert r.dtype == torch.float32
+    assert (r.double() - exact).abs().max() <= torch.finfo(torch.float32).eps  # |R_ij| ≤ 1: half an ulp of 1 and below
 
 
 def test_composed_butterfly_function_passes_gradcheck():
