@@ -10,7 +10,8 @@
 #   1. build PEFT's BOFT CUDA extension (without it PEFT silently runs BOFT with m=1)
 #   2. 1B shapes, 4×1024 tokens: every method, ours and PEFT's, floor and full FT
 #   3. 8B shapes, 2×1024 tokens: floor, our LoRA/BOFT/Hybrid, PEFT LoRA/BOFT (PEFT BOFT
-#      is cut to fit --budget-s: ~9 s/step there)
+#      is cut to fit --budget-s: ~9 s/step there), our BOFT's factored form (the path before
+#      the composed blocks, for the before/after ratio at 8B)
 #   4. if bitsandbytes is importable and time is left: 1B with an NF4 base
 # Results land in $OUT (default /tmp/gpu_check_out) as cuda-*.json / cuda-*.md plus
 # gpu_check.log; copy them to docs/perf/ and commit with the date and card.
@@ -92,11 +93,11 @@ fi
 
 # ---------------------------------------------------------------- 2. 1B, every method
 # most important first: a part cut short by its timeout loses the tail
-ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd boft-factored hybrid-factored hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 3. 8B, the large-shape subset
-ALL8="floor lora boft hybrid peft-lora peft-boft hybrid-recompute"
+ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute"
 run_part "8b" 150 --size "$SIZE8" $STEPS8 --methods $ALL8 --peft-boft-ext "$BOFT_EXT" --budget-s 40 --no-ga-init
 
 # ---------------------------------------------------------------- 4. NF4 base (optional)

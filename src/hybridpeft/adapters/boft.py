@@ -368,6 +368,11 @@ class RecomputedBaseButterflyFunction(torch.autograd.Function):
         return grad_h, None, grad_blocks, None, None, None
 
 
+# Device types whose Cayley forward runs the float64 elimination (see CayleyFunction); the
+# others (CUDA) run one batched solve_ex. benchmarks/op_counts.py empties it to count the GPU path.
+ELIMINATION_DEVICES: set[str] = {"cpu"}
+
+
 def skew_index(b: int) -> Tensor:
     """(2, b(b−1)/2): flat positions ``i b + j`` of the strict upper triangle (row 0) and of their mirror ``j b + i``."""
     rows, cols = torch.triu_indices(b, b, offset=1)
@@ -377,8 +382,8 @@ def skew_index(b: int) -> Tensor:
 class CayleyFunction(torch.autograd.Function):
     """``R = (I + S)(I − S)⁻¹`` for skew ``S`` given by its strict upper triangle ``q``.
 
-    Forward: on CUDA ``torch.linalg.solve_ex`` (batched LU, no host sync); on other devices
-    Gauss–Jordan elimination over the whole batch at once, in float64 (``_gauss_jordan``),
+    Forward: on CUDA ``torch.linalg.solve_ex`` (batched LU, no host sync); on the CPU
+    (``ELIMINATION_DEVICES``) Gauss–Jordan elimination over the whole batch at once, in float64 (``_gauss_jordan``),
     because LAPACK's per-matrix calls cost ~2 µs each for these 8 × 8 systems (measured
     2.5–4× slower for 192–576 blocks) and float64 keeps the result correct to float32's
     last bit without pivoting.
@@ -399,12 +404,12 @@ class CayleyFunction(torch.autograd.Function):
             skew.index_copy_(-1, index[1], -q)
             skew = skew.view(*q.shape[:-1], b, b)  # (..., b, b), S = −Sᵀ
             eye = torch.eye(b, dtype=q.dtype, device=q.device)
-            if q.device.type == "cuda":
+            if q.device.type in ELIMINATION_DEVICES:
+                r = _gauss_jordan(eye - skew, eye + skew).to(q.dtype)
+            else:
                 # solve_ex skips solve's invertibility check, which waits on the device once per call;
                 # I − S is always invertible for skew S (its eigenvalues are 1 − iθ).
                 r = torch.linalg.solve_ex(eye - skew, eye + skew)[0]
-            else:
-                r = _gauss_jordan(eye - skew, eye + skew).to(q.dtype)
         ctx.save_for_backward(r, index)
         return r
 
