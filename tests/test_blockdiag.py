@@ -97,6 +97,22 @@ def test_cayley_function_equals_solve_and_passes_gradcheck(scale):
     assert torch.autograd.gradcheck(lambda t: CayleyFunction.apply(t, skew_index(b), b), (q,))
 
 
+def test_cayley_solve_path_of_cuda_equals_the_cpu_elimination(monkeypatch):
+    """The CUDA branch (one solve_ex) run on the CPU: same blocks and gradients as the elimination."""
+    from hybridpeft.adapters import boft
+
+    b = 6
+    q = (0.7 * torch.randn(4, b * (b - 1) // 2, dtype=torch.float64)).requires_grad_(True)
+    probe = torch.randn(4, b, b, dtype=torch.float64)
+    results = []
+    for devices in ({"cpu"}, set()):
+        monkeypatch.setattr(boft, "ELIMINATION_DEVICES", devices)
+        r = CayleyFunction.apply(q, skew_index(b), b)
+        results.append((r, *torch.autograd.grad((r * probe).sum(), q)))
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, **TOL)
+
+
 def test_cayley_in_float32_is_correctly_rounded_without_pivoting():
     """The CPU forward eliminates without pivoting, in float64: correct to float32 rounding even for large S."""
     b = 8

@@ -241,11 +241,11 @@ class HybridAdapter(Adapter):
 def rebuild_is_accurate(rotation: Tensor, lam: Tensor) -> Tensor:
     """Whether ``M = λ I + (1 − λ) R`` has ``σ_min ≥ ½`` by the bounds in the module docstring.
 
-    rotation: (g, c, c) orthogonal blocks ``R_g``; ``‖R_g − I‖_F² = 2c − 2 tr R_g``.
-    Returns a 0-dim bool tensor on the blocks' device (no host sync).
+    With ``t = λ(1 − λ)`` and ``D = max_g ‖R_g − I‖_F² = 2c − 2 min_g tr R_g`` (R_g orthogonal),
+    ``σ_min² ≥ max(1 − t D, 1 − 4t) = 1 − t min(D, 4)``, so the rebuild is accepted when
+    ``t min(D, 4) ≤ ¾``. rotation: (g, c, c); returns a 0-dim bool tensor on its device (no host sync).
     """
     c = rotation.shape[-1]
-    distance2 = (2 * c - 2 * rotation.diagonal(dim1=-2, dim2=-1).sum(-1)).max()  # max_g ‖R_g − I‖_F²
+    distance2 = (2 * c - 2 * rotation.diagonal(dim1=-2, dim2=-1).sum(-1).min()).clamp(max=4.0)  # min(D, 4)
     lam = lam.to(rotation.dtype)
-    bound = torch.maximum(1 - lam * (1 - lam) * distance2, (2 * lam - 1).square())  # ≤ σ_min(M)²
-    return bound >= 0.25
+    return (lam - lam.square()) * distance2 <= 0.75
