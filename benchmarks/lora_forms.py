@@ -14,8 +14,10 @@ hits every form alike. Run it under other kernel choices to stand in for other C
 ``MKL_ENABLE_INSTRUCTIONS=AVX2`` or ``ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2``.
 
     python benchmarks/lora_forms.py [--tokens 256 1024] [--threads 1] [--tag avx2] [--out docs/perf]
+    python benchmarks/lora_forms.py --device cuda --dtype bfloat16 --size 8b --tokens 2048 --tag cuda   # the GPU
 
-Writes ``<out>/lora-forms[-tag].{json,md}``.
+Writes ``<out>/lora-forms[-tag].{json,md}``. On CUDA each pass is timed between two
+``torch.cuda.synchronize()`` calls.
 """
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ except ImportError:
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-SHAPES = [(512, 512), (512, 256), (512, 1536), (1536, 512)]  # cpu-small's q, k/v, gate/up, down
+SHAPES = {  # q, k/v, gate/up, down of the benchmark models (benchmarks/perf_models.py)
+    "cpu-small": [(512, 512), (512, 256), (512, 1536), (1536, 512)],
+    "8b": [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)],
+}
 
 
 def forms(x: Tensor, w: Tensor, a: Tensor, b: Tensor, s: float) -> dict[str, Callable[[], Tensor]]:
@@ -58,7 +63,8 @@ def forms(x: Tensor, w: Tensor, a: Tensor, b: Tensor, s: float) -> dict[str, Cal
     return {"addmm_": in_place, "addmm": out_of_place, "mm+add": mm_add, "peft": peft_order}
 
 
-def modules(d_in: int, d_out: int, r: int, alpha: float, w: Tensor, a: Tensor, b: Tensor) -> dict[str, nn.Module]:
+def modules(d_in: int, d_out: int, r: int, alpha: float, w: Tensor, a: Tensor, b: Tensor,
+            device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
     import hybridpeft as hp
 
     out: dict[str, nn.Module] = {}
@@ -87,24 +93,34 @@ def modules(d_in: int, d_out: int, r: int, alpha: float, w: Tensor, a: Tensor, b
                     p.copy_(b)
                 elif name.endswith("weight"):
                     p.copy_(w)
-    return out
+    return {name: model.to(device=device, dtype=dtype) for name, model in out.items()}
 
 
-def measure(d_in: int, d_out: int, n: int, reps: int, r: int = 16, alpha: float = 32.0) -> dict[str, float]:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(d_in: int, d_out: int, n: int, reps: int, r: int = 16, alpha: float = 32.0,
+            device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
     torch.manual_seed(0)
+    on = {"device": device, "dtype": dtype}
     w = torch.randn(d_out, d_in) / d_in ** 0.5
-    a = (torch.randn(r, d_in) * 0.01).requires_grad_(True)
-    b = (torch.randn(d_out, r) * 0.01).requires_grad_(True)
-    x = torch.randn(n, d_in, requires_grad=True)
-    probe = torch.randn(n, d_out)
-    runs: dict[str, Callable[[], Tensor]] = dict(forms(x, w, a, b, alpha / r))
-    for name, module in modules(d_in, d_out, r, alpha, w, a.detach(), b.detach()).items():
+    a = torch.randn(r, d_in) * 0.01
+    b = torch.randn(d_out, r) * 0.01
+    x = torch.randn(n, d_in, **on, requires_grad=True)
+    probe = torch.randn(n, d_out, **on)
+    runs: dict[str, Callable[[], Tensor]] = dict(forms(x, w.to(**on), a.to(**on).requires_grad_(True),
+                                                       b.to(**on).requires_grad_(True), alpha / r))
+    for name, module in modules(d_in, d_out, r, alpha, w, a, b, device, dtype).items():
         runs[name] = (lambda m: lambda: m(x))(module)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(reps + 3):
         for name, run in runs.items():
+            synchronize(device)
             t0 = time.perf_counter()
             run().backward(probe)
+            synchronize(device)
             if i >= 3:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -114,20 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
     p.add_argument("--reps", type=int, default=40)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--size", default="cpu-small", choices=sorted(SHAPES), help="whose q/k/v/gate/up/down shapes")
     p.add_argument("--tag", default="")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "perf"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
     env = {k: os.environ[k] for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "MKL_CBWR") if k in os.environ}
     rows = []
     for n in args.tokens:
-        for d_in, d_out in SHAPES:
-            ms = measure(d_in, d_out, n, args.reps)
+        for d_in, d_out in SHAPES[args.size]:
+            ms = measure(d_in, d_out, n, args.reps, device=args.device, dtype=dtype)
             rows.append({"tokens": n, "d_in": d_in, "d_out": d_out, "ms": ms})
             print(f"N={n} {d_in}->{d_out}: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()), flush=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "env": env,
-            "cpu": _cpu_name(), "threads": args.threads, "load_average_at_end": os.getloadavg(),
+            "cpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name(),
+            "device": args.device, "dtype": args.dtype, "threads": args.threads, "load_average_at_end": os.getloadavg(),
             "command": " ".join(f"{k}={v}" for k, v in env.items()) + (" " if env else "")
             + "python benchmarks/lora_forms.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out)
@@ -136,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     names = list(rows[0]["ms"])
     lines = [f"# LoRA forward forms, one layer, fwd + bwd ({env or 'default kernels'})", "",
-             f"- {meta['date']}; torch {meta['torch']}; {meta['cpu']}; {args.threads} thread(s); "
+             f"- {meta['date']}; torch {meta['torch']}; {meta['cpu']}; {args.dtype}; {args.threads} thread(s); "
              f"load average at the end {meta['load_average_at_end'][0]:.1f}", f"- `{meta['command']}`",
              "- median ms over interleaved rounds; `÷ peft`: each form over PEFT's order", "",
              "| tokens | d_in → d_out | " + " | ".join(f"{n} ms" for n in names) + " | addmm_ ÷ peft | addmm_ ÷ mm+add |",

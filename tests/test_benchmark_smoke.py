@@ -192,3 +192,22 @@ def test_target_lines_survive_a_zero_memory_reading():
     rows[1]["peak_bytes"] = 100
     boft_line = next(line for line in perf_report.target_checks(rows) if line.startswith("boft"))
     assert "memory 0.50× — met" in boft_line
+
+
+@pytest.mark.parametrize("script, args, stem", [
+    ("butterfly_forms", ["--d", "128", "--tokens", "16", "--reps", "1", "--settings", "8x3", "4x6", "8x1"],
+     "butterfly-forms"),
+    ("lora_forms", ["--tokens", "16", "--reps", "1", "--tag", "t"], "lora-forms-t"),
+])
+def test_form_benchmarks_take_device_and_dtype(tmp_path, script, args, stem):
+    """The per-module form benchmarks that gpu_check.sh runs on CUDA in bf16: same flags, tables written."""
+    import importlib
+
+    main = importlib.import_module(script).main
+    assert main(args + ["--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["meta"]["dtype"] == "bfloat16" and data["meta"]["device"] == "cpu"
+    assert (tmp_path / f"{stem}.md").read_text().count("\n| ") >= 3
+    if script == "butterfly_forms":  # only the settings asked for, each with its rule
+        assert [(r["b"], r["m"], r["rule"]) for r in data["rows"]] == [(8, 3, "composed"), (4, 6, "factored"),
+                                                                         (8, 1, "composed")]
