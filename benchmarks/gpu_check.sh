@@ -116,7 +116,7 @@ ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft f
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 4. 8B, the large-shape subset
-ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute"
+ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute hybrid-factored"
 run_part "8b" 150 --size "$SIZE8" $STEPS8 --methods $ALL8 --peft-boft-ext "$BOFT_EXT" --budget-s 40 --no-ga-init
 
 # ---------------------------------------------------------------- 5. NF4 base (optional)
