@@ -1,12 +1,11 @@
 """hybridpeft: parameter-efficient fine-tuning with LoRA, LoRA-GA, BOFT, unitary adapters and a Hybrid."""
-__version__ = "0.1.0"
-
-from .adapters import Adapter, AdaptedLinear  # noqa: E402
-from .adapters.full import FullConfig  # noqa: E402
-from .adapters.lora import LoraConfig  # noqa: E402
-from .adapters.unitary import UnitaryConfig  # noqa: E402
-from .adapters.boft import BoftConfig  # noqa: E402
-from .api import (  # noqa: E402
+from ._version import __version__
+from .adapters import Adapter, AdaptedLinear
+from .adapters.full import FullConfig
+from .adapters.lora import LoraConfig
+from .adapters.unitary import UnitaryConfig
+from .adapters.boft import BoftConfig
+from .api import (
     after_optimizer_step,
     count_trainable,
     disabled,
@@ -19,10 +18,10 @@ from .api import (  # noqa: E402
     unmerge,
     update_mixing,
 )
-from .config import AdapterConfig  # noqa: E402
-from .inject import adapted_layers, inject  # noqa: E402
-from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer  # noqa: E402
-from .adapters.lora_ga import LoraGAConfig  # noqa: E402
-from .lora_ga import lora_ga_init  # noqa: E402
-from .adapters.hybrid import HybridConfig  # noqa: E402
-from .mixing import mixing_state  # noqa: E402
+from .config import AdapterConfig
+from .inject import adapted_layers, inject
+from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer
+from .adapters.lora_ga import LoraGAConfig
+from .lora_ga import lora_ga_init
+from .adapters.hybrid import HybridConfig
+from .mixing import mixing_state

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .adapters.base import AdaptedLinear
 from .adapters.hybrid import HybridAdapter
 from .adapters.unitary import UnitaryAdapter, repair_drift

@@ -217,7 +217,7 @@ register_command("report", Command("render a benchmark report (Markdown, HTML, P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="hybridpeft",
