@@ -59,7 +59,7 @@ def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callab
     def make(d: int):
         from hybridpeft.adapters import adapter_class
         from hybridpeft.adapters.base import AdaptedLinear
-        from hybridpeft.config import config_class
+        from hybridpeft.adapters.config import config_class
 
         config = config_class(method)(**fields)
         layer = AdaptedLinear(nn.Linear(d, d, bias=False), adapter_class(method)(d, d, config))
@@ -170,7 +170,7 @@ def time_fwd_bwd(module: Callable[[Tensor], Tensor], x: Tensor, reps: int) -> fl
 
 
 def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) -> dict[str, Any]:
-    from hybridpeft.config import known_methods
+    from hybridpeft.adapters.config import known_methods
 
     results: dict[str, Any] = {}
     for name, make in MODULES.items():

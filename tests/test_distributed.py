@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridpeft.config import known_methods
+from hybridpeft.adapters.config import known_methods
 from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
 
 # The Hybrid exercises the most (LoRA-GA's all-reduced estimate, BOFT, λ from all-reduced norms);

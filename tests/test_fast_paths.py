@@ -8,7 +8,7 @@ and gradients (w.r.t. the input and every trainable tensor) must agree to
 float64 rounding. Parameters are moved off their identity start first, so a
 path that ignored them could not pass.
 
-Methods are tested as they are registered in ``hybridpeft.config.known_methods()``.
+Methods are tested as they are registered in ``hybridpeft.adapters.config.known_methods()``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hybridpeft.adapters import adapter_class
 from hybridpeft.adapters.base import AdaptedLinear
-from hybridpeft.config import config_class, known_methods
+from hybridpeft.adapters.config import config_class, known_methods
 
 TOL = dict(rtol=1e-10, atol=1e-11)
 

@@ -222,7 +222,7 @@ def test_only_adapter_parameters_change_and_blocks_stay_orthogonal(parameterizat
 def test_parameter_count_closed_form(parameterization, per_width):
     model = tiny_llama()
     cfg = model.config
-    hp.inject(model, config_for(parameterization, list(hp.config.DEFAULT_TARGETS), 8))
+    hp.inject(model, config_for(parameterization, list(hp.adapters.config.DEFAULT_TARGETS), 8))
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     widths = [h, kv, kv, h, i, i, h]  # d_out of q k v o gate up down

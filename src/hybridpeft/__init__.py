@@ -18,7 +18,7 @@ from .api import (
     unmerge,
     update_mixing,
 )
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 from .inject import adapted_layers, inject
 from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer
 from .adapters.lora_ga import LoraGAConfig

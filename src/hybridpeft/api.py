@@ -15,7 +15,7 @@ from ._version import __version__
 from .adapters.base import AdaptedLinear
 from .adapters.hybrid import HybridAdapter
 from .adapters.unitary import UnitaryAdapter, repair_drift
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
 from .mixing import update_lambdas
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .adapters import adapter_class
 from .adapters.base import AdaptedLinear, is_supported_layer, layer_shape
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 
 CONFIG_ATTR = "hybridpeft_config"
 

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import check
+from .checks import check
 
 if TYPE_CHECKING:
     from .adapters.hybrid import HybridAdapter

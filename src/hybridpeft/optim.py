@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 
-from .config import check
+from .checks import check
 from .inject import adapted_layers
 
 RETRACTIONS = ("cayley", "exp")

@@ -1,14 +1,14 @@
 """One module per method; each registers its config and adapter in one line below."""
 from __future__ import annotations
 
-from ..config import AdapterConfig
+from .config import AdapterConfig
 from .base import AdaptedLinear, Adapter
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
 
 
 def register(config_cls: type[AdapterConfig], adapter_cls: type[Adapter]) -> None:
-    from ..config import register_config
+    from .config import register_config
 
     register_config(config_cls)
     _ADAPTERS[config_cls.method] = adapter_cls

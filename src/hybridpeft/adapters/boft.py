@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..config import AdapterConfig, check
+from ..checks import check
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 SIDES = ("output", "input")

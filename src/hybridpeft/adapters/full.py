@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AdapterConfig, register_config
+from .config import AdapterConfig, register_config
 
 
 @register_config

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..config import AdapterConfig
+from .config import AdapterConfig
 from ..mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
 from .boft import BoftAdapter, BoftConfig

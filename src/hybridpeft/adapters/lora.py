@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check
+from ..checks import check
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 

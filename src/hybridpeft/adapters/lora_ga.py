@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import check
+from ..checks import check
 from .base import BaseMatmul
 from .lora import LoraAdapter, LoraConfig
 

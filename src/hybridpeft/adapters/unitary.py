@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import AdapterConfig, check
+from ..checks import check
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 PARAMETERIZATIONS = ("structured", "full")

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import check
+from ..checks import check
 from .base import Example, Task, encode_causal
 from .data import finalize, k_shot, parse_split
 from .lm import bos_text, chat_prompt, has_chat_template, validation_loss

@@ -39,7 +39,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from ..config import check
+from ..checks import check
 
 RUNNER = Path(__file__).with_name("_sandbox_runner.py")
 NOBODY = 65534

@@ -11,7 +11,7 @@ at once, each as ``section.field=value is invalid: expected ...`` — one
 ``ConfigError`` listing all of them.
 
 The ``adapter`` section is generic over methods: ``method`` picks a config
-class from the registry (``hybridpeft.config.config_class``); the fields shared
+class from the registry (``hybridpeft.adapters.config.config_class``); the fields shared
 by all methods (``target_modules``, ``adapter_dtype``, ``trainable_modules``)
 sit beside it; method-specific fields go either flat (``adapter.r``) or in a
 sub-mapping named after the method (``adapter.lora.r``). Sub-mappings for other
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ..config import AdapterConfig, config_class, known_methods
+from ..adapters.config import AdapterConfig, config_class, known_methods
 
 SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
 

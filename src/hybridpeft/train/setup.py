@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..adapters.config import AdapterConfig
 from ..inject import inject
 from ..tasks import Example, Task, get_task
 from .config import JobConfig
