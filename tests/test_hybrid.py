@@ -13,7 +13,8 @@ from torch import nn
 
 import hybridpeft as hp
 from hybridpeft.adapters.hybrid import HybridAdapter
-from hybridpeft.mixing import MixingRule, mixing_target, set_anneal_steps
+from hybridpeft.adapters.mixing import MixingRule, mixing_target
+from hybridpeft.api import set_anneal_steps
 
 transformers = pytest.importorskip("transformers")
 import tiny_models
@@ -410,7 +411,7 @@ def test_smollm2_lora_ga_hybrid_gsm8k_loss_falls_and_lambda_differs():
 
 def _reference_lambda(adapter: HybridAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's next λ the slow way: a norm per branch from its own parameters, then the rule."""
-    from hybridpeft.mixing import grad_norm
+    from hybridpeft.adapters.mixing import grad_norm
 
     g_lora = grad_norm(list(adapter.lora.parameters())).double()
     g_boft = grad_norm(list(adapter.boft.parameters())).double()

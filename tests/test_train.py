@@ -22,6 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hybridpeft.adapters.config import known_methods
 from hybridpeft.tasks import get_task
 from hybridpeft.tasks.synthetic import _bucket, extract_int
 from hybridpeft.train import ConfigError, TrainingAborted, load_config, train
@@ -345,7 +346,7 @@ RESUME_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,extra", [c for c in RESUME_CASES if c[0] in __import__("hybridpeft").config.known_methods()],
+@pytest.mark.parametrize("method,extra", [c for c in RESUME_CASES if c[0] in known_methods()],
                          ids=lambda c: c if isinstance(c, str) else "-".join(x.split("=")[1] for x in c))
 def test_every_method_resumes_exactly_in_process(method, extra, tiny_model, tmp_path):
     """An in-process crash after step 4 and a resume reproduce an uninterrupted run bit for bit."""
@@ -397,7 +398,7 @@ def test_tensorboard_gets_scalars_and_lambda(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["grad_norm"] == "nan"
 
 
-@pytest.mark.skipif("hybrid" not in __import__("hybridpeft").config.known_methods(), reason="no hybrid method")
+@pytest.mark.skipif("hybrid" not in known_methods(), reason="no hybrid method")
 def test_hybrid_anneal_schedule_spans_the_run(tiny_model, tmp_path):
     """``anneal`` without explicit length gets the run's step count from the loop."""
     result = train(_job(tiny_model, tmp_path / "run", 4, ["adapter.method=hybrid", "adapter.hybrid.schedule=anneal"]))

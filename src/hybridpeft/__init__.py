@@ -12,6 +12,7 @@ from .api import (
     load_adapter,
     merge,
     merge_and_unload,
+    mixing_state,
     read_adapter_config,
     save_adapter,
     trainable_parameters,
@@ -24,4 +25,3 @@ from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optim
 from .adapters.lora_ga import LoraGAConfig
 from .lora_ga import lora_ga_init
 from .adapters.hybrid import HybridConfig
-from .mixing import mixing_state

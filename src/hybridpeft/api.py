@@ -1,9 +1,10 @@
-"""Model-level operations: merge, disable, count, save and load adapters."""
+"""Model-level operations: merge, disable, count, save and load adapters; per-step work; the Hybrid's λ per layer."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,8 @@ from .adapters.hybrid import HybridAdapter
 from .adapters.unitary import UnitaryAdapter, repair_drift
 from .adapters.config import AdapterConfig
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
-from .mixing import update_lambdas
+from .adapters.mixing import MixingRule, update_lambdas
+from .checks import check
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -184,3 +186,47 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
+
+
+# ---------------------------------------------------------------------------
+# Mixed layers (the Hybrid's λ)
+
+
+def _mixed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, adapter) of every adapted layer whose adapter mixes branches by a ``MixingRule``."""
+    return [(name, layer.adapter) for name, layer in adapted_layers(model)
+            if isinstance(getattr(layer.adapter, "rule", None), MixingRule)]
+
+
+def mixing_state(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per Hybrid layer: ``{"lambda", "g_lora", "g_boft", "step"}`` (norms are NaN before the first step).
+
+    One device→host transfer for the whole model.
+    """
+    layers = _mixed_layers(model)
+    if not layers:
+        return {}
+    device = layers[0][1].mix_lambda.device  # layers may sit on several devices (pipeline/model parallel)
+    rows = torch.stack([
+        torch.stack([a.mix_lambda.float(), a.grad_norm_lora.float(), a.grad_norm_boft.float(), a.mix_step.float()]).to(device)
+        for _, a in layers
+    ]).tolist()
+    return {
+        name: {"lambda": lam, "g_lora": gl, "g_boft": gb, "step": int(step)}
+        for (name, _), (lam, gl, gb, step) in zip(layers, rows)
+    }
+
+
+def set_anneal_steps(model: nn.Module, steps: int) -> None:
+    """Give every Hybrid layer the length of the ``"anneal"`` schedule (in optimizer steps)."""
+    check(isinstance(steps, int) and steps > 0, "steps", steps, "a positive integer")
+    for _, adapter in _mixed_layers(model):
+        adapter.rule = replace(adapter.rule, anneal_steps=steps)
+    config = config_of(model)
+    if hasattr(config, "anneal_steps"):
+        config.anneal_steps = steps  # so a saved adapter_config.json carries it
+
+
+def needs_anneal_steps(model: nn.Module) -> bool:
+    """Whether some Hybrid layer runs the ``"anneal"`` schedule without a length yet."""
+    return any(a.rule.schedule == "anneal" and a.rule.anneal_steps is None for _, a in _mixed_layers(model))

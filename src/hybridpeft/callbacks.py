@@ -14,7 +14,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .api import after_optimizer_step
-from .mixing import mixing_state, needs_anneal_steps, set_anneal_steps
+from .api import mixing_state, needs_anneal_steps, set_anneal_steps
 
 
 class HybridPeftCallback(TrainerCallback):

@@ -9,7 +9,7 @@ i.e. ``W' = W + λ ΔW_LoRA + (1 − λ)(R − I) W`` (the paper's Algorithm 2 w
 start point cancelled). ``R = I`` and ``ΔW_LoRA = 0`` at initialization, so the
 output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
 ``BoftAdapter`` (composed, not copied); λ is a persistent buffer (at least float32) moved by
-``after_optimizer_step`` according to ``hybridpeft.mixing``.
+``after_optimizer_step`` according to ``hybridpeft.adapters.mixing``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig
-from ..mixing import MixingRule, update_lambdas
+from .mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
 from .boft import BoftAdapter, BoftConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
@@ -44,7 +44,7 @@ class HybridConfig(AdapterConfig):
             per module (``lora_dropout=0``; with dropout the LoRA branch keeps the dropped-out
             ``x``, so the BOFT branch's ``x`` is one more ``N × d_in``). Time: one more base
             matmul per module in backward.
-        schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.mixing``.
+        schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.adapters.mixing``.
         lam_init: λ at the start of ``"adaptive"``.
         lam_fixed: λ of ``"fixed"``.
         anneal_start, anneal_end, anneal_steps: the ``"anneal"`` line, over ``anneal_steps``

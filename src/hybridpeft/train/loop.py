@@ -142,7 +142,7 @@ def _make_accelerator(job: JobConfig):
 def mixing_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per-layer mixing state (the Hybrid's λ and branch gradient norms); empty for other methods."""
     try:
-        from ..mixing import mixing_state
+        from ..api import mixing_state
     except ImportError:
         return {}
     return mixing_state(model)

@@ -133,7 +133,7 @@ def set_schedule_length(model: nn.Module, total_steps: int) -> None:
     """Tell step-based adapter schedules (the Hybrid's ``anneal``) how long the run is,
     unless the adapter config fixed it."""
     try:
-        from ..mixing import needs_anneal_steps, set_anneal_steps
+        from ..api import needs_anneal_steps, set_anneal_steps
     except ImportError:
         return
     if needs_anneal_steps(model):
