@@ -13,13 +13,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
-from .adapters.base import AdaptedLinear
-from .adapters.hybrid import HybridAdapter
-from .adapters.unitary import UnitaryAdapter, repair_drift
+from .adapters.base import Adapter
 from .adapters.config import AdapterConfig
-from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
-from .adapters.mixing import MixingRule, update_lambdas
+from .adapters.mixing import MixingRule
 from .checks import check
+from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,12 +82,11 @@ def after_optimizer_step(model: nn.Module) -> None:
     Call once after each ``optimizer.step()`` and before ``zero_grad()`` (the
     Hybrid reads the branch gradients).
     """
-    adapters = [layer.adapter for _, layer in adapted_layers(model)]
-    update_lambdas([a for a in adapters if isinstance(a, HybridAdapter)])  # all layers in one go
-    repair_drift([a for a in adapters if isinstance(a, UnitaryAdapter)])  # one host read for all layers
-    for adapter in adapters:
-        if not isinstance(adapter, (HybridAdapter, UnitaryAdapter)):
-            adapter.after_optimizer_step()
+    by_class: dict[type[Adapter], list[Adapter]] = {}
+    for _, layer in adapted_layers(model):
+        by_class.setdefault(type(layer.adapter), []).append(layer.adapter)
+    for cls, adapters in by_class.items():
+        cls.after_optimizer_step_all(adapters)  # e.g. every Hybrid layer's λ in one go
 
 
 update_mixing = after_optimizer_step

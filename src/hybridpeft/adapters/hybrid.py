@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -194,10 +194,14 @@ class HybridAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step.
-
-        ``hybridpeft.after_optimizer_step(model)`` does this for all layers at once."""
+        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step."""
         update_lambdas([self])
+
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["HybridAdapter"]) -> None:
+        """Move λ of every layer at once: one fused norm, one all-reduce, one vectorized rule step."""
+        update_lambdas(adapters)
 
     def extra_repr(self) -> str:
         return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"

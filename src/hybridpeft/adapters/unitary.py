@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -424,9 +425,15 @@ class UnitaryAdapter(Adapter):
     def after_optimizer_step(self) -> None:
         repair_drift([self])
 
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["UnitaryAdapter"]) -> None:
+        """Repair every layer's drift with one host read of all drifts."""
+        repair_drift(adapters)
+
 
 @torch.no_grad()
-def repair_drift(adapters: list[UnitaryAdapter]) -> None:
+def repair_drift(adapters: Sequence[UnitaryAdapter]) -> None:
     """Re-orthonormalize the full-capacity blocks whose drift exceeds their tolerance.
 
     All drifts are read in one host transfer (one device sync per step, not one per layer).
