@@ -10,7 +10,7 @@ from torch import nn
 
 import hybridpeft as hp
 from hybridpeft.adapters.lora_ga import LoraGAAdapter
-from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets, start_factors
+from hybridpeft.gradient_init import estimate_gradients, lora_ga_targets, start_factors
 
 transformers = pytest.importorskip("transformers")
 import tiny_models

@@ -23,5 +23,5 @@ from .adapters.config import AdapterConfig
 from .inject import adapted_layers, inject
 from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer
 from .adapters.lora_ga import LoraGAConfig
-from .lora_ga import lora_ga_init
+from .gradient_init import lora_ga_init
 from .adapters.hybrid import HybridConfig

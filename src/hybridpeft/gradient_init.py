@@ -1,4 +1,7 @@
-"""LoRA-GA initialization: estimate the full-weight gradients, then start A, B on their SVD.
+"""LoRA-GA's start for a whole model: estimate the full-weight gradients, then start A, B on their SVD.
+
+The per-layer adapter (``ΔW = s (B A − B0 A0)``) is ``hybridpeft.adapters.lora_ga``; this module
+runs the model-level part.
 
 ``lora_ga_init(model, batches)`` runs on a model injected with ``LoraGAConfig`` or
 ``HybridConfig``:
