@@ -2,7 +2,7 @@
 
 Each method's ``AdaptedLinear`` forward (reshapes, gathers, batched small
 matmuls, FFTs, custom autograd functions) is compared with ``y = W' x + b``
-where ``W'`` is built here, densely, from the definition in DESIGN.md §1 and
+where ``W'`` is built here, densely, from the definition in the method's module docstring and
 the adapter's own tensors — never through the adapter's fast path. Outputs
 and gradients (w.r.t. the input and every trainable tensor) must agree to
 float64 rounding. Parameters are moved off their identity start first, so a

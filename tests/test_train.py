@@ -27,7 +27,7 @@ from hybridpeft.tasks import get_task
 from hybridpeft.tasks.synthetic import _bucket, extract_int
 from hybridpeft.train import ConfigError, TrainingAborted, load_config, train
 from hybridpeft.train import checkpoint as ckpt
-from hybridpeft.train.data import BatchStream, epoch_permutation
+from hybridpeft.train.batches import BatchStream, epoch_permutation
 from hybridpeft.train.presets import default_job
 from hybridpeft.train.seeding import rng_state, seed_everything, set_rng_state
 from hybridpeft.train.setup import lr_lambda

@@ -75,7 +75,7 @@ def _job_overrides(args: argparse.Namespace) -> list[str]:
 
 def resolve_job(config: str | None, overrides: list[str]):
     """The validated ``JobConfig`` for a config file (or the embedded default) plus overrides."""
-    from .train.config import load_config
+    from .train.job_config import load_config
     from .train.presets import default_job
 
     if config is None:
@@ -85,7 +85,7 @@ def resolve_job(config: str | None, overrides: list[str]):
 
 def _run_train(args: argparse.Namespace) -> int:
     from .train import train
-    from .train.config import dump_yaml
+    from .train.job_config import dump_yaml
 
     job = resolve_job(args.config, _job_overrides(args))
     if args.print_config:
@@ -114,7 +114,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
-    from .train.config import ConfigError, parse_value
+    from .train.job_config import ConfigError, parse_value
 
     out, errors = {}, []
     for item in items:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_CONFIG
-    from .train.config import ConfigError
+    from .train.job_config import ConfigError
     from .train.loop import TrainingAborted
 
     try:

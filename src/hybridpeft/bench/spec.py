@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..checks import check
-from ..train.config import set_dotted
+from ..train.job_config import set_dotted
 
 ROLES = ("main", "ablation")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"

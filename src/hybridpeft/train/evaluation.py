@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tasks import IGNORE_INDEX, Example, Task
-from .data import eval_batches
+from .batches import eval_batches
 
 
 def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:

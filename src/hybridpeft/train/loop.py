@@ -36,8 +36,8 @@ from ..api import after_optimizer_step, load_adapter, mixing_state, save_adapter
 from ..gradient_init import lora_ga_init, lora_ga_targets
 from ..inject import config_of
 from . import checkpoint as ckpt
-from .config import JobConfig, dump_yaml
-from .data import BatchStream
+from .job_config import JobConfig, dump_yaml
+from .batches import BatchStream
 from .evaluation import task_metrics, validation_loss
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state

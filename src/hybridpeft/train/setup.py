@@ -21,7 +21,7 @@ from ..api import needs_anneal_steps, set_anneal_steps
 from ..inject import inject
 from ..optim import build_optimizer as build_adapter_optimizer
 from ..tasks import Example, Task, get_task
-from .config import JobConfig
+from .job_config import JobConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
