@@ -31,7 +31,7 @@ from hybridpeft.train.batches import BatchStream, epoch_permutation
 from hybridpeft.train.presets import default_job
 from hybridpeft.train.seeding import rng_state, seed_everything, set_rng_state
 from hybridpeft.train.setup import lr_lambda
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
+from tiny_models import char_tokenizer, save_tiny_causal_lm, smoke_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGED = ("step", "epoch", "data_index", "loss", "lr", "grad_norm")
@@ -329,7 +329,6 @@ class _FixedAnswerLM(torch.nn.Module):
 
 @pytest.mark.parametrize("text", [" 12 apples", "\n12\nQuestion 5", " 7 + 5 = 12\n"])
 def test_arith_scores_exact_match_of_the_first_number(text):
-    from hybridpeft.train.tiny import char_tokenizer
 
     task = get_task("arith")
     examples = task.load("test", limit=200)
