@@ -1,57 +1,11 @@
-"""Validation loss during training (sharded over ranks) and the task metric around it."""
+"""The task metric on evaluation examples (the validation loss is ``hybridpeft.tasks.lm.validation_loss``)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..tasks import IGNORE_INDEX, Example, Task
-from .batches import eval_batches
-
-
-def _summed_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
-    """(sum of per-token / per-example losses, their count) for one batch."""
-    if kind == "classification":
-        return F.cross_entropy(logits.float(), labels, reduction="sum"), labels.numel()  # logits: (B, C)
-    shifted = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
-    loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shifted != IGNORE_INDEX).sum())
-
-
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, tokenizer: Any, task: Task, examples: list[Example], batch_size: int,
-                    max_length: int, accelerator: Any | None = None) -> float:
-    """Mean loss per supervised token (causal) or example (classification) over ``examples``.
-
-    ``L = Σ loss / Σ count``, pooled over the whole set (not a mean of batch means);
-    under data parallelism each rank scores every ``world``-th example and the sums
-    are all-reduced, so every rank gets the same value.
-    """
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
-    try:
-        for batch in eval_batches(task, tokenizer, examples, batch_size, max_length, rank, world):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            if accelerator is not None:
-                with accelerator.autocast():
-                    logits = model(**batch).logits
-            else:
-                logits = model(**batch).logits
-            loss, count = _summed_loss(logits, labels, task.kind)
-            total += torch.stack([loss.double(), torch.tensor(float(count), dtype=torch.float64, device=device)])
-    finally:
-        model.train(was_training)
-    if accelerator is not None and world > 1:
-        total = accelerator.reduce(total, "sum")
-    value = (total[0] / total[1].clamp_min(1)).item()
-    return value if math.isfinite(value) else float("nan")
+from ..tasks import Example, Task
 
 
 def task_metrics(model: torch.nn.Module, tokenizer: Any, task: Task, examples: list[Example],

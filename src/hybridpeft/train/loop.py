@@ -35,10 +35,11 @@ import yaml
 from ..api import after_optimizer_step, load_adapter, mixing_state, save_adapter
 from ..gradient_init import lora_ga_init, lora_ga_targets
 from ..inject import config_of
+from ..tasks.lm import validation_loss
 from . import checkpoint as ckpt
 from .job_config import JobConfig, dump_yaml
 from .batches import BatchStream
-from .evaluation import task_metrics, validation_loss
+from .evaluation import task_metrics
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
@@ -410,7 +411,7 @@ def _validate(run: _Run, val_examples: list) -> bool:
     if not val_examples:
         return False
     val = validation_loss(run.unwrapped, run.tokenizer, run.task, val_examples, job.eval.batch_size,
-                          job.data.max_length, run.accelerator)
+                          job.data.max_length, accelerator=run.accelerator)
     if state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta:
         state.best_val_loss = val
         state.evals_without_improvement = 0
