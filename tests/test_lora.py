@@ -58,7 +58,8 @@ def test_rslora_scaling():
     "kwargs, field",
     [({"r": 0}, "r"), ({"alpha": -1.0}, "alpha"), ({"dropout": 1.5}, "dropout"),
      ({"target_modules": []}, "target_modules"), ({"adapter_dtype": "int8"}, "adapter_dtype"),
-     ({"norm_bound": 0.0}, "norm_bound"), ({"target_modules": ["re:("]}, "target_modules")],
+     ({"norm_bound": 0.0}, "norm_bound"), ({"target_modules": ["re:("]}, "target_modules"),
+     ({"r": True}, "r"), ({"alpha": "16"}, "alpha"), ({"dropout": None}, "dropout"), ({"norm_bound": "1"}, "norm_bound")],
 )
 def test_bad_config_names_field_and_value(kwargs, field):
     with pytest.raises(ValueError, match=field):

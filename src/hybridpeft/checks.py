@@ -13,3 +13,13 @@ def check(condition: bool, field_name: str, value: Any, expected: str) -> None:
     """Raise a ValueError that names the field, the value and what was expected."""
     if not condition:
         raise ValueError(f"{field_name}={value!r} is invalid: expected {expected}")
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An ``int`` or ``float``, and not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 
+from .adapters.unitary import RETRACTIONS
 from .checks import check
 from .inject import adapted_layers
-
-RETRACTIONS = ("cayley", "exp")
 
 
 def skew_direction(grad: Tensor, u: Tensor) -> Tensor:

@@ -56,19 +56,20 @@ class HybridConfig(AdapterConfig):
     """
 
     method = "hybrid"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_rslora: bool = False
-    ga_direction: str = "ArB2r"
-    ga_scale: str = "stable"
-    ga_stable_gamma: float = 16.0
-    ga_init_form: str = "lora_ga"
-    ga_num_batches: int = 8
-    ga_svd_niter: int = 4
-    boft_block_size: int = 8
-    boft_n_factors: int = 3
-    recompute_base: bool = False
+    # Branch fields: the defaults of the branch configs, which validate them (see _LORA_GA_FIELDS, _BOFT_FIELDS).
+    lora_r: int = LoraGAConfig.r
+    lora_alpha: float = LoraGAConfig.alpha
+    lora_dropout: float = LoraGAConfig.dropout
+    lora_rslora: bool = LoraGAConfig.rslora
+    ga_direction: str = LoraGAConfig.direction
+    ga_scale: str = LoraGAConfig.scale
+    ga_stable_gamma: float = LoraGAConfig.stable_gamma
+    ga_init_form: str = LoraGAConfig.init_form
+    ga_num_batches: int = LoraGAConfig.num_batches
+    ga_svd_niter: int = LoraGAConfig.svd_niter
+    boft_block_size: int = BoftConfig.block_size
+    boft_n_factors: int = BoftConfig.n_factors
+    recompute_base: bool = BoftConfig.recompute_base
     # λ: the names and defaults of MixingRule, which validates them (one source for both).
     schedule: str = MixingRule.schedule
     lam_init: float = MixingRule.lam_init

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..checks import check
+from ..checks import check, is_int, is_number
 
 if TYPE_CHECKING:
     from .hybrid import HybridAdapter
@@ -49,7 +49,7 @@ _EPS = 1e-12
 
 
 def _unit(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return is_number(value) and 0.0 <= value <= 1.0
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,9 @@ class MixingRule:
         check(_unit(self.lam_fixed), "lam_fixed", self.lam_fixed, "a number in [0, 1]")
         check(_unit(self.anneal_start), "anneal_start", self.anneal_start, "a number in [0, 1]")
         check(_unit(self.anneal_end), "anneal_end", self.anneal_end, "a number in [0, 1]")
-        check(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and not isinstance(self.anneal_steps, bool)
-                                            and self.anneal_steps > 0),
+        check(self.anneal_steps is None or (is_int(self.anneal_steps) and self.anneal_steps > 0),
               "anneal_steps", self.anneal_steps, "None or a positive integer")
-        check(isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool) and 0.0 <= self.ema < 1.0,
+        check(is_number(self.ema) and 0.0 <= self.ema < 1.0,
               "ema", self.ema, "a number in [0, 1)")
 
     def initial(self) -> float:
