@@ -100,6 +100,21 @@ def test_trainable_modules_train_and_save_with_adapter(tmp_path):
     assert torch.equal(output(hp.load_adapter(tiny_llama(), tmp_path), x), output(model, x))
 
 
+PUBLIC = {  # what ``import hybridpeft as hp`` offers; a refactor must keep every name
+    "__version__", "AdapterConfig", "LoraConfig", "LoraGAConfig", "BoftConfig", "UnitaryConfig", "HybridConfig",
+    "FullConfig", "Adapter", "AdaptedLinear", "inject", "adapted_layers", "lora_ga_init", "merge", "unmerge",
+    "merge_and_unload", "disabled", "trainable_parameters", "count_trainable", "after_optimizer_step", "update_mixing",
+    "mixing_state", "save_adapter", "load_adapter", "read_adapter_config", "build_optimizer", "CombinedOptimizer",
+    "RiemannianAdam", "RiemannianSGD",
+}
+
+
+def test_public_names_are_exported():
+    assert set(hp.__all__) == PUBLIC
+    assert all(getattr(hp, name) is not None for name in PUBLIC)
+    assert hp.update_mixing is hp.after_optimizer_step
+
+
 # ---------------------------------------------------------------------------
 # Per-step work: one call per adapter class, with all of its layers
 

@@ -1,10 +1,13 @@
 """hybridpeft: parameter-efficient fine-tuning with LoRA, LoRA-GA, BOFT, unitary adapters and a Hybrid."""
 from ._version import __version__
 from .adapters import Adapter, AdaptedLinear
-from .adapters.full import FullConfig
-from .adapters.lora import LoraConfig
-from .adapters.unitary import UnitaryConfig
 from .adapters.boft import BoftConfig
+from .adapters.config import AdapterConfig
+from .adapters.full import FullConfig
+from .adapters.hybrid import HybridConfig
+from .adapters.lora import LoraConfig
+from .adapters.lora_ga import LoraGAConfig
+from .adapters.unitary import UnitaryConfig
 from .api import (
     after_optimizer_step,
     count_trainable,
@@ -19,9 +22,19 @@ from .api import (
     unmerge,
     update_mixing,
 )
-from .adapters.config import AdapterConfig
+from .gradient_init import lora_ga_init
 from .inject import adapted_layers, inject
 from .optim import CombinedOptimizer, RiemannianAdam, RiemannianSGD, build_optimizer
-from .adapters.lora_ga import LoraGAConfig
-from .gradient_init import lora_ga_init
-from .adapters.hybrid import HybridConfig
+
+__all__ = [
+    "__version__",
+    # configs, one per method, and the interfaces
+    "AdapterConfig", "LoraConfig", "LoraGAConfig", "BoftConfig", "UnitaryConfig", "HybridConfig", "FullConfig",
+    "Adapter", "AdaptedLinear",
+    # model-level operations
+    "inject", "adapted_layers", "lora_ga_init", "merge", "unmerge", "merge_and_unload", "disabled",
+    "trainable_parameters", "count_trainable", "after_optimizer_step", "update_mixing", "mixing_state",
+    "save_adapter", "load_adapter", "read_adapter_config",
+    # optimizers
+    "build_optimizer", "CombinedOptimizer", "RiemannianAdam", "RiemannianSGD",
+]
