@@ -7,10 +7,10 @@
     hybridpeft merge runs/default/adapter merged-model/
     hybridpeft info  runs/default
 
-Each subcommand is one row of ``COMMANDS``: (help, add_arguments, run). ``run``
-receives the parsed namespace and returns an exit status; the work itself is
-done by functions in ``hybridpeft.train`` that take ordinary typed arguments.
-Later subcommands (``bench``, ``report``) register with ``register_command``.
+Each subcommand is one row of ``COMMANDS``: (help, add_arguments, run), added with
+``register_command``. ``run`` receives the parsed namespace and returns an exit
+status; the work itself is done by functions in ``hybridpeft.train`` and
+``hybridpeft.bench`` that take ordinary typed arguments.
 
 Exit status: 0 success, 1 a runtime error, 2 an invalid configuration or
 arguments (every problem listed), 3 training aborted on non-finite steps.
@@ -38,7 +38,7 @@ COMMANDS: dict[str, Command] = {}
 
 
 def register_command(name: str, command: Command) -> None:
-    """Add a subcommand (later issues: ``bench``, ``report``)."""
+    """Add a subcommand: one row of ``COMMANDS``."""
     COMMANDS[name] = command
 
 
