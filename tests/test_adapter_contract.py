@@ -47,6 +47,16 @@ def linear_stack(dtype=torch.float64):
     return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16)).to(dtype)
 
 
+def gpt2(dtype=torch.float64):
+    model = tiny_models.tiny_gpt2(dtype)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # GPT-2 starts its biases at 0, which would hide a method that mishandles them (IA³ scales them)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "ln_" not in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype))
+    return model
+
+
 def tokens(seed: int) -> torch.Tensor:
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(seed))
 
@@ -57,7 +67,7 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], list[str], Callable[[int], tor
                                                                generator=torch.Generator().manual_seed(seed))),
     "llama": (lambda dtype=torch.float64: tiny_models.tiny_llama(dtype, kv_heads=4), ["q_proj", "v_proj", "down_proj"],
               tokens),
-    "gpt2": (lambda dtype=torch.float64: tiny_models.tiny_gpt2(dtype), ["c_attn", "c_fc", "attn.c_proj"], tokens),
+    "gpt2": (gpt2, ["c_attn", "c_fc", "attn.c_proj", "mlp.c_proj"], tokens),
 }
 
 
@@ -116,6 +126,12 @@ class Method:
     unmerge_atol: float = 1e-12
 
 
+def feedforward(targets: Any) -> list[str]:
+    """IA³'s feedforward targets (input-scaled) among ``targets``: each model's MLP output projection."""
+    names = ["down_proj"] if targets == "all-linear" else targets
+    return [t for t in names if t in ("2", "down_proj", "mlp.c_proj")]
+
+
 METHODS = {
     "lora": Method("lora", lambda t, **kw: hp.LoraConfig(target_modules=t, r=3, alpha=7.0, **kw),
                    frozenset({"lora_A", "lora_B"})),
@@ -132,6 +148,10 @@ METHODS = {
     "unitary-full": Method("unitary", lambda t, **kw: hp.UnitaryConfig(target_modules=t, parameterization="full",
                                                                        block_size=8, **kw),
                            frozenset({"unitary.blocks"}), perturb_unitary),
+    "dora": Method("dora", lambda t, **kw: hp.DoraConfig(target_modules=t, r=4, alpha=8.0, **kw),
+                   frozenset({"lora_A", "lora_B", "magnitude"})),
+    "ia3": Method("ia3", lambda t, **kw: hp.IA3Config(target_modules=t, feedforward_modules=feedforward(t), **kw),
+                  frozenset({"ia3_l"})),
     "hybrid": Method("hybrid", lambda t, **kw: hp.HybridConfig(target_modules=t, lora_r=2, boft_block_size=4,
                                                                boft_n_factors=2, **kw),
                      frozenset({"lora.lora_A", "lora.lora_B", "boft.boft_Q"}), perturb_hybrid, gradient_start=True,
@@ -183,6 +203,7 @@ def test_merged_equals_unmerged_and_unmerge_restores_w(case):
     model = adapted_model(method, build, targets, make_input)
     method.perturb(model, 0.3)
     weights = {n: layer.weight.detach().clone() for n, layer in hp.adapted_layers(model)}
+    biases = {n: layer.bias.detach().clone() for n, layer in hp.adapted_layers(model) if layer.bias is not None}
     adapted = output(model, x)
     hp.merge(model)
     assert all(layer.merged for _, layer in hp.adapted_layers(model))
@@ -193,6 +214,8 @@ def test_merged_equals_unmerged_and_unmerge_restores_w(case):
     hp.unmerge(model)
     for n, layer in hp.adapted_layers(model):
         torch.testing.assert_close(layer.weight, weights[n], atol=method.unmerge_atol, rtol=0)
+        if n in biases:  # IA³ merges into the bias too
+            torch.testing.assert_close(layer.bias, biases[n], atol=method.unmerge_atol, rtol=0)
     torch.testing.assert_close(output(model, x), adapted, atol=1e-10, rtol=0)
     plain = hp.merge_and_unload(model)
     assert not hp.adapted_layers(plain) and not hasattr(plain, "hybridpeft_config")

@@ -105,7 +105,7 @@ PUBLIC = {  # what ``import hybridpeft as hp`` offers; a refactor must keep ever
     "FullConfig", "Adapter", "AdaptedLinear", "inject", "adapted_layers", "lora_ga_init", "merge", "unmerge",
     "merge_and_unload", "disabled", "trainable_parameters", "count_trainable", "after_optimizer_step", "update_mixing",
     "mixing_state", "save_adapter", "load_adapter", "read_adapter_config", "build_optimizer", "CombinedOptimizer",
-    "RiemannianAdam", "RiemannianSGD",
+    "RiemannianAdam", "RiemannianSGD", "DoraConfig", "IA3Config", "export_peft", "load_peft",
 }
 
 

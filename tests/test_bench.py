@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 # Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
-        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "dora": [0.95, 0.96, 0.94], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
 
@@ -62,6 +62,8 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
         lam = {"layers": _LAYERS, "steps": steps,
                "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
     metrics = {"accuracy": acc, "val_loss": 1.0 - acc}
+    if config.get("nan_metric"):
+        metrics[config["nan_metric"]] = float("nan")
     if "majority" in config:
         metrics["majority_class_accuracy"] = config["majority"]
     return {"metrics": metrics, "primary_metric": "accuracy", "curves": curves,
@@ -410,6 +412,35 @@ def test_report_lists_failures_and_rejects_empty(tmp_path):
         write_report(empty, tmp_path / "r2")
 
 
+def test_report_names_a_nan_metric_and_skipped_lines_and_goes_on(tmp_path, capsys):
+    """One NaN metric used to sink the whole report without naming the run (issue 12, item 7)."""
+    from hybridpeft import cli
+
+    data = _bench(tmp_path, seeds=[0, 1, 2], methods=["lora", "hybrid"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}])
+    data["overrides"] = [{"where": {"method": "hybrid", "seed": 2}, "set": {"nan_metric": "val_loss"}}]
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    store = bench.output_dir / "results.jsonl"
+    good = {(r["method"], r["seed"]): r for r in map(json.loads, store.read_text().splitlines()) if r["status"] == "ok"}
+    rerun = {**good[("lora", 2)], "metrics": {**good[("lora", 2)]["metrics"], "accuracy": float("nan")}}
+    no_seed = {k: v for k, v in good[("lora", 0)].items() if k != "seed"}
+    with store.open("a") as fh:  # a NaN primary metric (hand-edited store, older writer), then three bad lines
+        fh.write(json.dumps(rerun) + "\n[1, 2]\n" + json.dumps(no_seed) + "\n" + '{"key": "x", "status": "o')
+    lines = len(store.read_text().splitlines())
+    with pytest.warns(UserWarning, match=r"skipped .*results.jsonl, line"):
+        assert cli.main(["report", str(bench.output_dir), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"| {rerun['key']} | metric failed | 1 | accuracy = nan; left out of every table and test |" in md
+    assert f"| {good[('hybrid', 2)]['key']} | metric failed | 1 | val_loss = nan; left out of that metric's mean |" in md
+    assert "| lora | 80.00 / 81.00 / — | 80.50 ± 0.71 |" in md  # the other seeds still count
+    assert "| hybrid | 90.00 / 91.00 / 89.00 | 90.00 ± 1.00† |" in md  # its primary metric is fine ...
+    assert "| tiny | sst2-cls | hybrid | 3 | 0.9000 | 0.0950 |" in md  # ... and val_loss is the mean of seeds 0 and 1
+    assert "## Skipped lines of the results file" in md
+    assert f"`results.jsonl` line {lines - 2}: a JSON list, not a record object" in md
+    assert f"`results.jsonl` line {lines - 1}: finished record" in md and "['seed']" in md
+    assert f"`results.jsonl` line {lines}: not valid JSON" in md
+
+
 def test_cli_entry_points(tmp_path, capsys):
     from hybridpeft.bench.__main__ import main
 
@@ -503,3 +534,22 @@ def test_one_seed_verdicts_say_untested(tmp_path):
     beats_lora = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora:"))
     assert "same direction, untested (a t-test needs two or more seeds per side)" in beats_lora
     assert "p = n/a, n = 1 vs 1" in beats_lora
+
+
+def test_extra_baselines_are_labelled_and_kept_out_of_the_papers_claims(tmp_path):
+    """DoRA / IA³ rows (role "extra") sit in Table I and the footprint table, marked as not in the
+    paper's tables, after the paper's rows; no claim compares the Hybrid with them."""
+    from hybridpeft.bench.report import claims
+    from hybridpeft.bench.tables import footprint_table
+
+    data = _bench(tmp_path, seeds=[0, 1], methods=[{"name": "dora", "role": "extra"}, "lora", "hybrid"])
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    cells = build_cells(finished(read_records(bench.output_dir)))
+    table = next(t for t in main_tables(cells) if t.title.startswith("sst2-cls"))
+    assert [r[0] for r in table.rows] == ["lora", "hybrid", "dora (extra: not in the paper's tables)"]
+    assert "Rows marked extra" in table.note
+    assert any(r[2] == "dora (extra: not in the paper's tables)" for r in footprint_table(cells).rows)
+    assert not any("dora" in c for c in claims(cells))
+    with pytest.raises(ValueError, match="role"):
+        parse_bench(_bench(tmp_path, methods=[{"name": "dora", "role": "baseline"}]))

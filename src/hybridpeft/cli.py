@@ -13,13 +13,21 @@ status; the work itself is done by functions in ``hybridpeft.train`` and
 ``hybridpeft.bench`` that take ordinary typed arguments.
 
 Exit status: 0 success, 1 a runtime error, 2 an invalid configuration or
-arguments (every problem listed), 3 training aborted on non-finite steps.
+arguments (every problem listed), 3 training aborted on non-finite steps,
+130 interrupted (Ctrl-C or SIGTERM; what finished is kept and the message says
+how to continue). Expected failures (bad input, a missing file, a busy or full
+run dir) print one line, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -66,6 +74,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest intact checkpoint of the run dir (or the one given)")
     p.add_argument("--print-config", action="store_true",
                    help="validate, print the resolved config as YAML and exit (loads no model)")
+    _unsafe_exec_argument(p)
+
+
+def _unsafe_exec_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unsafe-exec", action="store_true",
+                   help="where no OS sandbox (bubblewrap) is available, run generated code (HumanEval) anyway, "
+                        "with resource limits only; without this flag such runs are refused")
+
+
+def apply_unsafe_exec(args: argparse.Namespace) -> None:
+    """``--allow-unsafe-exec``: opt in for this process and the workers it starts (an environment variable)."""
+    if getattr(args, "allow_unsafe_exec", False):
+        from .tasks.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"
 
 
 def _job_overrides(args: argparse.Namespace) -> list[str]:
@@ -107,10 +130,21 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task (default: the one the adapter was trained on)")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE", help="task constructor argument")
     p.add_argument("--split", help="split to score (default: the task's evaluation split)")
-    p.add_argument("--limit", type=int, help="score only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=_positive_int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--data-dir", help="local data files for tasks that read them")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
+    _unsafe_exec_argument(p)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a positive integer")
+    return value
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
@@ -147,12 +181,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a file or a non-empty directory")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .train.artifacts import merge_to_dir
 
-    out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype)
+    out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype,
+                       overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -177,6 +213,53 @@ register_command("train", Command(
 register_command("eval", Command("score an adapter (or the base model) with its task's metric", _eval_arguments, _run_eval))
 register_command("merge", Command("merge an adapter into its base model and save a plain transformers model",
                                   _merge_arguments, _run_merge))
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter dir, checkpoint or run dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="peft", choices=["peft"],
+                   help="peft: HF PEFT's adapter_config.json + adapter_model.safetensors (vLLM, TGI, SGLang, the Hub)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the base model's hub id)")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT (needs peft) and report its largest logit difference from ours")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT even if it is a non-empty directory (its adapter files are replaced)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .peft_format import NotRepresentable, serving_problems
+    from .train.artifacts import export_adapter
+
+    try:
+        out = export_adapter(args.adapter, args.out, args.format, model=args.model, task=args.task,
+                             base_model=args.base_model, overwrite=args.overwrite)
+    except NotRepresentable as err:
+        print(f"hybridpeft: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"PEFT adapter written to {out}")
+    for problem in serving_problems(out):
+        print(f"  note for serving engines: {problem}")
+    if args.check:
+        from .train.artifacts import check_peft_export
+
+        try:
+            error = check_peft_export(args.adapter, out, model=args.model, task=args.task)
+        except ImportError as err:
+            print(f"hybridpeft: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"  check: peft.PeftModel.from_pretrained reproduces our logits within {error:.2e} (max |difference|)")
+    return 0
+
+
+register_command("export", Command(
+    "write an adapter in HF PEFT's format (LoRA, LoRA-GA as a rank-2r LoRA, DoRA, IA³)", _export_arguments,
+    _run_export, "Write the adapter as adapter_config.json + adapter_model.safetensors, which "
+    "peft.PeftModel.from_pretrained, vLLM, TGI and SGLang load. BOFT, unitary and Hybrid adapters have no "
+    "PEFT form (exit 2, nothing written): merge them with `hybridpeft merge` instead.",
+))
 register_command("info", Command("show what an adapter dir, checkpoint or run dir holds", _info_arguments, _run_info))
 
 
@@ -186,6 +269,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from .bench.commands import add_bench_arguments
 
     add_bench_arguments(p)
+    _unsafe_exec_argument(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -233,26 +317,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: ``finally`` blocks run, the run
+    dir lock is released, and the command says what was kept instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted ``train`` (its own arguments plus --resume)."""
+    words = ["hybridpeft", *argv]
+    resuming = any(word == "--resume" or word.startswith("--resume=") for word in argv)
+    return shlex.join(words if resuming else words + ["--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_CONFIG
+    from .tasks.sandbox import SandboxUnavailable
+    from .train.failures import TrainingInterrupted
     from .train.job_config import ConfigError
+    from .train.lock import RunDirBusy
     from .train.loop import TrainingAborted
 
+    apply_unsafe_exec(args)
     try:
-        return args._run(args)
+        with _sigterm_as_interrupt():
+            return args._run(args)
     except ConfigError as err:
         print(f"hybridpeft: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingAborted as err:
         print(f"hybridpeft: {err}", file=sys.stderr)
         return EXIT_ABORTED
-    except (ValueError, FileNotFoundError) as err:
+    # bad input, missing/unwritable files, a full disk, a busy run dir, no sandbox for generated code
+    except (ValueError, OSError, RunDirBusy, SandboxUnavailable) as err:
         print(f"hybridpeft: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except TrainingInterrupted as err:
+        go_on = (f"continue with: {_resume_command(sys.argv[1:] if argv is None else list(argv))}"
+                 if err.checkpoint is not None else "rerun the same command to start again")
+        print(f"hybridpeft: {err}; {go_on}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is saved; say how to go on
         print(f"hybridpeft: interrupted; finished work is kept — rerun the same `{args.command}` command "
               f"(with --resume for train) to continue", file=sys.stderr)

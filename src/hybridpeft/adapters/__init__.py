@@ -4,8 +4,10 @@ from __future__ import annotations
 from .base import AdaptedLinear, Adapter
 from .boft import BoftAdapter, BoftConfig
 from .config import AdapterConfig, register_config
+from .dora import DoraAdapter, DoraConfig
 from .full import FullConfig
 from .hybrid import HybridAdapter, HybridConfig
+from .ia3 import IA3Adapter, IA3Config
 from .lora import LoraAdapter, LoraConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
 from .unitary import UnitaryAdapter, UnitaryConfig
@@ -36,4 +38,6 @@ register(BoftConfig, BoftAdapter)
 register(UnitaryConfig, UnitaryAdapter)
 register(LoraGAConfig, LoraGAAdapter)
 register(HybridConfig, HybridAdapter)
+register(DoraConfig, DoraAdapter)
+register(IA3Config, IA3Adapter)
 register(FullConfig, None)

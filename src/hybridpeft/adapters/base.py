@@ -36,7 +36,10 @@ class Adapter(nn.Module):
     ``after_optimizer_step`` (once per optimizer step, e.g. to update a mixing
     coefficient or enforce a norm bound) and its class-level form
     ``after_optimizer_step_all``, which receives every adapter of the class in a
-    model at once so a method can batch the work across layers.
+    model at once so a method can batch the work across layers; ``merged_bias`` /
+    ``unmerged_bias`` (for a method that also changes the bias, e.g. IA³ scaling
+    a layer's whole output) and ``for_layer`` (for a method whose form depends on
+    which module it adapts).
     """
 
     method: str = "base"
@@ -45,6 +48,15 @@ class Adapter(nn.Module):
         super().__init__()
         self.d_in = d_in
         self.d_out = d_out
+
+    @classmethod
+    def for_layer(cls, name: str, d_in: int, d_out: int, config) -> "Adapter":
+        """The adapter for the module called ``name`` (its qualified name in the model).
+
+        Most methods treat every target alike; IA³ scales the input of its
+        ``feedforward_modules`` and the output of the others.
+        """
+        return cls(d_in, d_out, config)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:  # pragma: no cover - interface
         """Return the adapted ``W' x`` (no bias) for activations ``x`` of shape (..., d_in)."""
@@ -57,6 +69,15 @@ class Adapter(nn.Module):
     def unmerged_weight(self, merged: Tensor) -> Tensor:  # pragma: no cover - interface
         """Invert ``merged_weight``: return ``W`` given ``W'``."""
         raise NotImplementedError
+
+    def merged_bias(self, bias: Tensor) -> Tensor:
+        """The bias ``b'`` of the adapted layer for the original ``b`` (d_out,): the host
+        adds it to ``forward``'s output and ``merge`` writes it. Default: ``b`` itself."""
+        return bias
+
+    def unmerged_bias(self, merged: Tensor) -> Tensor:
+        """Invert ``merged_bias``."""
+        return merged
 
     def bind(self, weight: Tensor) -> None:
         """Called once by the host layer with the frozen ``W`` (d_out, d_in), detached."""
@@ -240,7 +261,7 @@ class AdaptedLinear(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         y = self.adapter(x, self._base_matmul)  # (..., d_out)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if self.bias is None else y + self.adapter.merged_bias(self.bias).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -262,6 +283,7 @@ class AdaptedLinear(nn.Module):
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() it first")
         self._write_weight(self.adapter.merged_weight(self._weight_for_math()))
+        self._write_bias(self.adapter.merged_bias)
         self.merged = True
 
     @torch.no_grad()
@@ -269,6 +291,7 @@ class AdaptedLinear(nn.Module):
         if not self.merged:
             raise RuntimeError("layer is not merged")
         self._write_weight(self.adapter.unmerged_weight(self._weight_for_math()))
+        self._write_bias(self.adapter.unmerged_bias)
         self.merged = False
 
     @torch.no_grad()
@@ -291,7 +314,7 @@ class AdaptedLinear(nn.Module):
         out = nn.Linear(d_in, d_out, bias=self.bias is not None, device=merged.device, dtype=dtype)
         out.weight.copy_(merged)
         if self.bias is not None:
-            out.bias.copy_(self.bias)
+            out.bias.copy_(self.adapter.merged_bias(self.bias))
         out.requires_grad_(False)
         return out
 
@@ -304,6 +327,14 @@ class AdaptedLinear(nn.Module):
         target = self.base_layer.weight
         value = new_weight if isinstance(self.base_layer, nn.Linear) else new_weight.t()
         target.copy_(value.to(target.dtype))
+
+    def _write_bias(self, transform: Callable[[Tensor], Tensor]) -> None:
+        bias = self.bias
+        if bias is None:
+            return
+        value = transform(bias.detach())
+        if value is not bias and value.data_ptr() != bias.data_ptr():  # most methods leave b alone: no copy
+            bias.copy_(value.to(bias.dtype))
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}, disabled={self.disabled}" + (", quantized=True" if self.quantized else "")

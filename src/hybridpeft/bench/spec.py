@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..checks import check
-from ..train.job_config import set_dotted
+from ..train.job_config import read_yaml, set_dotted
 
-ROLES = ("main", "ablation")
+ROLES = ("main", "ablation", "extra")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"
 _MATCH_FIELDS = ("method", "adapter_method", "task", "model", "seed")
 
@@ -58,14 +58,16 @@ class MethodSpec:
         train: training settings that differ for this row (e.g. full FT's lr);
             keep these to what the method needs, not tuning one method more.
         role: ``"main"`` rows form the main table; ``"ablation"`` rows appear only
-            in the λ-ablation table.
+            in the λ-ablation table; ``"extra"`` rows are baselines the paper does not
+            report (e.g. DoRA, IA³): in the main table, labelled so, and in none of the
+            paper's claims.
     """
 
     name: str
     method: str
     adapter: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    role: Literal["main", "ablation"] = "main"
+    role: Literal["main", "ablation", "extra"] = "main"
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ class BenchConfig:
             out.append((isinstance(model, str) and model != "", f"grid[{i}].model", model, "a model name"))
             out.append((len(tasks) > 0 and all(isinstance(t, str) for t in tasks), f"grid[{i}].tasks", tasks, "a non-empty list of task names"))
         for m in self.methods:
-            out.append((m.role in ROLES, f"methods[{m.name}].role", m.role, "'main' or 'ablation'"))
+            out.append((m.role in ROLES, f"methods[{m.name}].role", m.role, "'main', 'ablation' or 'extra'"))
         for i, o in enumerate(self.overrides):
             out.append((set(o.where) <= set(_MATCH_FIELDS), f"overrides[{i}].where", o.where, f"keys among {_MATCH_FIELDS}"))
         for i, w in enumerate(self.exclude):
@@ -302,10 +304,15 @@ def load_bench(path: str | os.PathLike, overrides: list[str] | None = None) -> B
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     check(isinstance(data, dict), str(path), type(data).__name__, "a YAML mapping at the top level")
     for item in overrides or []:
         check("=" in item, "--set", item, "'dotted.key=value'")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key.strip()}={raw!r} is invalid: not a YAML value "
+                             f"({getattr(err, 'problem', None) or err})") from None
+        set_dotted(data, key.strip(), value)
     return parse_bench(data, base_dir=path.resolve().parent)

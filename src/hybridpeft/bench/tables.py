@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -20,6 +21,7 @@ from .stats import Summary, Welch, summarize, welch
 METHOD_ORDER = ("full", "lora", "lora_ga", "boft", "unitary", "hybrid")  # the paper's row order
 PERCENT_METRICS = ("accuracy", "exact_match", "macro_accuracy", "f1", "pass@1", "pass@10")
 DAGGER, DDAGGER = "†", "‡"
+EXTRA_LABEL = " (extra: not in the paper's tables)"  # rows of role "extra"
 
 
 @dataclass
@@ -52,17 +54,30 @@ class Cell:
         return [r["seed"] for r in self.records]
 
     def values(self, metric: str | None = None) -> list[float]:
+        """The finite values of ``metric`` (default: the primary one) over the seeds that have one."""
         name = metric or self.metric
-        return [float(r["metrics"][name]) for r in self.records if name in r["metrics"]]
+        return [v for v in (_number(r["metrics"].get(name)) for r in self.records) if v is not None]
 
     def footprint(self, name: str) -> list[float]:
-        return [float(r["footprint"][name]) for r in self.records if r.get("footprint", {}).get(name) is not None]
+        return [v for v in (_number((r.get("footprint") or {}).get(name)) for r in self.records) if v is not None]
+
+    @property
+    def label(self) -> str:
+        """The row label: the method name, marked when the paper does not report this baseline."""
+        return self.method + (EXTRA_LABEL if self.role == "extra" else "")
 
     def schedule(self) -> str | None:
         """The Hybrid's λ schedule as configured (``None`` for other methods)."""
         if self.adapter_method != "hybrid":
             return None
         return str(self.records[0]["config"].get("adapter", {}).get("schedule", "adaptive"))
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (absent, not a number, NaN or ±inf: left out of statistics)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def build_cells(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], Cell]:
@@ -145,11 +160,14 @@ def models_for(cells: dict[tuple[str, str, str], Cell], task: str) -> list[str]:
 
 
 def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[Table]:
-    """Table I: one table per task, main-role methods."""
+    """Table I: one table per task, main-role methods, then extra baselines (labelled as such)."""
     tables = []
     for task in tasks_in(cells):
         models = models_for(cells, task)
-        methods = list(dict.fromkeys(c.method for c in cells.values() if c.task == task and c.role == "main"))
+        in_table = [c for c in cells.values() if c.task == task and c.role in ("main", "extra")]
+        in_table.sort(key=lambda c: c.role == "extra")  # stable: the paper's rows first, in their order
+        methods = list(dict.fromkeys(c.method for c in in_table))
+        labels = {c.method: c.label for c in in_table}
         if not methods:
             continue
         metric = next(c.metric for c in cells.values() if c.task == task)
@@ -159,7 +177,7 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
             header += [f"{model}: per seed", f"{model}: mean ± s.d.", f"{model}: Δ vs {reference}", f"{model}: p (Welch)"]
         rows = []
         for method in methods:
-            row = [method]
+            row = [labels[method]]
             for model in models:
                 cell = cells.get((model, task, method))
                 if cell is None:
@@ -185,7 +203,9 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
             title=f"{task}: {metric}{unit}",
             header=header, rows=rows,
             note=(f"Per-seed values in seed order {seeds} (— = that seed did not finish); s.d. is the sample standard deviation (ddof = 1). "
-                  f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."),
+                  f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."
+                  + (" Rows marked extra are baselines the paper's tables do not have; no claim about the paper uses them."
+                     if any(c.role == "extra" for c in in_table) else "")),
         ))
     return tables
 
@@ -213,9 +233,9 @@ def majority_class(cells: dict[tuple[str, str, str], Cell], model: str, task: st
     for cell in cells.values():
         if (cell.model, cell.task) == (model, task):
             for record in cell.records:
-                value = record["metrics"].get("majority_class_accuracy")
+                value = _number(record["metrics"].get("majority_class_accuracy"))
                 if value is not None and cell.metric == "accuracy":
-                    return float(value)
+                    return value
     return None
 
 
@@ -228,9 +248,9 @@ def before_scores(cells: dict[tuple[str, str, str], Cell], model: str, task: str
     for cell in cells.values():
         if (cell.model, cell.task) == (model, task):
             for record in cell.records:
-                value = (record.get("before") or {}).get(cell.metric)
+                value = _number((record.get("before") or {}).get(cell.metric))
                 if value is not None:
-                    by_seed.setdefault(record["seed"], float(value))
+                    by_seed.setdefault(record["seed"], value)
     return by_seed
 
 
@@ -340,7 +360,7 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
         ref_step = ref.footprint("step_time_s") if ref else []
         ref_mem = ref.footprint(mem_key) if ref else []
         rows.append([
-            cell.model, cell.task, cell.method,
+            cell.model, cell.task, cell.label,
             mean_sd(summarize(step), 3) if step else "—",
             _ratio_text(step, ref_step),
             mean_sd(summarize(mem), 0) if mem else "—",

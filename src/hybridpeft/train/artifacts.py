@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
 from ..tasks import get_task
 from . import checkpoint as ckpt
+from .lock import describe_holder, read_holder
 from .loop import RUN_INFO
 from .records import read_jsonl
 from .setup import load_model
@@ -70,7 +72,16 @@ class _CausalKind:
 def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
                      split: str | None = None, limit: int | None = None, batch_size: int = 16,
                      data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The task metric of an adapter (or of the base model when ``adapter`` is None)."""
+    """The task metric of an adapter (or of the base model when ``adapter`` is None).
+
+    Raises:
+        ValueError: ``limit`` or ``batch_size`` is below 1, or the split has no examples
+            (a score over nothing would read as a real score).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit!r} is invalid: expected a positive number of examples (or None for all)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
     if adapter is not None:
         net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
     else:
@@ -82,23 +93,108 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
         raise ValueError(f"{adapter} does not record its task; pass --task")
     split = split or getattr(task_obj, "eval_split", "test")
     examples = task_obj.load(split, data_dir, limit, seed)
+    if not examples:
+        raise ValueError(f"split {split!r} of task {task_obj.name!r} has no examples to score")
     metrics = task_obj.evaluate(net, tokenizer, examples, batch_size=batch_size)
     return {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-                 task: str | None = None, dtype: str = "float32") -> Path:
+                 task: str | None = None, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Merge an adapter into its base and save a plain ``save_pretrained`` directory (with tokenizer).
 
     The result loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
-    alone; no hybridpeft code is needed to run it.
+    alone; no hybridpeft code is needed to run it. It is written beside ``out`` first and
+    moved into place when complete, so ``out`` is never left half-written.
+
+    Raises:
+        FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
+            (checked before any model is loaded).
     """
+    out = Path(out)
+    _check_merge_target(out, overwrite)
     net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype)
     merge_and_unload(net)
-    out = Path(out)
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        net.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not (staging / "config.json").is_file():
+            raise OSError(f"saving the merged model to {staging} wrote no config.json")
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_merge_target(out: Path, overwrite: bool) -> None:
+    _check_target(out, overwrite, "merge")
+
+
+def _check_target(out: Path, overwrite: bool, what: str) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir() and (what != "merge" or not overwrite):  # an export writes files into a directory
+        raise FileExistsError(f"{what} target {out} is a file, not a directory; choose another path"
+                              + (" or pass --overwrite" if what == "merge" else ""))
+    if not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{what} target {out} is a non-empty directory; choose another path or pass --overwrite "
+                              + ("to replace its contents" if what == "merge" else "to replace its adapter files"))
+
+
+def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft", model: str | None = None,
+                   task: str | None = None, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Write an adapter dir (or a run / checkpoint's adapter) in another library's format.
+
+    ``fmt="peft"``: HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+    (``hybridpeft.peft_format.export_peft``). The method is checked before any model
+    loads; ``base_model`` (recorded as ``base_model_name_or_path``) defaults to the
+    run's base model, offline aliases given by their hub ids.
+
+    Raises:
+        NotRepresentable: the method has no such form (nothing is written).
+        FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
+            (as for ``merge``; checked before any model is loaded).
+    """
+    from ..models import hub_id
+    from ..peft_format import check_exportable, export_peft
+
+    if fmt != "peft":
+        raise ValueError(f"--format {fmt!r} is invalid: expected 'peft'")
+    adapter_dir = find_adapter_dir(adapter)
+    check_exportable(read_adapter_config(adapter_dir).method)
+    _check_target(Path(out), overwrite, "export")
+    net, _, _ = load_adapted(adapter_dir, model, task)
+    name = base_model or hub_id(model or run_info(adapter_dir).get("base_model") or "") or None
+    return export_peft(net, out, base_model_name_or_path=name)
+
+
+def check_peft_export(adapter: str | os.PathLike, exported: str | os.PathLike, model: str | None = None,
+                      task: str | None = None) -> float:
+    """Load ``exported`` with HF PEFT itself onto a fresh base model and return the largest
+    |difference| between its logits and ours on a probe sentence (the optional check; needs ``peft``).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the export check loads the adapter with HF PEFT: pip install peft") from None
+
+    net, tokenizer, task_obj = load_adapted(adapter, model, task)
+    model_name, _ = _base_and_task(find_adapter_dir(adapter), model, task, None)
+    base, _ = load_model(model_name, task_obj if task_obj is not None else _CausalKind())
+    theirs = peft.PeftModel.from_pretrained(base, str(exported))
+    probe = tokenizer(["Question: Tom has 3 apples and gets 4 more. Answer:"], return_tensors="pt")
+    with torch.no_grad():
+        ours_out, theirs_out = net.eval()(**probe).logits, theirs.eval()(**probe).logits
+    return float((ours_out - theirs_out).abs().max())
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -187,9 +283,14 @@ def _describe_run(path: Path) -> list[str]:
         data = json.loads(results.read_text())
         lines.append(f"  before: {data.get('before')}")
         lines.append(f"  after:  {data.get('after')}")
+    holder = read_holder(path)
+    if holder is not None:
+        lines.append(f"  in use by a training process: {describe_holder(holder)}")
     for step, cdir in ckpt.list_checkpoints(path / "checkpoints"):
         reason = ckpt.verify(cdir)
         lines.append(f"  checkpoint step {step}: {'complete' if reason is None else 'UNUSABLE: ' + reason}")
+    for cdir in sorted((path / "checkpoints").glob("*" + ckpt.SUSPECT_SUFFIX)):
+        lines.append(f"  set aside after a non-finite abort (not resumed from unless named): {cdir.name}")
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         lines += _describe_adapter(path / "adapter")
     return lines
