@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hybridpeft as hp
 
 transformers = pytest.importorskip("transformers")
+from numerics import assert_close_ulps  # noqa: E402
 from tiny_models import tiny_gpt2, tiny_llama  # noqa: E402
 
 TARGETS = {"llama": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
@@ -67,6 +68,18 @@ def test_dora_scale_is_exactly_one_at_init(dtype):
         a = layer.adapter
         norm = a.row_norm(layer._base_matmul, dtype).to(a.magnitude.dtype)
         assert torch.equal(a.magnitude / norm, torch.ones_like(norm))
+
+
+@pytest.mark.parametrize("arch", sorted(BUILD))
+@pytest.mark.parametrize("method", METHODS)
+def test_disabled_after_merge_and_unmerge_is_the_base_to_rounding(method, arch, x):
+    """Unmerge brings back W and the bias (IA³ scales both) to within a few ulps of the base output."""
+    model = hp.inject(build(arch), our_config(method, arch))
+    perturb(model)
+    hp.merge(model)
+    hp.unmerge(model)
+    with hp.disabled(model):
+        assert_close_ulps(logits(model, x), logits(build(arch), x))
 
 
 @pytest.mark.parametrize("arch", sorted(BUILD))
