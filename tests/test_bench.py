@@ -18,6 +18,7 @@ import pytest
 
 from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
                               summarize, welch, write_report)
+from hybridpeft.bench.runner import check_result
 from hybridpeft.bench.store import finished
 from hybridpeft.bench.tables import build_cells, main_tables
 
@@ -553,3 +554,12 @@ def test_extra_baselines_are_labelled_and_kept_out_of_the_papers_claims(tmp_path
     assert not any("dora" in c for c in claims(cells))
     with pytest.raises(ValueError, match="role"):
         parse_bench(_bench(tmp_path, methods=[{"name": "dora", "role": "baseline"}]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_primary_metric_is_refused_naming_it(bad):
+    """A job whose primary metric is NaN or ±inf is a failed run, not a record (inf used to pass)."""
+    result = {"metrics": {"accuracy": bad, "val_loss": 0.5}, "primary_metric": "accuracy"}
+    with pytest.raises(ValueError, match=r"metrics\['accuracy'\]=(nan|inf|-inf) is invalid: the primary metric must be finite"):
+        check_result(result)
+    check_result({**result, "primary_metric": "val_loss"})  # a non-finite secondary metric is kept (reported as failed)

@@ -115,6 +115,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(dump_yaml(job), end="")
         return 0
     result = train(job, resume=args.resume)
+    from .distributed import rank
+
+    if rank() != 0:  # several processes: one summary, from rank 0
+        return 0
     print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "stop_reason": result.stop_reason,
                       "before": result.before, "after": result.after, "adapter": str(result.adapter_dir),
                       "skipped_steps": result.skipped_steps}, indent=2))
@@ -135,6 +139,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="local data files for tasks that read them")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
     _unsafe_exec_argument(p)
+    _quantization_argument(p)
+
+
+def _quantization_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=["recorded", "none", "nf4", "fp4", "int8"], default="recorded",
+                   help="how to load the base: as in training (recorded in the adapter's run info; the default), "
+                        "the float base (none), or quantized by bitsandbytes")
 
 
 def _positive_int(text: str) -> int:
@@ -170,7 +181,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     task_args = _key_values(args.task_arg, "--task-arg") if args.task_arg else None
     result = evaluate_adapter(None if args.base else args.adapter, model=args.model, task=args.task, split=args.split,
                               limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir, seed=args.seed,
-                              task_args=task_args)
+                              task_args=task_args, quantization=args.quantization)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -182,13 +193,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a file or a non-empty directory")
+    _quantization_argument(p)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .train.artifacts import merge_to_dir
 
     out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, quantization=args.quantization)
     print(f"merged model written to {out}")
     return 0
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_class
-from .adapters.base import AdaptedLinear, is_supported_layer, layer_shape
+from .adapters.base import AdaptedLinear, is_supported_layer, keep_trainable_layout, layer_shape
 from .adapters.config import AdapterConfig
 from .patterns import select
 
@@ -73,6 +73,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if hasattr(model, CONFIG_ATTR):
         raise ValueError("model already has hybridpeft adapters; load into a fresh base model")
+    keep_trainable_layout(model)  # 4-bit layers an earlier eval pass repacked would pass no gradient
     with undo_on_error(model):
         if config.method != "full":
             wrapped = [(name, _host(model.get_submodule(name), adapter)) for name, adapter in _build_adapters(model, config)]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .base import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
@@ -99,15 +100,18 @@ def validation_loss(
     rank ``k`` scores examples ``k, k + world, …`` under the accelerator's autocast
     and the two sums are all-reduced, so every rank returns the same value. Runs
     under ``no_grad`` rather than inference mode: it is called between training
-    steps, and inference tensors must not reach a sharded model's parameters.
+    steps, and inference tensors must not reach a sharded model's parameters. A sharded
+    (FSDP) model gathers its weights in every forward, so there each rank runs as many
+    forwards as the busiest one (the extra ones on a throwaway batch).
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     device = model_device(model)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ loss, Σ count)
+    mine = list(chunks(examples[rank::world], batch_size))
     with evaluating(model, inference=False):
-        for chunk in tqdm(list(chunks(examples[rank::world], batch_size)), desc=f"{task.name} loss", disable=not progress):
+        for chunk in tqdm(mine, desc=f"{task.name} loss", disable=not progress):
             batch = to_device(task.encode(tokenizer, list(chunk), max_length), device)
             labels = batch.pop("labels")
             with autocast():
@@ -120,6 +124,14 @@ def validation_loss(
                 loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
                 count = int((shifted != IGNORE_INDEX).sum())
             total += torch.stack([loss.double(), torch.tensor(float(count), dtype=torch.float64, device=device)])
+        if distributed.any_sharded(model.parameters()) and examples:
+            # A sharded model all-gathers in every forward: each rank must run as many as the busiest one.
+            busiest = math.ceil(math.ceil(len(examples) / world) / batch_size)
+            for _ in range(busiest - len(mine)):
+                batch = to_device(task.encode(tokenizer, list(examples[:1]), max_length), device)
+                batch.pop("labels")
+                with autocast():
+                    model(**batch)
     if world > 1:
         total = accelerator.reduce(total, "sum")
     value = (total[0] / total[1].clamp_min(1)).item()

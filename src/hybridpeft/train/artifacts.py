@@ -1,9 +1,9 @@
 """Working with what training leaves behind: evaluate, merge into a plain model, describe.
 
 An adapter directory written by training carries ``hybridpeft_run.json`` beside
-the adapter files (base model, task, step), so ``eval`` and ``merge`` need no
-more than the directory; ``--model`` / ``--task`` override or supply them for
-adapters saved elsewhere.
+the adapter files (base model, task, step, how the base was quantized), so ``eval``
+and ``merge`` need no more than the directory; ``--model`` / ``--task`` /
+``--quantization`` override or supply them for adapters saved elsewhere.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
+from ..models import dequantize_model
 from ..tasks import get_task
 from . import checkpoint as ckpt
 from .lock import describe_holder, read_holder
@@ -53,13 +54,30 @@ def _base_and_task(adapter_dir: Path, model: str | None, task: str | None, task_
     return model_name, (get_task(task_name, **args) if task_name else None)
 
 
+RECORDED = "recorded"  # quantization: as the adapter's run info says (none if it says nothing)
+
+
+def base_quantization(adapter_dir: Path, quantization: str | None = RECORDED) -> tuple[str | None, str | None]:
+    """(quantization, compute dtype) to load an adapter's base with: the run's, unless overridden
+    (``None`` or ``"none"``: the float base; ``"nf4"``/``"fp4"``/``"int8"``: that)."""
+    info = run_info(adapter_dir)
+    if quantization == RECORDED:
+        return info.get("quantization"), info.get("compute_dtype")
+    return (None, None) if quantization in (None, "none") else (quantization, None)
+
+
 def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str | None = None,
-                 task_args: dict[str, Any] | None = None, dtype: str = "float32"):
-    """(adapted model, tokenizer, task or None) for an adapter directory."""
+                 task_args: dict[str, Any] | None = None, dtype: str = "float32", quantization: str | None = RECORDED):
+    """(adapted model, tokenizer, task or None) for an adapter directory.
+
+    The base is quantized as it was in training (the run info), unless ``quantization``
+    says otherwise; see ``base_quantization``.
+    """
     adapter_dir = find_adapter_dir(adapter)
     model_name, task_obj = _base_and_task(adapter_dir, model, task, task_args)
     kind_task = task_obj if task_obj is not None else _CausalKind()
-    base, tokenizer = load_model(model_name, kind_task, dtype)
+    quant, compute = base_quantization(adapter_dir, quantization)
+    base, tokenizer = load_model(model_name, kind_task, dtype, quantization=quant, compute_dtype=compute)
     load_adapter(base, adapter_dir)
     return base, tokenizer, task_obj
 
@@ -71,8 +89,11 @@ class _CausalKind:
 
 def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
                      split: str | None = None, limit: int | None = None, batch_size: int = 16,
-                     data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
+                     data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None,
+                     quantization: str | None = RECORDED) -> dict[str, Any]:
     """The task metric of an adapter (or of the base model when ``adapter`` is None).
+
+    ``quantization``: how to load the base (default: as in training; for ``--base``, as stored).
 
     Raises:
         ValueError: ``limit`` or ``batch_size`` is below 1, or the split has no examples
@@ -83,12 +104,13 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
     if adapter is not None:
-        net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
+        net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args, quantization=quantization)
     else:
         if model is None or task is None:
             raise ValueError("evaluating a base model needs --model and --task")
         task_obj = get_task(task, **(task_args or {}))
-        net, tokenizer = load_model(model, task_obj)
+        quant = None if quantization in (RECORDED, None, "none") else quantization
+        net, tokenizer = load_model(model, task_obj, quantization=quant)
     if task_obj is None:
         raise ValueError(f"{adapter} does not record its task; pass --task")
     split = split or getattr(task_obj, "eval_split", "test")
@@ -100,12 +122,17 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-                 task: str | None = None, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Merge an adapter into its base and save a plain ``save_pretrained`` directory (with tokenizer).
+                 task: str | None = None, dtype: str = "float32", overwrite: bool = False,
+                 quantization: str | None = RECORDED) -> Path:
+    """Merge an adapter into its base and save a plain float ``save_pretrained`` directory (with tokenizer).
 
     The result loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
     alone; no hybridpeft code is needed to run it. It is written beside ``out`` first and
-    moved into place when complete, so ``out`` is never left half-written.
+    moved into place when complete, so ``out`` is never left half-written. An adapter
+    trained on a quantized base merges, by default, onto that same quantized base
+    dequantized (the function it was trained with: ``dequant(W) + ΔW``), and every other
+    quantized layer is dequantized too; ``quantization="none"`` merges onto the original
+    float weights instead.
 
     Raises:
         FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
@@ -113,8 +140,9 @@ def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str 
     """
     out = Path(out)
     _check_merge_target(out, overwrite)
-    net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype)
+    net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype, quantization=quantization)
     merge_and_unload(net)
+    dequantize_model(net)
     staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -258,7 +286,8 @@ def _describe_checkpoint(path: Path) -> list[str]:
             lines.append(f"  step: {loop.get('step')}, data position: {state.get('data')}, "
                          f"skipped steps: {loop.get('skipped')}, best val loss: {loop.get('best_val_loss')}")
             lines.append(f"  world size {state.get('world_size')}, batch size {state.get('batch_size')}, "
-                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}")
+                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}"
+                         + (", written by a sharded (FSDP) run (whole tensors)" if state.get("sharded") else ""))
         except Exception as err:  # a corrupt file is exactly what info should report, not crash on
             lines.append(f"  trainer state unreadable: {err}")
     if (path / ckpt.ADAPTER_DIR / ADAPTER_CONFIG).is_file():
@@ -273,7 +302,8 @@ def _describe_run(path: Path) -> list[str]:
     meta = json.loads((path / "run.json").read_text())
     lines = [f"run: {path}",
              f"  task: {config.get('data', {}).get('task')}, method: {config.get('adapter', {}).get('method')}, "
-             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"]
+             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"
+             + (f" ({meta['parallel']['strategy']})" if isinstance(meta.get("parallel"), dict) else "")]
     steps = read_jsonl(path / "train_log.jsonl")
     if steps:
         last = steps[-1]
