@@ -7,7 +7,9 @@ it has one), merged equals unmerged, unmerge restores ``W``, disabled runs the
 base model, save → reseed → load reproduces the output, training changes only
 adapter tensors, and half-precision models and float32 adapters work. Each
 method's own maths (butterfly structure, orthogonality, λ rules, the gradient
-start) is tested in its own file.
+start) is tested in its own file. ``full`` (full fine-tuning, registered as a method
+so comparisons share one code path) adapts no layer, so merge, unmerge and
+disabling do not apply to it; the rest of the contract does (at the end).
 
 Models are float64 here so tolerances can be tight; the float32 and half-precision
 checks are at the end. Equality is bitwise only where the same computation
@@ -25,6 +27,7 @@ from torch import nn
 
 import hybridpeft as hp
 from hybridpeft.adapters import adapter_methods
+from hybridpeft.adapters.config import known_methods
 from hybridpeft.adapters.unitary import BlockOrthogonal
 from hybridpeft.inject import config_of
 
@@ -161,6 +164,7 @@ METHODS = {
 
 def test_every_registered_method_is_in_the_contract():
     assert {m.method for m in METHODS.values()} == set(adapter_methods())
+    assert set(known_methods()) == set(adapter_methods()) | {"full"}  # full: its own part of the contract below
 
 
 def adapted_model(method: Method, build: Callable[..., nn.Module], targets: Any, make_input,
@@ -321,3 +325,37 @@ def test_float32_adapter_on_bfloat16_model(method_id):
     logits.float().square().mean().backward()
     for name, p in hp.trainable_parameters(model).items():
         assert p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# ---------------------------------------------------------------------------
+# Full fine-tuning: no adapter layers, every parameter trains and is saved
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_full_fine_tuning_keeps_the_contract_that_applies(model_name, tmp_path):
+    """Output unchanged at init, every tensor trains, save → reseed → load reproduces the output."""
+    build, _, make_input = MODELS[model_name]
+    x = make_input(0)
+    base = output(build(), x)
+    model = hp.inject(build(), hp.FullConfig())
+    assert not hp.adapted_layers(model)
+    assert torch.equal(output(model, x), base)  # nothing is wrapped: the same computation
+    trainable = hp.trainable_parameters(model)
+    assert set(trainable) == {n for n, _ in model.named_parameters()}
+    assert hp.count_trainable(model) == sum(p.numel() for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = hp.build_optimizer(model, lr=1e-2)
+    for step in range(3):
+        loss_of(model, make_input(20 + step)).backward()
+        optimizer.step()
+        hp.after_optimizer_step(model)
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]), name
+    expected = output(model, x)
+    assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
+    hp.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == "full"
+    torch.manual_seed(1234)
+    restored = hp.load_adapter(build(), tmp_path)
+    assert torch.equal(output(restored, x), expected)

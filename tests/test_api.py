@@ -1,7 +1,8 @@
-"""Model-level operations (``hybridpeft.api``): save/load files and errors, merge_and_unload, full
-fine-tuning and trainable modules, per-step work dispatched by adapter class, the mixing views.
+"""Model-level operations (``hybridpeft.api``): save/load files and errors, merge_and_unload,
+trainable modules, per-step work dispatched by adapter class, the mixing views.
 
-What every method must do under these operations is in ``test_adapter_contract.py``.
+What every method (full fine-tuning included) must do under these operations is in
+``test_adapter_contract.py``.
 """
 from __future__ import annotations
 
@@ -79,15 +80,6 @@ def test_generate_works_through_adapters():
     perturb(model)
     out = model.generate(torch.randint(0, 64, (1, 4)), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
-
-
-def test_full_fine_tuning_trains_everything_and_round_trips(tmp_path):
-    model = hp.inject(tiny_llama(), hp.FullConfig())
-    assert hp.count_trainable(model) == sum(p.numel() for p in model.parameters())
-    perturb(model, 0.01)
-    x = torch.randint(0, 64, (2, 5))
-    hp.save_adapter(model, tmp_path)
-    assert torch.allclose(output(hp.load_adapter(tiny_llama(), tmp_path), x), output(model, x))
 
 
 def test_trainable_modules_train_and_save_with_adapter(tmp_path):
