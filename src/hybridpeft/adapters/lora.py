@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import AdapterConfig, check
+from ..checks import check, is_int, is_number
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul, OwnedBaseMatmul
 
 
@@ -33,10 +34,11 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer")
-        check(self.alpha > 0, "alpha", self.alpha, "a positive number")
-        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
-        check(self.norm_bound is None or self.norm_bound > 0, "norm_bound", self.norm_bound, "None or a positive number")
+        check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer")
+        check(is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        check(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        check(self.norm_bound is None or (is_number(self.norm_bound) and self.norm_bound > 0), "norm_bound",
+              self.norm_bound, "None or a positive number")
 
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -70,20 +72,24 @@ class LoraAdapter(Adapter):
             self.base_norm.fill_(weight.float().norm())
 
     def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(A, B)`` of shapes (r, d_in), (d_out, r), cast to ``dtype`` (the small factors, not the activations)."""
+        """``(A, B)``, shapes (r, d_in) and (d_out, r), in ``dtype``: the branch is ``s · B (A x)``.
+
+        The hook through which a subclass widens the branch (LoRA-GA appends its frozen
+        start); the small factors are cast, never the N × d activations.
+        """
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def branch(self, x: Tensor) -> Tensor:
         """The low-rank term ``s · B A x`` alone. x: (..., d_in) -> (..., d_out)."""
-        a, b = self.factors(x.dtype)
-        return (self.dropout(x) @ a.t() * self.scaling) @ b.t()  # (..., r) -> (..., d_out)
+        A, B = self.factors(x.dtype)
+        return (self.dropout(x) @ A.t() * self.scaling) @ B.t()  # (..., r) -> (..., d_out)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         flat = x.reshape(-1, self.d_in)  # (N, d_in): h = base(flat) is 2-D, so adding into it needs no view
         h = base(flat)  # (N, d_out)
-        a, b = self.factors(x.dtype)
-        u = self.dropout(flat) @ a.t() * self.scaling  # (N, r); scaling the rank-r side is cheaper
-        return add_low_rank(h, u, b, owned=isinstance(base, OwnedBaseMatmul)).view(*x.shape[:-1], self.d_out)
+        A, B = self.factors(x.dtype)
+        u = self.dropout(flat) @ A.t() * self.scaling  # (N, r); scaling the rank-r side is cheaper
+        return add_low_rank(h, u, B, owned=isinstance(base, OwnedBaseMatmul)).view(*x.shape[:-1], self.d_out)
 
     def delta_weight(self) -> Tensor:
         return self.scaling * self.lora_B @ self.lora_A  # (d_out, d_in)
