@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 import hybridpeft as hp  # noqa: E402
 from hybridpeft.gradient_sketch import GradientSketch, SubspaceSketch  # noqa: E402
-from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets, start_factors  # noqa: E402
+from hybridpeft.gradient_init import estimate_gradients, lora_ga_targets, start_factors  # noqa: E402
 from hybridpeft.models import load_causal_lm  # noqa: E402
 from hybridpeft.tasks import get_task  # noqa: E402
 

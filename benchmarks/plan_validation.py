@@ -49,7 +49,7 @@ MiB = 2 ** 20
 
 def adapter_config(method: str):
     import hybridpeft as hp
-    from hybridpeft.config import config_class
+    from hybridpeft.adapters.config import config_class
 
     return hp.FullConfig() if method == "full" else config_class(method)()
 

@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridpeft as hp
-from hybridpeft import lora_ga as lora_ga_module
+from hybridpeft import gradient_init as gradient_init_module
 from hybridpeft.gradient_sketch import (GradientSketch, LowRankGradient, SketchBank, SubspaceSketch, random_signs,
                                        sketch_bytes)
-from hybridpeft.lora_ga import choose_estimator, lora_ga_targets
+from hybridpeft.gradient_init import choose_estimator, lora_ga_targets
 
 transformers = pytest.importorskip("transformers")
 import tiny_models  # noqa: E402
@@ -312,7 +312,7 @@ def test_sketch_cache_is_written_and_hit(tmp_path, monkeypatch):
 
     first = hp.lora_ga_init(model(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("lora_ga_sketch-*.safetensors"))) == 1
-    monkeypatch.setattr(lora_ga_module, "sketch_gradients", lambda *a, **k: pytest.fail("estimated again"))
+    monkeypatch.setattr(gradient_init_module, "sketch_gradients", lambda *a, **k: pytest.fail("estimated again"))
     again = hp.lora_ga_init(model(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
     for name, low in first.items():  # the same sketches, the same recovery: bitwise
         assert torch.equal(again[name].u, low.u) and torch.equal(again[name].s, low.s)
@@ -327,19 +327,19 @@ def test_sketch_cache_is_written_and_hit(tmp_path, monkeypatch):
                          hp.LoraGAConfig(target_modules=TARGETS, r=2, estimator="sketch", sketch_passes=2))
 
     first = hp.lora_ga_init(two_pass(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
-    monkeypatch.setattr(lora_ga_module, "sketch_gradients", lambda *a, **k: pytest.fail("estimated again"))
+    monkeypatch.setattr(gradient_init_module, "sketch_gradients", lambda *a, **k: pytest.fail("estimated again"))
     again = hp.lora_ga_init(two_pass(), lm_batches(2), num_batches=2, cache_dir=tmp_path)
     assert all(torch.equal(again[n].u, low.u) and torch.equal(again[n].v, low.v) for n, low in first.items())
 
 
 def test_auto_picks_exact_below_the_threshold_and_the_sketch_above(monkeypatch):
-    limit = lora_ga_module.AUTO_EXACT_MAX_BYTES
+    limit = gradient_init_module.AUTO_EXACT_MAX_BYTES
     assert choose_estimator("auto", limit // 4) == "exact"
     assert choose_estimator("auto", limit // 4 + 1) == "sketch"
     assert choose_estimator("exact", 10**12) == "exact" and choose_estimator("sketch", 1) == "sketch"
     model = hp.inject(tiny_models.tiny_llama(torch.float64), hp.LoraGAConfig(target_modules=TARGETS, r=2))
     assert all(isinstance(g, torch.Tensor) for g in hp.lora_ga_init(model, lm_batches(1), num_batches=1).values())
-    monkeypatch.setattr(lora_ga_module, "AUTO_EXACT_MAX_BYTES", 4 * 1000)  # below the 3 layers' 4096 parameters
+    monkeypatch.setattr(gradient_init_module, "AUTO_EXACT_MAX_BYTES", 4 * 1000)  # below the 3 layers' 4096 parameters
     lows = hp.lora_ga_init(model, lm_batches(1), num_batches=1)
     assert all(isinstance(g, LowRankGradient) for g in lows.values())
 

@@ -9,7 +9,7 @@ import torch
 
 import hybridpeft as hp
 from hybridpeft import cli
-from hybridpeft.config import config_class
+from hybridpeft.adapters.config import config_class
 from hybridpeft.gradient_sketch import sketch_bytes
 from hybridpeft.plan import PlanInputError, PlanRequest, plan
 from hybridpeft.plan.estimate import NF4_BYTES_PER_PARAM

@@ -17,7 +17,7 @@ dequantized.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,33 @@ BaseMatmul = Callable[[Tensor], Tensor]  # x (..., d_in) -> W x (..., d_out), no
 BaseHook = Callable[[Tensor, Tensor], None]  # (x (..., d_in), h = W x (..., d_out)) -> None
 
 
+class OwnedBaseMatmul:
+    """A ``BaseMatmul`` whose every call returns a new tensor that nothing else refers to.
+
+    An adapter may then add its branch into that tensor in place (``LoraAdapter``: one
+    pass over ``N × d_out`` less than ``torch.addmm``, which first copies ``h``).
+    ``AdaptedLinear`` passes one unless a base hook observes ``h``.
+    """
+
+    __slots__ = ("matmul",)
+
+    def __init__(self, matmul: BaseMatmul) -> None:
+        self.matmul = matmul
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.matmul(x)
+
+
 class Adapter(nn.Module):
     """Base class of every method's per-layer strategy.
 
     Subclasses set ``method`` and implement ``forward``, ``merged_weight`` and
     ``unmerged_weight``. Hooks with defaults: ``manifold_parameters`` (tensors
     that a Riemannian optimizer must update instead of AdamW),
-    ``after_optimizer_step`` (called once per optimizer step, e.g. to update a
-    mixing coefficient or enforce a norm bound), ``merged_bias`` /
+    ``after_optimizer_step`` (once per optimizer step, e.g. to update a mixing
+    coefficient or enforce a norm bound) and its class-level form
+    ``after_optimizer_step_all``, which receives every adapter of the class in a
+    model at once so a method can batch the work across layers; ``merged_bias`` /
     ``unmerged_bias`` (for a method that also changes the bias, e.g. IA³ scaling
     a layer's whole output) and ``for_layer`` (for a method whose form depends on
     which module it adapts).
@@ -91,6 +110,18 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         return None
+
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["Adapter"]) -> None:
+        """The per-step work of every adapter of this class in a model, in one call.
+
+        ``hybridpeft.after_optimizer_step(model)`` calls it once per adapter class.
+        Default: each adapter's ``after_optimizer_step``. Override to batch across
+        layers (one fused kernel, one host read or one collective for all of them).
+        """
+        for adapter in adapters:
+            adapter.after_optimizer_step()
 
 
 def weight_of(layer: nn.Module) -> Tensor:
@@ -286,7 +317,8 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        y = self.adapter(x, self._base_matmul)  # (..., d_out)
+        base = OwnedBaseMatmul(self._base_matmul) if not self._base_hooks else self._base_matmul  # hooks may hold h
+        y = self.adapter(x, base)  # (..., d_out)
         return y if self.bias is None else y + self.adapter.merged_bias(self.bias).to(y.dtype)
 
     @torch.no_grad()

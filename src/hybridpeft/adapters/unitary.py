@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
-from ..config import AdapterConfig, check
+from ..checks import check, is_int, is_number
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
+from .blockdiag import BlockDiagonalFunction, Keep
 
 PARAMETERIZATIONS = ("structured", "full")
 RETRACTIONS = ("cayley", "exp")
@@ -76,10 +79,10 @@ class UnitaryConfig(AdapterConfig):
         super().__post_init__()
         check(self.parameterization in PARAMETERIZATIONS, "parameterization", self.parameterization,
               " or ".join(repr(p) for p in PARAMETERIZATIONS))
-        check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0,
+        check(is_int(self.block_size) and self.block_size > 0,
               "block_size", self.block_size, "a positive integer")
         check(self.retraction in RETRACTIONS, "retraction", self.retraction, " or ".join(repr(r) for r in RETRACTIONS))
-        check(isinstance(self.drift_tolerance, (int, float)) and self.drift_tolerance > 0,
+        check(is_number(self.drift_tolerance) and self.drift_tolerance > 0,
               "drift_tolerance", self.drift_tolerance, "a positive number")
         check(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
         check(isinstance(self.recompute_base, bool), "recompute_base", self.recompute_base, "True or False")
@@ -281,7 +284,12 @@ def _reflect_twice_from(z: Tensor, basis: Tensor, coeff: Tensor, scale: Tensor) 
     first, second = basis
     c_first = coeff[..., 0] * scale[0]
     c_second = (coeff[..., 1] - c_first * (first.conj() @ second).conj()) * scale[1]  # secondᴴ H(first) z, scaled
-    return z - torch.stack((c_first, c_second), dim=-1) @ basis
+    coeffs = torch.stack((c_first, c_second), dim=-1)  # (..., 2)
+    if z.dim() == 2:  # the subtraction fused into the GEMM: one pass over z less
+        return torch.addmm(z, coeffs, basis, alpha=-1)
+    if z.dim() == 3:
+        return torch.baddbmm(z, coeffs, basis.expand(z.shape[0], 2, -1), alpha=-1)
+    return z - coeffs @ basis
 
 
 def _reflection_backward(pair: Tensor, v: Tensor, v0: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,7 +308,7 @@ def _reflection_backward(pair: Tensor, v: Tensor, v0: Tensor) -> tuple[Tensor, T
 def _phase_backward(pair: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂θ, the pair one factor earlier) for ``z' = z · phase``; pair: (2, M, n)."""
     z_out, g_out = pair[0], pair[1]
-    grad = (g_out * z_out.conj()).imag.sum(0)  # (n,)
+    grad = torch.linalg.vecdot(z_out, g_out, dim=0).imag  # Σ_tokens Im(conj(z') g'), (n,), no M × n product kept
     return grad, pair * phase.conj()
 
 
@@ -319,17 +327,23 @@ class BlockOrthogonal(nn.Module):
 
     def __init__(self, d: int, block_size: int) -> None:
         super().__init__()
-        if d % block_size:
-            divisors = [c for c in range(1, min(d, 1024) + 1) if d % c == 0]
-            raise ValueError(f"block_size={block_size!r} is invalid: expected a divisor of d_out={d}, "
-                             f"e.g. one of {divisors}")
+        divisors = [c for c in range(1, min(d, 1024) + 1) if d % c == 0]
+        check(d % block_size == 0, "block_size", block_size, f"a divisor of d_out={d}, e.g. one of {divisors}")
         self.d, self.c, self.k = d, block_size, d // block_size
         self.blocks = nn.Parameter(torch.eye(block_size).repeat(self.k, 1, 1))  # (k, c, c)
         self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
 
     def apply(self, h: Tensor) -> Tensor:
-        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype)."""
+        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype).
+
+        With autograd on, backward keeps only the output and rebuilds ``h = U⁻¹ y`` there
+        (``blockdiag.BlockDiagonalFunction``; ``U⁻¹`` solved per block rather than taken as
+        ``Uᵀ``, because the blocks are orthogonal only up to the drift the optimizer allows).
+        """
         hb, u = self._operands(h)
+        if torch.is_grad_enabled() and (hb.requires_grad or u.requires_grad):
+            y = BlockDiagonalFunction.apply(hb.reshape(-1, self.d), u, None, None, None, Keep("output", inverse="solve"))
+            return y.view(h.shape).to(h.dtype)
         y = torch.einsum("...kj,kij->...ki", hb, u)  # (..., k, c)
         return y.reshape(h.shape).to(h.dtype)
 
@@ -427,9 +441,15 @@ class UnitaryAdapter(Adapter):
     def after_optimizer_step(self) -> None:
         repair_drift([self])
 
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["UnitaryAdapter"]) -> None:
+        """Repair every layer's drift with one host read of all drifts."""
+        repair_drift(adapters)
+
 
 @torch.no_grad()
-def repair_drift(adapters: list[UnitaryAdapter]) -> None:
+def repair_drift(adapters: Sequence[UnitaryAdapter]) -> None:
     """Re-orthonormalize the full-capacity blocks whose drift exceeds their tolerance.
 
     All drifts are read in one host transfer (one device sync per step, not one per layer).

@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AdapterConfig, config_class
+from ..adapters.config import AdapterConfig, config_class
 from ..gradient_sketch import sketch_bytes
 from .activations import (INPUT_GROUP, INPUT_SAVED, OUTPUT_SAVED, Batch, base_saved, checkpointed_saved,
                           loss_backward_transient)
@@ -117,7 +117,7 @@ def _is_count(value: Any) -> bool:
 
 def validate(req: PlanRequest) -> None:
     """Raise ``PlanInputError`` (one line naming the field and the value) for a bad or impossible request."""
-    from ..config import known_methods
+    from ..adapters.config import known_methods
 
     planned = [m for m in known_methods() if m in PLANNED_METHODS]
     _check(req.method in known_methods(), "method", req.method, f"one of {planned}")
@@ -263,7 +263,7 @@ def plan(req: PlanRequest) -> Plan:
     auto = None
     if hasattr(config, "lora_ga_config"):
         ga = config.lora_ga_config()
-        from ..lora_ga import choose_estimator
+        from ..gradient_init import choose_estimator
 
         adapted_params = inv.linear_weight_numel(inv.targets)
         auto = choose_estimator(ga.estimator, adapted_params)

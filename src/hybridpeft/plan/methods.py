@@ -14,14 +14,15 @@ lora              ``x`` (``N d_in a``; with dropout the dropped-out ``x`` and it
                   ``a`` if ``p ≠ a`` (``r (d_in + d_out) a``)
 lora_ga           as LoRA with ``2r``: ``u`` is ``N 2r a`` and the stacked factors
                   ``[A; A0]``, ``[B, −B0]`` are always new tensors (``2r (d_in + d_out) a``)
-boft              ``h = W x`` (``N d a``; ``x`` instead with ``recompute_base`` or on the input
-                  side), the Cayley blocks (three float32 ``m d b`` tensors, one more in ``a``
-                  below float32) and the int32 gather plan (``4 m d``); ``d`` the rotated side
+boft              ``h = W x`` or, composed, its output and its input (``N d a``; ``x`` alone with
+                  ``recompute_base`` or on the input side), the float32 Cayley blocks
+                  (``4 m d b``) and, composed, R's blocks (``d c a``, ``c = b 2^(m−1)``)
+                  or, factored below float32, the Cayley blocks cast (``m d b a``); ``d`` the rotated side
 unitary           structured: the output in float32 (the reversible backward rebuilds the rest;
-                  ``recompute``: ``h`` in ``a``); full: ``h`` (``N d_out a``) plus the blocks
-                  cast to ``a`` if ``p ≠ a``; ``recompute_base``: only ``x``
-hybrid            the LoRA-GA branch, the BOFT branch (``h``; with ``recompute_base`` only the
-                  ``x`` the LoRA branch keeps anyway) and λ cast to ``a`` (below float32)
+                  ``recompute``: ``h`` in ``a``); full: its output (``N d_out a``, shared where the
+                  base keeps it) plus the blocks cast to ``a`` if ``p ≠ a``; ``recompute_base``: only ``x``
+hybrid            the LoRA-GA branch, the BOFT branch (``h`` or the output; with ``recompute_base``
+                  only the ``x`` the LoRA branch keeps anyway) and a scalar in ``a`` (composed, or factored below float32)
 full              nothing here: every linear's input is in the base formula
 ================  ====================================================================
 
@@ -38,10 +39,10 @@ from functools import lru_cache
 
 import torch
 
-from ..config import AdapterConfig
+from ..adapters.boft import butterfly_form, composed_size
+from ..adapters.config import AdapterConfig
 
 F32 = 4
-I32 = 4
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,19 @@ def _lora_part(r2: int, d_in: int, d_out: int, n: int, a: int, p: int, dropout: 
     return True, other
 
 
-def _cayley(d: int, b: int, m: int, a: int) -> int:
-    """The Cayley blocks (float32, three saved; a cast copy below float32) and the int32 plan."""
-    blocks = m * d * b
-    return 3 * F32 * blocks + (a * blocks if a != F32 else 0) + I32 * m * d
+def _butterfly(d: int, b: int, m: int, a: int) -> tuple[int, bool]:
+    """(bytes, composed) a butterfly rotation of side ``d`` keeps besides its kept activation: the
+    float32 Cayley blocks ``(m, d/b, b, b)``; composed (``c = b·2^(m−1) ≤ 64``), R's blocks
+    ``(d/c, c, c)`` in the activations' dtype (at ``m = 1`` in float32 a view of the Cayley
+    blocks); factored, the Cayley blocks cast to the activations' dtype below float32. (The
+    skew index and the gather plans it also keeps are the adapter's buffers, counted there.)"""
+    composed = butterfly_form(b, m) == "composed"
+    total = F32 * m * d * b
+    if composed:
+        total += 0 if (m == 1 and a == F32) else d * composed_size(b, m) * a
+    elif a != F32:
+        total += m * d * b * a
+    return total, composed
 
 
 def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int, adapter: int, *,
@@ -103,16 +113,16 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
         return ModuleSaved(keeps, False, other)
     if method == "boft":
         d = d_out if config.side == "output" else d_in
-        other = _cayley(d, config.block_size, config.n_factors, act)
+        other, composed = _butterfly(d, config.block_size, config.n_factors, act)
         if config.side == "output" and not config.recompute_base:
-            return ModuleSaved(False, False, other + n * d_out * act)
+            # composed: its output (h is rebuilt from it) and, unused, the base input x as well; factored: h
+            return ModuleSaved(True, True, other) if composed else ModuleSaved(False, False, other + n * d_out * act)
         return ModuleSaved(True, False, other)
     if method == "unitary":
         if config.recompute_base:
             return ModuleSaved(True, False, 0)
-        if config.parameterization == "full":
-            cast = d_out * config.block_size * act if adapter != act else 0
-            return ModuleSaved(False, False, n * d_out * act + cast)
+        if config.parameterization == "full":  # its output, and the blocks cast if p ≠ a
+            return ModuleSaved(False, True, d_out * config.block_size * act if adapter != act else 0)
         if config.recompute:
             return ModuleSaved(False, False, n * d_out * act)
         if act == F32:
@@ -120,14 +130,18 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
         return ModuleSaved(False, False, n * d_out * F32)
     if method == "hybrid":
         keeps, other = _lora_part(2 * config.lora_r, d_in, d_out, n, act, adapter, config.lora_dropout, True, x_grad, mask)
-        other += _cayley(d_out, config.boft_block_size, config.boft_n_factors, act)
+        rotation, composed = _butterfly(d_out, config.boft_block_size, config.boft_n_factors, act)
+        other += rotation
+        keeps_output = False
         if config.recompute_base:
             keeps = True  # the BOFT branch recomputes h from x
+        elif composed:
+            keeps_output = True  # and rebuilds h from it
         else:
             other += n * d_out * act
-        if act != F32:
-            other += act  # λ cast to the activations' dtype
-        return ModuleSaved(keeps, False, other)
+        if composed or act != F32:
+            other += act  # a λ-scaled scalar (composed) or λ cast to the activations' dtype (factored)
+        return ModuleSaved(keeps, keeps_output, other)
     if method == "full":
         return ModuleSaved(False, False, 0)
     raise ValueError(f"method={method!r} is invalid: the planner has no formula for it")

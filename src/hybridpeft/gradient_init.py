@@ -1,4 +1,7 @@
-"""LoRA-GA initialization: estimate the full-weight gradients, then start A, B on their SVD.
+"""LoRA-GA's start for a whole model: estimate the full-weight gradients, then start A, B on their SVD.
+
+The per-layer adapter (``ΔW = s (B A − B0 A0)``) is ``hybridpeft.adapters.lora_ga``; this module
+runs the model-level part.
 
 ``lora_ga_init(model, batches)`` runs on a model injected with ``LoraGAConfig`` or
 ``HybridConfig``:
@@ -44,6 +47,7 @@ from torch import Tensor, nn
 from . import distributed
 from .adapters.base import AdaptedLinear, layer_shape
 from .adapters.lora_ga import ESTIMATORS, LoraGAAdapter, LoraGAConfig
+from .checks import check, is_int
 from .gradient_sketch import LowRankGradient, SketchBank
 from .inject import adapted_layers, config_of
 
@@ -444,6 +448,16 @@ def choose_estimator(estimator: str, adapted_params: int) -> str:
     return "exact" if 4 * adapted_params <= AUTO_EXACT_MAX_BYTES else "sketch"
 
 
+def describe_estimate(model: nn.Module) -> str:
+    """How ``lora_ga_init`` will keep the estimate of ``model``'s LoRA-GA layers, in words: the
+    estimator ``auto`` resolves to, with the exact estimate's host bytes or the sketch's passes."""
+    ga = config_of(model).lora_ga_config()
+    adapted = sum(d_in * d_out for d_in, d_out in (layer_shape(layer.base_layer) for layer, _ in lora_ga_targets(model).values()))
+    if choose_estimator(ga.estimator, adapted) == "exact":
+        return f"exact, {4 * adapted / 2**30:.2f} GiB of host accumulators"
+    return f"sketch, {ga.sketch_passes} pass{'es' if ga.sketch_passes > 1 else ''}"
+
+
 def _resolve_estimator(estimator: str | None, gradient_source: str, config_estimator: str) -> tuple[str, str]:
     """(estimator, gradient source) from ``lora_ga_init``'s arguments; ``estimator="activations"``
     is the older spelling of ``gradient_source="activations"``."""
@@ -500,8 +514,7 @@ def lora_ga_init(
         raise ValueError(f"model carries method={config_of(model).method!r}; lora_ga_init needs LoraGAConfig or HybridConfig adapters")
     ga_config = config_of(model).lora_ga_config()
     n = ga_config.num_batches if num_batches is None else num_batches
-    if not (isinstance(n, int) and n > 0):
-        raise ValueError(f"num_batches={n!r} is invalid: expected a positive integer")
+    check(is_int(n) and n > 0, "num_batches", n, "a positive integer")
     estimator, gradient_source = _resolve_estimator(estimator, gradient_source, ga_config.estimator)
     for name, (layer, part) in targets.items():
         if layer.quantized and part.ga_config.offset == "subtract":
