@@ -416,6 +416,6 @@ def test_accelerate_fsdp_launch_with_the_sketched_lora_ga_estimate(tiny_model, t
     done = subprocess.run(_accelerate(["train", *_sets(tiny_model, run_dir, "hybrid", ["adapter.hybrid.ga_estimator=sketch"])]),
                           env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
-    assert "LoRA-GA: estimating gradients on 4 batches (sketch, 1 pass)" in done.stderr
+    assert "LoRA-GA: estimating gradients on 4 batches (sketch, 2 passes)" in done.stderr
     assert "sharded (FSDP2 over 2 processes" in done.stderr
     assert json.loads((run_dir / "results.json").read_text())["after"]["n"] == 3

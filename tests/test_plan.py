@@ -120,7 +120,8 @@ def test_lora_ga_estimate_exact_keeps_host_accumulators_and_the_sketch_does_not(
     assert sketch.host == 0
     k = hp.LoraGAConfig(r=8).sketch_size_for(10**6, 10**6)
     shapes = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-    assert sketch.detail["sketches"] == 32 * sum(sketch_bytes(d_out, d_in, k) for d_out, d_in in shapes)
+    passes = hp.LoraGAConfig(r=8).sketch_passes
+    assert sketch.detail["sketches"] == 32 * sum(sketch_bytes(d_out, d_in, k, passes) for d_out, d_in in shapes)
     assert p.auto_estimator == "sketch"
     small = plan(PlanRequest("tiny", "lora_ga", {"r": 2}))
     assert small.auto_estimator == "exact"
