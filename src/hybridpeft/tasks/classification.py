@@ -14,6 +14,7 @@ average of the per-language accuracies, also reported as ``accuracy_<lang>``.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,12 +181,16 @@ class PairLoader:
     def languages_for(self, split: Split, data_dir: Any) -> list[str | None]:
         return [None]
 
-    def load(self, split: str = "train", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
-        examples = [ex for lang in self.languages_for(parsed, data_dir) for ex in read_pairs(self.spec, parsed, data_dir, lang)]
+        examples = [ex for lang in self.languages_for(parsed, data_dir) for ex in self.read_language(parsed, data_dir, lang)]
         for ex in examples:
             self.decorate(ex)
-        return self.finish(examples, split, limit, seed)  # type: ignore[attr-defined]
+        return examples
+
+    def read_language(self, split: Split, data_dir: Any, lang: str | None) -> list[Example]:
+        """One language's examples (all of them for single-language datasets)."""
+        return read_pairs(self.spec, split, data_dir, lang)
 
     def decorate(self, ex: Example) -> None:
         """Hook: turn a raw example into this variant's form."""
@@ -260,6 +265,12 @@ class XnliLoader(PairLoader):
         languages: a language code, a list, or a comma-separated string
             (``"en,fr"``). ``None``: locally every ``<split>-<lang>.csv`` present,
             on the hub all 15 XNLI languages.
+        missing_languages: ``"error"`` (default): a listed language without data
+            is an error. ``"skip"``: a language whose local file is missing is
+            read from the hub, and one the hub cannot give either (no network, no
+            ``datasets``) is left out with a warning and recorded in
+            ``skipped_languages`` (language -> reason); its accuracy is then
+            absent from ``evaluate``'s result. At least one language must remain.
     """
 
     spec = XNLI
@@ -267,14 +278,40 @@ class XnliLoader(PairLoader):
     train_split = "dev[:50%]"
     eval_split = "dev[50%:]"
 
-    def __init__(self, languages: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, languages: str | Sequence[str] | None = None, missing_languages: str = "error", **kwargs: Any) -> None:
         if isinstance(languages, str):
             languages = [x.strip() for x in languages.split(",") if x.strip()]
         if languages is not None:
             bad = [x for x in languages if x not in XNLI_LANGUAGES]
             check(bool(languages) and not bad, "languages", languages, f"codes among {list(XNLI_LANGUAGES)}")
+        check(missing_languages in ("error", "skip"), "missing_languages", missing_languages, "'error' or 'skip'")
         self.languages = list(languages) if languages is not None else None
+        self.missing_languages = missing_languages
+        self.skipped_languages: dict[str, str] = {}
         super().__init__(**kwargs)
+
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
+        examples = super().read(split, data_dir)
+        if not examples and self.skipped_languages:
+            reasons = "; ".join(f"{lang}: {why}" for lang, why in self.skipped_languages.items())
+            raise DataFormatError(f"no XNLI language of {self.languages} has data for split {split!r} ({reasons})")
+        return examples
+
+    def read_language(self, split: Split, data_dir: Any, lang: str | None) -> list[Example]:
+        if self.missing_languages == "error" or (data_dir is not None and str(data_dir) == HUB):
+            return read_pairs(self.spec, split, data_dir, lang)
+        try:
+            return read_pairs(self.spec, split, data_dir, lang)
+        except DataFormatError as local:
+            try:
+                return read_pairs(self.spec, split, HUB, lang)
+            except Exception as hub:  # noqa: BLE001 - whatever keeps the hub away (no package, no network), skip is asked for
+                reason = f"{local}; the hub gave {type(hub).__name__}: {str(hub).splitlines()[0] if str(hub) else ''}"
+                if lang not in self.skipped_languages:
+                    warnings.warn(f"XNLI language {lang!r} has no data and is left out (missing_languages='skip'): {reason}",
+                                  stacklevel=2)
+                self.skipped_languages[str(lang)] = reason
+                return []
 
     def languages_for(self, split: Split, data_dir: Any) -> list[str | None]:
         if self.languages is not None:

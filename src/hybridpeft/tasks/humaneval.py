@@ -154,7 +154,7 @@ class HumanEval(CausalTask):
         self.max_new_tokens, self.problems_file, self.workers, self.seed = max_new_tokens, problems_file, workers, seed
         self.limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
 
-    def load(self, split: str = "test", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
         check(parsed.base in ("test", "train", "dev"), "split", split, "'test', 'train' or 'dev' (optionally sliced)")
         problems = load_problems(self.problems_file)
@@ -162,7 +162,7 @@ class HumanEval(CausalTask):
             problems = [p for i, p in enumerate(problems) if (i % 4 == 0) == (parsed.base == "train")]
         examples = [Example(prompt=p["prompt"], target=p["canonical_solution"], meta={"problem": p, "task_id": p["task_id"]})
                     for p in problems]
-        return self.finish(parsed.apply(examples), split, limit, seed)
+        return parsed.apply(examples)
 
     def chat_content(self, ex: Example) -> str:
         return CHAT_INSTRUCTION.format(prompt=ex.prompt)

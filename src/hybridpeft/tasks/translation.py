@@ -69,7 +69,7 @@ class TranslationTask(CausalTask):
         check(isinstance(max_new_tokens, int) and max_new_tokens > 0, "max_new_tokens", max_new_tokens, "a positive integer")
         self.max_new_tokens = max_new_tokens
 
-    def load(self, split: str = "test", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
         source = locate(data_dir, "tatoeba", f"{self.pair}.{parsed.base}.tsv")
         if source.is_hub:
@@ -85,9 +85,7 @@ class TranslationTask(CausalTask):
                     target=require_text(row["tgt"], origin, line, "tgt"), meta={"source": row["src"], "line": line})
             for line, row in rows
         ]
-        if not source.is_hub:
-            examples = parsed.apply(examples)
-        return self.finish(examples, split, limit, seed)
+        return examples if source.is_hub else parsed.apply(examples)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
         """Greedy translations (first line) scored against the references."""

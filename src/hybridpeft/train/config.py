@@ -567,9 +567,14 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     errors: list[str] = []
     if job.data.task in known_tasks():
         try:
-            get_task(job.data.task, **job.data.task_args)
+            task = get_task(job.data.task, **job.data.task_args)
         except (TypeError, ValueError) as err:
             errors.append(f"data.task_args={job.data.task_args!r} is invalid for task {job.data.task!r}: {err}")
+        else:
+            shots = getattr(task, "k_shot", None)
+            if shots is not None and job.data.train_limit is not None:
+                errors.append(f"data.train_limit={job.data.train_limit!r} is invalid with data.task_args.k_shot={shots!r}: "
+                              "expected null (k_shot fixes the training set)")
     return errors
 
 

@@ -41,7 +41,7 @@ from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
     build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
-    needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name,
+    needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name, describe_splits,
 )
 
 RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
@@ -187,11 +187,14 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
     eval_examples = task.load(eval_split, job.data.data_dir, job.eval.limit, job.train.seed) \
         if (job.eval.before or job.eval.after) else []
     BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
+    data_info = describe_splits(job, task, len(train_examples), len(val_examples),
+                                len(eval_examples) if (job.eval.before or job.eval.after) else None)
 
     model_name = job.model_name(task.kind)
     model, tokenizer = load_model(model_name, task, job.model.dtype)
     model.to(accelerator.device)
     results = _read_results(run_dir) if source is not None else {}
+    results["data"] = data_info
     if job.eval.before and "before" not in results and accelerator.is_main_process:
         _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
         results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
@@ -225,7 +228,7 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
                stream=stream, params=[p for p in unwrapped.parameters() if p.requires_grad], state=state,
                last_saved=source)
     _say(accelerator, f"training {job.method} on {task.name}: {sum(p.numel() for p in run.params):,} trainable "
-                      f"parameters, {len(train_examples)} examples, {total_steps} steps "
+                      f"parameters, {data_info['train']}, validation {data_info['validation']}, {total_steps} steps "
                       f"({max(1, stream.batches_per_epoch // job.train.grad_accum)} per epoch), world size "
                       f"{accelerator.num_processes}, mixed precision {accelerator.mixed_precision}")
     run.log = RunLog(run_dir, run.is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
