@@ -148,6 +148,9 @@ class TrainSection:
         batch_size: examples per device per micro-batch; the effective batch is
             ``batch_size * grad_accum * world_size``.
         lr, weight_decay, betas, eps: AdamW (the Riemannian groups, if any, use ``lr`` too).
+        lr_lora, lr_boft: the Hybrid's branch learning rates (the paper's η_LoRA for the
+            LoRA-GA branch's A, B and η_BOFT for the BOFT branch's Q); null = ``lr``. Only
+            for ``adapter.method: hybrid``; the same schedule scales both.
         schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear`` or ``constant``, after
             ``warmup_steps`` of linear warm-up.
         max_grad_norm: clip the global gradient norm (null = measure only).
@@ -173,6 +176,8 @@ class TrainSection:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    lr_lora: float | None = None
+    lr_boft: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -203,6 +208,9 @@ class TrainSection:
         e.check(_positive_int(self.batch_size), "batch_size", self.batch_size, "a positive integer")
         e.check(_positive_int(self.grad_accum), "grad_accum", self.grad_accum, "a positive integer")
         e.check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        for name in ("lr_lora", "lr_boft"):
+            value = getattr(self, name)
+            e.check(value is None or (_finite(value) and value > 0), name, value, "null or a positive number")
         e.check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
                 "a non-negative number")
         e.check(isinstance(self.betas, list) and len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas),
@@ -565,6 +573,11 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     from ..tasks import get_task, known_tasks
 
     errors: list[str] = []
+    for name in ("lr_lora", "lr_boft"):
+        value = getattr(job.train, name)
+        if value is not None and job.method != "hybrid":
+            errors.append(f"train.{name}={value!r} is invalid for adapter.method={job.method!r}: expected null "
+                          "(branch learning rates are for the Hybrid's two branches; use train.lr)")
     if job.data.task in known_tasks():
         try:
             task = get_task(job.data.task, **job.data.task_args)

@@ -385,6 +385,9 @@ def _train_step(run: _Run) -> dict[str, Any]:
     grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
     record: dict[str, Any] = {"step": step, "epoch": position["epoch"], "data_index": position["index"],
                               "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+    for group in run.optimizer.param_groups:  # the Hybrid's branch learning rates, when set apart
+        if group.get("branch", "default") != "default":
+            record[f"lr_{group['branch']}"] = group["lr"]
     # Under fp16 an overflowing gradient is the scaler's business: it skips the step and lowers the scale.
     fp16_overflow = accelerator.scaler is not None and math.isfinite(mean_loss) and not math.isfinite(grad_norm)
     if math.isfinite(mean_loss) and (math.isfinite(grad_norm) or fp16_overflow):

@@ -192,7 +192,8 @@ def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     return build(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
-                 riemannian=t.riemannian, riemannian_lr=t.riemannian_lr)
+                 riemannian=t.riemannian, riemannian_lr=t.riemannian_lr,
+                 branch_lr={"lora": t.lr_lora, "boft": t.lr_boft})
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
