@@ -15,7 +15,7 @@ from ..config import check
 from .base import Example, register_task
 from .common import CausalTask
 from .data import load_hub_rows, locate, parse_split, read_delimited, require_columns, require_text
-from .lm import generate
+from .lm import first_line_complete, generate
 
 PROMPT = "Translate this English sentence into {language}.\nEnglish: {text}\n{language}:"
 
@@ -91,7 +91,8 @@ class TranslationTask(CausalTask):
         """Greedy translations (first line) scored against the references."""
         prompts = [self.render_prompt(tokenizer, ex) for ex in examples]
         texts = generate(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=batch_size,
-                         stop=() if self.chat(tokenizer) else ("\n",), progress=self.progress, desc=self.name)
+                         stop=() if self.chat(tokenizer) else ("\n",), until=first_line_complete,
+                         progress=self.progress, desc=self.name)
         hyps = [clean_translation(t, self.language) for t in texts]
         self.last_outputs = hyps
         out = {**corpus_scores(hyps, [ex.target for ex in examples], self.target), "n": float(len(examples))}
