@@ -232,6 +232,17 @@ def test_causal_task_evaluates(tiny_lm, tokenizer, name, split, kwargs, metric):
     assert len(task.last_outputs) == 2 * kwargs.get("n_samples", 1)
     if name == "humaneval":
         assert "pass@10" not in result  # k above n_samples is left out
+    records = task.predictions(examples)  # what `hybridpeft eval` writes to predictions.jsonl
+    assert len(records) == 2 * kwargs.get("n_samples", 1) and [r["index"] for r in records] == list(range(len(records)))
+    assert all({"input", "output"} <= set(r) for r in records)
+    score_key = {"sst2": "correct", "rte": "correct", "xnli": "correct", "gsm8k": "correct",
+                 "translate-en-zh": "bleu", "translate-en-es": "chrf", "humaneval": "passed"}[name]
+    assert all(score_key in r for r in records)
+    if name.startswith("translate"):
+        assert all(r["reference"] == ex.target and r["input"] == ex.meta["source"] for r, ex in zip(records, examples))
+    if name in ("sst2", "rte", "xnli"):
+        assert all(r["correct"] == (r["output"] == r["reference"]) and set(r["label_log_likelihoods"]) == set(task.spec.words)
+                   for r in records)
 
 
 class FixedHead(nn.Module):
@@ -258,6 +269,9 @@ def test_sequence_classification_evaluate():
     model = FixedHead([0.0, 1.0])
     result = task.evaluate(model, tok, examples, batch_size=2)
     assert result["accuracy"] == pytest.approx(0.6)
+    records = task.predictions(examples)
+    assert [r["output"] for r in records] == ["no"] * 5 and [r["correct"] for r in records] == [False, True, True, False, True]
+    assert records[0]["logits"] == {"yes": 0.0, "no": 1.0} and records[0]["text_pair"] == "a hypothesis"
     expected = -(3 * math.log(1 / (1 + math.e ** -1)) + 2 * math.log(1 / (1 + math.e))) / 5
     assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="num_labels=2"):

@@ -223,8 +223,31 @@ class VerbalizerTask(PairLoader, CausalTask):
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
         scores = self.predict(model, tokenizer, examples, batch_size)
         preds = scores.argmax(dim=1).tolist()
-        self.last_outputs = preds
+        self.last_outputs, self.last_scores = preds, scores.tolist()
         return {**accuracy_metrics(examples, preds), **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per example: the prompt, the predicted and gold label words, and every word's log-likelihood."""
+        return pair_predictions(self, examples, "label_log_likelihoods")
+
+
+def pair_predictions(task: Any, examples: Sequence[Example], score_name: str) -> list[dict[str, Any]]:
+    """Prediction records of a classification task (verbalizer or head) from its latest evaluate."""
+    preds, scores = list(getattr(task, "last_outputs", [])), list(getattr(task, "last_scores", []))
+    if len(preds) != len(examples) or len(scores) != len(examples):
+        return []
+    words = task.spec.words
+    out = []
+    for i, (ex, pred, row) in enumerate(zip(examples, preds, scores)):
+        record: dict[str, Any] = {"index": i, "input": ex.prompt}
+        if ex.meta.get("text") is not None or ex.text_pair is not None:
+            record["text"], record["text_pair"] = ex.meta.get("text", ex.prompt), ex.meta.get("text_pair", ex.text_pair)
+        if ex.meta.get("language"):
+            record["language"] = ex.meta["language"]
+        record.update(output=words[pred], reference=words[ex.label], correct=int(pred) == ex.label,
+                      **{score_name: dict(zip(words, row))})
+        out.append(record)
+    return out
 
 
 class SequenceClassificationTask(PairLoader, DataTask):
@@ -241,6 +264,7 @@ class SequenceClassificationTask(PairLoader, DataTask):
         """Accuracy of ``argmax`` logits; ``val_loss`` is the mean cross-entropy of the same pass."""
         device = model_device(model)
         preds: list[int] = []
+        all_logits: list[list[float]] = []
         loss_sum = 0.0
         with evaluating(model):
             for chunk in tqdm(list(chunks(examples, batch_size)), desc=self.name, disable=not self.progress):
@@ -251,11 +275,16 @@ class SequenceClassificationTask(PairLoader, DataTask):
                     raise ValueError(f"the model has {logits.shape[-1]} output labels; task {self.name!r} needs num_labels={self.num_labels}")
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 preds.extend(logits.argmax(dim=-1).tolist())
-        self.last_outputs = preds
+                all_logits.extend(logits.tolist())
+        self.last_outputs, self.last_scores = preds, all_logits
         out = accuracy_metrics(examples, preds)
         if self.report_loss and examples:
             out["val_loss"] = loss_sum / len(examples)
         return out
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per example: the text (and pair), the predicted and gold labels, and the head's logits."""
+        return pair_predictions(self, examples, "logits")
 
 
 class XnliLoader(PairLoader):

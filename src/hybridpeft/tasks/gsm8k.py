@@ -121,3 +121,11 @@ class Gsm8k(CausalTask):
         out = {"accuracy": sum(correct) / max(len(examples), 1), "n": float(len(examples)),
                "extracted": sum(p is not None for p in predicted) / max(len(examples), 1)}
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per problem: the question, the generated solution, the extracted and reference answers."""
+        if len(self.last_outputs) != len(examples):
+            return []
+        return [{"index": i, "input": ex.meta.get("question", ex.prompt), "output": o["generation"],
+                 "prediction": o["prediction"], "reference": o["answer"], "correct": o["correct"]}
+                for i, (ex, o) in enumerate(zip(examples, self.last_outputs))]

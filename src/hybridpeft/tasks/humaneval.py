@@ -182,7 +182,15 @@ class HumanEval(CausalTask):
         problems = [ex.meta["problem"] for ex in examples for _ in range(self.n_samples)]
         results = execute(problems, completions, chat, self.limits, self.workers, self.progress)
         correct = [sum(r.passed for r in results[i * self.n_samples:(i + 1) * self.n_samples]) for i in range(len(examples))]
-        self.last_outputs = [{"task_id": p["task_id"], "completion": c, "status": r.status} for p, c, r in zip(problems, completions, results)]
+        self.last_outputs = [{"task_id": p["task_id"], "completion": c, "status": r.status, "passed": r.passed}
+                             for p, c, r in zip(problems, completions, results)]
         out = {f"pass@{k}": mean_pass_at_k([self.n_samples] * len(examples), correct, k) for k in self.ks if k <= self.n_samples}
         out["n"] = float(len(examples))
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per completion (``n_samples`` per problem): the task id, the completion and its sandbox result."""
+        if len(self.last_outputs) != len(examples) * self.n_samples:
+            return []
+        return [{"index": i, "input": o["task_id"], "output": o["completion"], "status": o["status"], "passed": o["passed"]}
+                for i, o in enumerate(self.last_outputs)]

@@ -94,9 +94,24 @@ class TranslationTask(CausalTask):
                          stop=() if self.chat(tokenizer) else ("\n",), until=first_line_complete,
                          progress=self.progress, desc=self.name)
         hyps = [clean_translation(t, self.language) for t in texts]
-        self.last_outputs = hyps
+        self.last_outputs, self.last_generations = hyps, texts
         out = {**corpus_scores(hyps, [ex.target for ex in examples], self.target), "n": float(len(examples))}
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per sentence: source, translation (first line of the generation), reference, the raw
+        generation, and sentence-level BLEU and chrF (same tokenizer as the corpus score)."""
+        hyps, texts = list(self.last_outputs), list(getattr(self, "last_generations", []))
+        if len(hyps) != len(examples) or len(texts) != len(examples):
+            return []
+        import sacrebleu
+
+        tokenize = "zh" if self.target == "zh" else "13a"
+        return [{"index": i, "input": ex.meta.get("source", ex.prompt), "output": hyp, "reference": ex.target,
+                 "generation": text, "bleu": float(sacrebleu.sentence_bleu(hyp, [ex.target], tokenize=tokenize).score),
+                 "chrf": float(sacrebleu.sentence_chrf(hyp, [ex.target]).score)}
+                for i, (ex, hyp, text) in enumerate(zip(examples, hyps, texts))]
 
 
 @register_task

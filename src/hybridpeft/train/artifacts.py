@@ -16,6 +16,7 @@ import torch
 
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
 from ..tasks import get_task
+from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
 from .loop import RUN_INFO
 from .records import read_jsonl
@@ -69,8 +70,13 @@ class _CausalKind:
 
 def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
                      split: str | None = None, limit: int | None = None, batch_size: int = 16,
-                     data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The task metric of an adapter (or of the base model when ``adapter`` is None)."""
+                     data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None,
+                     out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The task metric of an adapter (or of the base model when ``adapter`` is None).
+
+    With ``out_dir``, also writes ``metrics.json`` (what is returned) and ``predictions.jsonl``
+    (one record per example: input, output, reference and its score; see ``Task.predictions``);
+    ``out_dir="auto"`` picks ``default_eval_dir``. The directory written is returned as ``output_dir``."""
     if adapter is not None:
         net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
     else:
@@ -83,7 +89,27 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
     split = split or getattr(task_obj, "eval_split", "test")
     examples = task_obj.load(split, data_dir, limit, seed)
     metrics = task_obj.evaluate(net, tokenizer, examples, batch_size=batch_size)
-    return {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
+    result = {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
+    if out_dir is not None:
+        out = default_eval_dir(adapter, task_obj.name, split) if str(out_dir) == "auto" else Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(out / "predictions.jsonl", task_obj.predictions(examples))
+        base = model or (run_info(find_adapter_dir(adapter)).get("base_model") if adapter is not None else None)
+        (out / "metrics.json").write_text(json.dumps({**result, "adapter": None if adapter is None else str(adapter),
+                                                      "model": base}, indent=2) + "\n")
+        result["output_dir"] = str(out)
+    return result
+
+
+def default_eval_dir(adapter: str | os.PathLike | None, task: str, split: str) -> Path:
+    """Where ``hybridpeft eval`` writes without ``--out``: ``eval-<task>-<split>`` in the run dir
+    (the adapter's parent when given a run's ``adapter/``), else in the current directory."""
+    name = "eval-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{task}-{split}")
+    if adapter is None:
+        return Path(name)
+    path = Path(adapter)
+    home = path.parent if (path / ADAPTER_CONFIG).is_file() and path.name in ("adapter", "best_adapter") else path
+    return home / name
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,

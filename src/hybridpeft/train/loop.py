@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from ..api import after_optimizer_step, load_adapter, save_adapter
+from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
 from .config import JobConfig, dump_yaml
 from .data import BatchStream
@@ -198,6 +199,7 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
     if job.eval.before and "before" not in results and accelerator.is_main_process:
         _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
         results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
+        _write_predictions(run_dir / "predictions_before.jsonl", task, eval_examples)
         _say(accelerator, f"before training: {_format_metrics(results['before'])}")
         write_json(run_dir / "results.json", results)
     accelerator.wait_for_everyone()
@@ -268,7 +270,8 @@ def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path
         if source is None:  # a fresh start: nothing of an earlier run may be mistaken for ours
             if job.output.overwrite:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            for name in ("train_log.jsonl", "eval_log.jsonl", "results.json"):
+            for name in ("train_log.jsonl", "eval_log.jsonl", "results.json", "predictions_before.jsonl",
+                         "predictions_after.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
             for name in ("adapter", "best_adapter", "debug"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -504,6 +507,7 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
         if job.eval.after:
             _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
             results["after"] = task_metrics(run.unwrapped, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
+            _write_predictions(run.run_dir / "predictions_after.jsonl", run.task, eval_examples)
         results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
                        best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now(),
                        trainable_params=sum(p.numel() for p in run.params),
@@ -516,6 +520,13 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
     return TrainResult(run_dir=run.run_dir, step=state.step, stop_reason=stop_reason, adapter_dir=adapter_dir,
                        before=results.get("before"), after=results.get("after"),
                        best_val_loss=state.best_val_loss, skipped_steps=state.skipped)
+
+
+def _write_predictions(path: Path, task: Any, examples: list) -> None:
+    """Per-example inputs, outputs, references and scores of the evaluation just run, beside results.json."""
+    records = task.predictions(examples) if hasattr(task, "predictions") else []
+    if records:
+        write_predictions(path, records)
 
 
 def _read_results(run_dir: Path) -> dict[str, Any]:
