@@ -26,6 +26,7 @@ TESTS = Path(__file__).resolve().parent
 
 # Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
+        "lora_ga": [0.85, 0.86, 0.84], "unitary": [0.60, 0.62, 0.61],
         "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
@@ -351,12 +352,42 @@ def test_claims_below_the_majority_class_are_not_evidence(tmp_path):
 
     said = claims(cells)
     rte = next(c for c in said if c.startswith("tiny/rte-cls — Hybrid beats lora"))
-    assert rte.startswith("tiny/rte-cls — Hybrid beats lora: not evidence: hybrid's mean does not clear the "
+    assert rte.startswith("tiny/rte-cls — Hybrid beats lora: not evidence: neither hybrid's mean nor lora's clears the "
                           "majority-class baseline (95.00%)"), rte
     sst = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora"))
     assert "Hybrid beats lora: supported" in sst  # 90 % against a 50 % floor stands
     table = next(t for t in main_tables(cells) if t.title.startswith("rte-cls"))
     assert table.rows[-1][:3] == ["majority class (constant prediction)", "—", "95.00"]
+
+
+def test_every_claim_applies_the_floor_and_the_baseline_order_gets_a_verdict(tmp_path):
+    """The floor used to guard only claims about the Hybrid, and only its side; LoRA-GA > BOFT > LoRA
+    and the unitary adapter's deficit got no verdict at all."""
+    from hybridpeft.bench.report import claims
+
+    data = _bench(tmp_path, methods=["lora", "lora_ga", "boft", "unitary", "hybrid", "full"])
+    data["grid"] = [{"model": "tiny", "tasks": ["sst2-cls", "rte-cls", "xnli-cls"]}]
+    data["overrides"] = [{"where": {"task": "sst2-cls"}, "set": {"majority": 0.5}},
+                         {"where": {"task": "rte-cls"}, "set": {"majority": 0.83}},   # lora_ga above; boft, lora below
+                         {"where": {"task": "xnli-cls"}, "set": {"majority": 0.905}}]  # hybrid below; full above
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    said = claims(build_cells(finished(read_records(bench.output_dir))))
+
+    def claim(where: str, what: str) -> str:
+        return next(c for c in said if c.startswith(f"tiny/{where} — {what}:"))
+
+    order = "LoRA-GA > BOFT > LoRA (the paper's baseline order, Table I)"
+    assert claim("sst2-cls", order).split(": ", 1)[1].startswith("same direction, not significant (lora_ga vs boft: supported")
+    rte_order = claim("rte-cls", order)
+    assert ": not evidence (lora_ga vs boft: supported" in rte_order and "boft's mean does not clear" in rte_order
+    assert "boft vs lora: not evidence neither boft's mean nor lora's clears the majority-class baseline (83.00%)" in rte_order
+    urnn = "the unitary (uRNN) adapter trails LoRA (Table I, GLUE)"
+    assert claim("sst2-cls", urnn).split(": ", 1)[1].startswith("supported (Δ = +19.00 percentage points")
+    assert claim("rte-cls", urnn).split(": ", 1)[1].startswith("not evidence: neither lora's mean nor unitary's")
+    assert claim("xnli-cls", "Hybrid beats full").split(": ", 1)[1].startswith(
+        "not supported: hybrid's mean does not clear the majority-class baseline (90.50%) while full's does")
+    assert claim("xnli-cls", "Hybrid beats lora").split(": ", 1)[1].startswith("not evidence: neither")
 
 
 def test_a_second_adaptive_hybrid_row_is_not_taken_for_a_lambda_variant(tmp_path):
@@ -503,3 +534,38 @@ def test_one_seed_verdicts_say_untested(tmp_path):
     beats_lora = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora:"))
     assert "same direction, untested (a t-test needs two or more seeds per side)" in beats_lora
     assert "p = n/a, n = 1 vs 1" in beats_lora
+
+
+def test_speed_verdicts_are_withheld_when_the_footprint_is_not_comparable(tmp_path):
+    """paper-small-2e-3's report printed speed verdicts from timings its own notes called unusable."""
+    from hybridpeft.bench.report import claims
+    from hybridpeft.bench.runner import comparability
+    from hybridpeft.bench.tables import footprint_table
+
+    data = _bench(tmp_path, seeds=[0, 1], methods=["lora", "hybrid", "full"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}])
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    records = finished(read_records(bench.output_dir))
+    assert all(isinstance(r["footprint"]["comparable"], bool) and "load_avg_1m_mean" in r["footprint"] for r in records)
+    for r in records:  # whatever this machine's load was, these are comparable for the first half of the test
+        r["footprint"].update(comparable=True)
+    speed = [c for c in claims(build_cells(records)) if "faster per step than full FT" in c or "half the peak memory" in c
+             or "overhead over lora is small" in c]
+    assert len(speed) == 3 and not any("withheld" in c for c in speed)
+    full = next(r for r in records if r["method"] == "full")
+    full["footprint"].update(comparable=False, not_comparable_reason="a test said so")
+    withheld = [c for c in claims(build_cells(records)) if "withheld" in c]
+    assert len(withheld) == 2 and not any("overhead over lora" in c for c in withheld)  # LoRA vs Hybrid still stands
+    next(r for r in records if r["method"] == "hybrid")["footprint"].update(comparable=False, not_comparable_reason="a test said so")
+    cells = build_cells(records)
+    withheld = [c for c in claims(cells) if "withheld" in c]
+    assert len(withheld) == 3 and all("withheld: the footprint data is marked not comparable (a test said so)." in c for c in withheld)
+    assert "**Not comparable:** a test said so (2 of 6 runs)" in footprint_table(cells).note
+
+    quiet, reason = comparability(bench, 1.2, 2)
+    busy, why = comparability(bench, 3.1, 2)
+    assert quiet and reason is None and not busy and why == "the machine's load average was 3.1 on 2 cores during the run"
+    shared = parse_bench({**data, "footprint_comparable": False, "output": str(tmp_path / "shared")})
+    run_bench(shared, progress=False)
+    assert all(r["footprint"]["comparable"] is False and "footprint_comparable: false" in r["footprint"]["not_comparable_reason"]
+               for r in finished(read_records(shared.output_dir)))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import figures
-from .stats import summarize, welch
+from .claims import claims
 from .store import finished, read_records
 from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, fmt, footprint_table, main_tables,
                      metrics_table, scale, score_floor, _memory_key)
@@ -173,75 +173,6 @@ def _failure_blocks(records: list[dict[str, Any]]) -> list[Block]:
     rows = [[r["key"], r["status"], str(r.get("attempt", "?")), (r.get("error") or "interrupted or still running").strip().splitlines()[-1][:200]]
             for r in bad]
     return [Heading(2, "Failed runs"), Table("Runs whose last attempt did not finish", ["Run", "Status", "Attempts", "Last error line"], rows)]
-
-
-def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[str]:
-    """Automatic verdicts on the paper's comparisons, one sentence per (claim, model, task).
-
-    A claim "A beats B" is *supported* when A's mean is higher and Welch's p < 0.05,
-    *same direction, not significant* when only the mean is higher, and *not
-    supported* otherwise — unless A's mean does not clear the task's floor (the
-    majority-class accuracy, or the base model's score before training, whichever
-    is higher): a method that learned nothing is *not evidence* either way.
-    Footprint claims compare means of step time and memory.
-    """
-    out: list[str] = []
-    settings = list(dict.fromkeys((c.model, c.task) for c in cells.values()))
-    for model, task in settings:
-        hybrid = adaptive_hybrid(cells, model, task)
-        if hybrid is None:
-            continue
-        floor = score_floor(cells, model, task)
-        for other_name in (reference, "lora_ga", "boft", "unitary", "full"):
-            other = cells.get((model, task, other_name))
-            if other is not None and other is not hybrid:
-                out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other, floor))
-        for cell in cells.values():
-            if (cell.model, cell.task) == (model, task) and cell.schedule() not in (None, "adaptive"):
-                out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell, floor))
-        full = cells.get((model, task, "full"))
-        if full is not None:
-            h, f = hybrid.footprint("step_time_s"), full.footprint("step_time_s")
-            if h and f and summarize(h).mean > 0:
-                speedup = summarize(f).mean / summarize(h).mean
-                word = "supported" if speedup >= 2.0 else ("partly (faster, less than 2×)" if speedup > 1.0 else "not supported")
-                out.append(f"{model}/{task} — Hybrid trains faster per step than full FT (paper: ≈2.1×): {word} "
-                           f"(full FT step time / Hybrid step time = {speedup:.2f}×).")
-            mem_key = _memory_key(cells)
-            h, f = hybrid.footprint(mem_key), full.footprint(mem_key)
-            if h and f and summarize(f).mean > 0:
-                share = summarize(h).mean / summarize(f).mean
-                word = "supported" if share <= 0.55 else ("partly (less, but not ≈half)" if share < 1.0 else "not supported")
-                out.append(f"{model}/{task} — Hybrid needs about half the peak memory of full FT (paper: ≈50% less): {word} "
-                           f"(Hybrid / full FT = {100 * share:.0f}%).")
-    if not out:
-        out.append("No adaptive Hybrid cell was run, so none of the paper's comparisons can be checked.")
-    return out
-
-
-def _verdict(a: Cell, b: Cell, floor: tuple[float, str] | None = None) -> str:
-    av, bv = a.values(), b.values(a.metric)
-    if not av or not bv:
-        return "no data."
-    shown_a, unit = scale(a.metric, av)
-    shown_b, _ = scale(a.metric, bv)
-    diff = summarize(shown_a).mean - summarize(shown_b).mean
-    test = welch(av, bv)
-    p = "n/a" if test.p is None else f"{test.p:.3f}"
-    if floor is not None and summarize(av).mean <= floor[0]:
-        shown_floor, _ = scale(a.metric, [floor[0]])
-        word = (f"not evidence: {a.method}'s mean does not clear the {floor[1]} "
-                f"({fmt(shown_floor[0])}{'%' if unit else ''}), so it learned nothing measurable")
-    elif diff > 0 and test.significant:
-        word = "supported"
-    elif diff > 0:
-        word = "same direction, not significant"
-    else:
-        word = "not supported"
-    if test.p is None and word == "same direction, not significant":
-        word = "same direction, untested (a t-test needs two or more seeds per side)"
-    delta = f"{diff:+.2f} percentage points of {a.metric}" if unit else f"{diff:+.3g} {a.metric}"
-    return f"{word} (Δ = {delta}, Welch p = {p}, n = {len(av)} vs {len(bv)})."
 
 
 # ---------------------------------------------------------------- rendering

@@ -158,8 +158,10 @@ def read_pairs(spec: PairSpec, split: Split, data_dir: Any, lang: str | None = N
 
 def accuracy_metrics(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
     """``accuracy`` (macro over languages when there are several), per-language and micro accuracy,
-    and ``majority_class_accuracy``: what always predicting the most frequent gold label would
-    score (micro), the floor a trained classifier has to clear to show it learned anything."""
+    ``majority_class_accuracy``: what always predicting the most frequent gold label would
+    score (micro), the floor a trained classifier has to clear to show it learned anything, and
+    ``top_prediction_share``: the share of examples given the most frequent *predicted* class
+    (1.0 when the model predicts one class for everything)."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for ex, pred in zip(examples, predictions):
         hits[str(ex.meta.get("language", ""))].append(int(pred) == ex.label)
@@ -168,6 +170,8 @@ def accuracy_metrics(examples: Sequence[Example], predictions: Sequence[int]) ->
     out = {"accuracy": sum(per_lang.values()) / len(per_lang) if per_lang else 0.0, "accuracy_micro": micro, "n": float(len(examples))}
     if examples:
         out["majority_class_accuracy"] = max(Counter(ex.label for ex in examples).values()) / len(examples)
+        # 1.0 = the model answered with one class for every example (a collapse), 1/C = evenly spread
+        out["top_prediction_share"] = max(Counter(int(p) for p in predictions).values()) / len(examples)
     if len(per_lang) > 1 or "" not in per_lang:
         out.update({f"accuracy_{lang}": acc for lang, acc in sorted(per_lang.items())})
     return out

@@ -162,6 +162,10 @@ class TrainSection:
             loss or gradient (each such step is skipped: no update).
         riemannian / riemannian_lr: optimizer for manifold tensors (full-capacity unitary
             blocks): ``adam`` (RiemannianAdam) or ``sgd`` (the paper's Algorithm 1); lr null = ``lr``.
+        head_warmup_steps: classification tasks only: AdamW steps (at ``lr``) that train the freshly
+            initialized head alone, on batches outside the training order, before any data-dependent
+            adapter start (LoRA-GA's gradient estimate then sees a trained head, not a random one) and
+            before step 1; the same for every method, so comparisons stay fair. 0 = off.
         lora_ga_cache: cache LoRA-GA's gradient estimate under ``$HYBRIDPEFT_CACHE/lora_ga``
             so a rerun with the same model and data skips it (the batch count is the
             adapter's ``num_batches``).
@@ -191,6 +195,7 @@ class TrainSection:
     riemannian: str = "adam"
     riemannian_lr: float | None = None
     nan_abort_after: int = 5
+    head_warmup_steps: int = 0
     lora_ga_cache: bool = False
     log_every: int = 1
     tensorboard: bool = False
@@ -236,6 +241,8 @@ class TrainSection:
         e.check(self.riemannian in ("adam", "sgd"), "riemannian", self.riemannian, "'adam' or 'sgd'")
         e.check(self.riemannian_lr is None or (_finite(self.riemannian_lr) and self.riemannian_lr > 0),
                 "riemannian_lr", self.riemannian_lr, "null or a positive number")
+        e.check(_non_negative_int(self.head_warmup_steps), "head_warmup_steps", self.head_warmup_steps,
+                "a non-negative integer")
         e.check(isinstance(self.lora_ga_cache, bool), "lora_ga_cache", self.lora_ga_cache, "true or false")
         e.check(_positive_int(self.log_every), "log_every", self.log_every, "a positive integer")
         e.check(isinstance(self.tensorboard, bool), "tensorboard", self.tensorboard, "true or false")
@@ -584,6 +591,9 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
         except (TypeError, ValueError) as err:
             errors.append(f"data.task_args={job.data.task_args!r} is invalid for task {job.data.task!r}: {err}")
         else:
+            if job.train.head_warmup_steps and task.kind != "classification":
+                errors.append(f"train.head_warmup_steps={job.train.head_warmup_steps!r} is invalid for task "
+                              f"{job.data.task!r}: expected 0 (only classification tasks have a fresh head)")
             shots = getattr(task, "k_shot", None)
             if shots is not None and job.data.train_limit is not None:
                 errors.append(f"data.train_limit={job.data.train_limit!r} is invalid with data.task_args.k_shot={shots!r}: "

@@ -43,6 +43,7 @@ from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
     build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
     needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name, describe_splits,
+    warm_up_head,
 )
 
 RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
@@ -287,7 +288,12 @@ def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path
 
 
 def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Module, stream: BatchStream) -> None:
-    """Data-dependent starts before step 0 (LoRA-GA for ``lora_ga`` and the Hybrid's LoRA branch)."""
+    """The optional head warm-up, then data-dependent starts before step 0 (LoRA-GA for ``lora_ga``
+    and the Hybrid's LoRA branch)."""
+    if job.train.head_warmup_steps:
+        losses = warm_up_head(model, stream.warmup_batches(job.train.head_warmup_steps), job.train.head_warmup_steps,
+                              job.train.lr, tuple(job.train.betas), job.train.eps)
+        _say(accelerator, f"head warm-up: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if not needs_lora_ga_init(model):
         return
     n = lora_ga_batch_count(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import random
 from typing import Any, Callable, Iterable
@@ -148,6 +149,44 @@ def prepare_model(model: nn.Module, job: JobConfig, task: Task) -> nn.Module:
         if hasattr(model, "config"):
             model.config.use_cache = False
     return inject(model, adapter_config_for(job, model, task))
+
+
+def warm_up_head(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], steps: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> list[float]:
+    """Train only the classification head (``head_modules``) for ``steps`` AdamW steps; returns the losses.
+
+    Every other parameter keeps its ``requires_grad`` flag but gets no update (its gradient is
+    dropped); under ``torch.distributed`` the head's gradients are averaged over ranks, so the
+    heads stay identical.
+    """
+    import torch.distributed as dist
+
+    head = [p for name in head_modules(model) for p in getattr(model, name).parameters()]
+    if not head:
+        raise ValueError(f"head warm-up needs a classification head ({type(model).__name__} has none of classifier/score)")
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    in_head = {id(p) for p in head}
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(head, lr=lr, betas=betas, eps=eps)
+    losses: list[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in in_head)
+        model.train()
+        for batch in itertools.islice(batches, steps):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in head:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return losses
 
 
 def needs_lora_ga_init(model: nn.Module) -> bool:
