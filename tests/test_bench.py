@@ -28,6 +28,7 @@ TESTS = Path(__file__).resolve().parent
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
         "lora_ga": [0.85, 0.86, 0.84], "unitary": [0.60, 0.62, 0.61],
         "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+_BEST_LR = {"lora": 1e-3, "hybrid": 1e-2, "full": 1e-5}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
 
@@ -53,7 +54,8 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
             time.sleep(0.05)
         (run_dir / "env.json").write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"), "start": start,
                                                        "saw_peer": bool(peers()), "end": time.time()}))
-    acc = _ACC[run["method"]][run["seed"] % 3]
+    method = run["method"].split("@")[0]  # lr-search runs are labelled <method>@<lr>
+    acc = _ACC[method][run["seed"] % 3]
     steps = list(range(1, 21))
     scale = 1.0 + 0.1 * len(run["method"])
     curves = {"train": [{"step": s, "loss": 2.0 / s, "grad_norm": scale * 5.0 / math.sqrt(s)} for s in steps],
@@ -62,7 +64,9 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     if config["adapter"]["method"] == "hybrid":
         lam = {"layers": _LAYERS, "steps": steps,
                "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
-    metrics = {"accuracy": acc, "val_loss": 1.0 - acc}
+    metrics = {"accuracy": acc, "val_loss": 1.0 - acc,
+               # lowest at the method's best lr (_BEST_LR), so an lr search has a known answer
+               "heldout_loss": 0.5 + abs(math.log10(config["train"]["lr"] / _BEST_LR.get(method, 1e-3))) + 0.01 * run["seed"]}
     if "majority" in config:
         metrics["majority_class_accuracy"] = config["majority"]
     return {"metrics": metrics, "primary_metric": "accuracy", "curves": curves,
@@ -569,3 +573,109 @@ def test_speed_verdicts_are_withheld_when_the_footprint_is_not_comparable(tmp_pa
     run_bench(shared, progress=False)
     assert all(r["footprint"]["comparable"] is False and "footprint_comparable: false" in r["footprint"]["not_comparable_reason"]
                for r in finished(read_records(shared.output_dir)))
+
+
+def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tmp_path):
+    from hybridpeft.bench.selection import select_lrs
+    from hybridpeft.bench.spec import expand_search
+
+    data = _bench(tmp_path, methods=["lora", "hybrid", {"name": "full", "train": {"lr": 1e-5}},
+                                     {"name": "hybrid-fixed-0.5", "method": "hybrid", "role": "ablation",
+                                      "adapter": {"schedule": "fixed", "lam_fixed": 0.5}}],
+                  lr_search={"candidates": {"default": [1e-4, 1e-3, 1e-2], "full": [1e-5, 1e-4]}, "seeds": [0]})
+    bench = parse_bench(data)
+    search = expand_search(bench)
+    assert len(search) == 2 * (3 + 3 + 2) and {r.role for r in search} == {"lr-search"}
+    assert sorted({r.method for r in search if r.task == "sst2-cls"}) == [
+        "full@1e-4", "full@1e-5", "hybrid@1e-2", "hybrid@1e-3", "hybrid@1e-4", "lora@1e-2", "lora@1e-3", "lora@1e-4"]
+    assert {r.method for r in expand_grid(bench)} == {"hybrid-fixed-0.5"}  # searched cells wait for their selection
+    out = run_bench(bench, progress=False)
+    assert out.total == 16 + 24 and len(out.reused) == 6 and len(out.ok) == 34 and not out.failed and not out.waiting
+    records = finished(read_records(bench.output_dir))
+    final = {(r["task"], r["method"], r["seed"]): r for r in records if r["role"] != "lr-search"}
+    assert {m: final[("sst2-cls", m, 1)]["config"]["train"]["lr"] for m in ("lora", "hybrid", "full", "hybrid-fixed-0.5")} == \
+        {"lora": 1e-3, "hybrid": 1e-2, "full": 1e-5, "hybrid-fixed-0.5": 1e-3}  # the ablation row keeps its configured lr
+    chosen = final[("rte-cls", "hybrid", 2)]["lr_selected"]
+    assert chosen["lr"] == 1e-2 and chosen["metric"] == "heldout_loss" and chosen["scores"]["0.01"] == pytest.approx(0.5)
+    reused = final[("sst2-cls", "lora", 0)]
+    assert reused["reused_from"].startswith("tiny/sst2-cls/lora@1e-3/seed0#") and reused["key"].startswith("tiny/sst2-cls/lora/seed0#")
+    calls = sum(len(f.read_text().splitlines()) for f in (bench.output_dir / "runs").glob("*/calls"))
+    assert calls == 34  # the 6 reused runs were not trained again
+    again = run_bench(bench, progress=False)
+    assert again.total == 40 and again.skipped == 40 and not again.ok
+    selected, waiting = select_lrs(bench, ResultStore(bench.output_dir).states())
+    assert not waiting and selected[("tiny", "sst2-cls", "full")]["lr"] == 1e-5
+
+    broken = dict(data, output=str(tmp_path / "broken"), max_attempts=1,
+                  overrides=[{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"fail": {"always": True}}}])
+    out = run_bench(parse_bench(broken), progress=False)
+    assert out.waiting and out.waiting[0].startswith("tiny/rte-cls/hybrid (lr search unfinished: tiny/rte-cls/hybrid@1e-4/seed0")
+    assert len(out.failed) == 3  # the three search runs; no final run of that cell was started
+
+
+def _record(model, task, method, seed, metrics, primary="accuracy", before=None, **extra):
+    return {"key": f"{model}/{task}/{method}/seed{seed}#x", "status": "ok", "model": model, "task": task, "method": method,
+            "adapter_method": extra.pop("adapter_method", method), "seed": seed, "role": extra.pop("role", "main"),
+            "metrics": metrics, "primary_metric": primary, "before": before, "footprint": {},
+            "config": extra.pop("config", {}), **extra}
+
+
+def test_multilingual_layouts_say_no_data_and_average_the_directions():
+    """Tables III/V: per-language accuracy with the macro only when every asked language has data;
+    BLEU per direction with the per-seed average, which also gets claim verdicts."""
+    from hybridpeft.bench.layouts import direction_average_cells, direction_tables, language_tables
+    from hybridpeft.bench.report import claims
+
+    xnli = {"data": {"task_args": {"languages": ["en", "zh", "hi"]}}}
+    records = []
+    for seed in (0, 1, 2):
+        for method, acc, es, zh in (("lora", 0.50, 20.0, 10.0), ("hybrid", 0.60, 24.0, 13.0)):
+            records.append(_record("m", "xnli", method, seed, {"accuracy": acc + 0.01 * seed, "accuracy_en": acc + 0.01 * seed,
+                                                               "majority_class_accuracy": 0.34}, config=xnli,
+                                   before={"accuracy": 0.40, "accuracy_en": 0.40}))
+            records.append(_record("m", "translate-en-es", method, seed, {"bleu": es + seed}, "bleu", before={"bleu": 5.0}))
+            records.append(_record("m", "translate-en-zh", method, seed, {"bleu": zh + 0.5 * seed}, "bleu", before={"bleu": 3.0}))
+    cells = build_cells(records)
+    (langs,) = language_tables(cells)
+    assert langs.header == ["Method", "English (en)", "Chinese (zh)", "Hindi (hi)", "Macro"]
+    assert langs.rows[0] == ["lora", "51.00 ± 1.00", "no data", "no data", "no data"]
+    assert langs.rows[-1] == ["base model, before training", "40.00 ± 0.00", "no data", "no data", "no data"]
+    assert "No data for Chinese, Hindi" in langs.note
+    (dirs,) = direction_tables(cells)
+    assert dirs.header == ["Method", "en→es", "en→zh", "Average"]
+    assert dirs.rows[1] == ["hybrid", "25.00 ± 1.00", "13.50 ± 0.50", "19.25 ± 0.75"]
+    assert dirs.rows[-1] == ["base model, before training", "5.00 ± 0.00", "3.00 ± 0.00", "4.00 ± 0.00"]
+    averaged = direction_average_cells(cells)
+    assert [r["metrics"]["bleu"] for r in averaged[("m", "translation (mean over en→es, en→zh)", "hybrid")].records] == [18.5, 19.25, 20.0]
+    said = claims({**cells, **averaged})
+    assert any(c.startswith("m/translation (mean over en→es, en→zh) — Hybrid beats lora: supported (Δ = +3.50 bleu") for c in said)
+    full_macro = build_cells([_record("m", "xnli", "lora", s, {"accuracy": 0.5, "accuracy_en": 0.6, "accuracy_zh": 0.4},
+                                      config={"data": {"task_args": {"languages": "en,zh"}}}) for s in (0, 1)])
+    assert language_tables(full_macro)[0].rows[0] == ["lora", "60.00 ± 0.00", "40.00 ± 0.00", "50.00 ± 0.00"]
+
+
+def test_clipping_lambda_and_lr_selection_tables():
+    from hybridpeft.bench.diagnostics import clipping_table, lambda_table, lr_selection_table
+
+    curves = lambda norms: {"train": [{"step": i + 1, "grad_norm": n} for i, n in enumerate(norms)], "eval": []}  # noqa: E731
+    hist = {"layers": ["m.layers.0.q", "m.layers.0.v", "m.layers.1.q", "m.layers.1.v"], "steps": [1, 2],
+            "values": [[0.5, 0.5, 0.5, 0.5], [0.40, 0.80, 0.46, 0.70]]}
+    records = [
+        _record("m", "t", "lora", 0, {"accuracy": 0.8}, curves=curves([0.5, 2.0, 3.0, 0.9]), config={"train": {"max_grad_norm": 1.0}}),
+        _record("m", "t", "lora", 1, {"accuracy": 0.8}, curves=curves([0.5, 0.5, 3.0, 0.9]), config={"train": {"max_grad_norm": 1.0}}),
+        _record("m", "t", "hybrid", 0, {"accuracy": 0.8}, curves=curves([5.0, 6.0]), lambda_history=hist,
+                config={"train": {"max_grad_norm": None}}),
+    ]
+    cells = build_cells(records)
+    clip = clipping_table(cells)
+    assert clip.rows[0] == ["m", "t", "lora", "1.00", "38 (25–50)", "0.90"]
+    assert clip.rows[1][3:5] == ["none", "0"]
+    lam = lambda_table(cells)
+    assert [r[3:6] for r in lam.rows] == [["q", "0.40–0.46", "0.43"], ["v", "0.70–0.80", "0.75"]]
+    assert lr_selection_table(cells) is None
+    search = [_record("m", "t", f"lora@{lr}", 0, {"accuracy": acc, "heldout_loss": loss}, role="lr-search", adapter_method="lora",
+                      lr_search={"method": "lora", "lr": float(lr), "metric": "heldout_loss", "candidates": [1e-3, 2e-3], "seeds": [0]})
+              for lr, acc, loss in (("1e-3", 0.70, 0.60), ("2e-3", 0.80, 0.50))]
+    final = [dict(r, lr_selected={"lr": 2e-3, "metric": "heldout_loss", "scores": {}}) for r in records[:2]]
+    table = lr_selection_table(build_cells(search + final))
+    assert table.rows == [["m", "t", "lora", "1e-3: 0.600 (70.0) · **2e-3**: 0.500 (80.0)", "2e-3"]]

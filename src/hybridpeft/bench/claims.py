@@ -50,7 +50,10 @@ def beats(a: Cell, b: Cell, floor: tuple[float, str] | None) -> Outcome:
     diff = mean_a - mean_b
     test = welch(av, bv)
     p = "n/a" if test.p is None else f"{test.p:.3f}"
-    delta = f"{diff:+.2f} percentage points of {a.metric}" if unit else f"{diff:+.3g} {a.metric}"
+    if unit:
+        delta = f"{diff:+.2f} percentage points of {a.metric}"
+    else:  # BLEU-like scores in two decimals, small ones (losses) in three significant digits
+        delta = f"{diff:+.2f} {a.metric}" if max(abs(mean_a), abs(mean_b)) >= 1 else f"{diff:+.3g} {a.metric}"
     numbers = f"(Δ = {delta}, Welch p = {p}, n = {len(av)} vs {len(bv)})"
     a_low = b_low = False
     floor_text = ""

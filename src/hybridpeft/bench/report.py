@@ -18,8 +18,10 @@ from typing import Any, Union
 from . import figures
 from .claims import claims
 from .store import finished, read_records
-from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, fmt, footprint_table, main_tables,
-                     metrics_table, scale, score_floor, _memory_key)
+from .diagnostics import clipping_table, lambda_table, lr_selection_table
+from .layouts import direction_average_cells, direction_tables, language_tables
+from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
+                     metrics_table, not_comparable_reasons, _memory_key)
 
 
 @dataclass
@@ -93,22 +95,34 @@ def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str]
     blocks += _setup_blocks(records, cells)
     if notes:
         blocks.append(Para(notes.strip()))
-    blocks += [Heading(2, "What the numbers say about the paper's claims"), Bullets(claims(cells, reference))]
+    averaged = direction_average_cells(cells)  # the paper's "average BLEU over directions" as cells of their own
+    blocks += [Heading(2, "What the numbers say about the paper's claims"), Bullets(claims({**cells, **averaged}, reference))]
     blocks.append(Heading(2, "Main results (Table I layout)"))
     blocks += main_tables(cells, reference)
+    multilingual = language_tables(cells) + direction_tables(cells)
+    if multilingual:
+        blocks.append(Heading(2, "Multilingual and low-resource layout (Tables III–VI)"))
+        blocks += multilingual
     blocks.append(Heading(2, "λ ablation (Table II)"))
     ablation = ablation_table(cells)
     blocks.append(ablation if ablation is not None else Para("No Hybrid variant besides the adaptive one was run; no ablation table."))
+    selection = lr_selection_table(cells)
+    if selection is not None:
+        blocks += [Heading(2, "Learning-rate selection"), selection]
     blocks.append(Heading(2, "Training footprint (Table VII)"))
     blocks.append(footprint_table(cells, reference))
+    blocks += [t for t in (clipping_table(cells), lambda_table(cells)) if t is not None]
     blocks.append(metrics_table(cells))
 
     figure_paths: list[Path] = []
     blocks.append(Heading(2, "Figures"))
     memory_key = _memory_key(cells)
-    path = figures.footprint_figure(list(cells.values()), out / "figures" / "footprint.png", memory_key)
+    shown = [c for c in cells.values() if c.role != "lr-search"]
+    comparable = not not_comparable_reasons(shown)
+    path = figures.footprint_figure(shown, out / "figures" / "footprint.png", memory_key)
     figure_paths.append(path)
-    blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)."))
+    blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)." +
+                        ("" if comparable else " Not comparable: see the footprint table's note.")))
     for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
         group = [c for c in cells.values() if (c.model, c.task) == (model, task) and c.role == "main"]
         path = figures.curves_figure(group, out / "figures" / f"curves_{slug(model)}_{slug(task)}.png", f"{model} · {task}")
@@ -139,9 +153,37 @@ def _setup_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str
             models.append(cell.model)
     for (method, adapter), models in adapters.items():
         items.append(f"{method} ({', '.join(models)}): adapter `{adapter}`")
+    items += _data_items(cells)
+    reused = [r for r in done if r.get("reused_from")]
+    if reused:
+        items.append(f"{len(reused)} of the {len(done)} records reuse a finished run with identical settings under another "
+                     "label (`reused_from` in the store), e.g. a final run at the lr its search run already trained.")
+    loads = [r["footprint"]["load_avg_1m_mean"] for r in done if isinstance((r.get("footprint") or {}).get("load_avg_1m_mean"), (int, float))]
+    if loads:
+        cpus = next((r["footprint"].get("cpu_count") for r in done if (r.get("footprint") or {}).get("cpu_count")), None)
+        items.append(f"Machine load during the runs (1-minute load average, mean per run): {min(loads):.1f}–{max(loads):.1f}"
+                     + (f" on {cpus} cores." if cpus else "."))
     vers = done[0].get("versions", {})
     items.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(vers.items())))
     return [Heading(2, "What was run"), Bullets(items)]
+
+
+def _data_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """Where each (model, task)'s training, validation and scored examples came from (as the runs recorded it)."""
+    items = []
+    for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
+        data = next((r["data"] for c in cells.values() if (c.model, c.task) == (model, task)
+                     for r in c.records if isinstance(r.get("data"), dict)), None)
+        if data is None:
+            continue
+        text = f"Data, {model}/{task}: training {data.get('train')}; validation {data.get('validation')}"
+        if data.get("scored"):
+            text += f"; scored on {data['scored']}"
+        skipped = data.get("skipped_languages") or {}
+        if skipped:
+            text += f"; no data for {', '.join(sorted(skipped))} (neither a local file nor the hub could provide it)"
+        items.append(text + " (as the lowest seed recorded it; every seed draws its own sample the same way).")
+    return items
 
 
 def _budget_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
