@@ -566,6 +566,15 @@ def test_speed_verdicts_are_withheld_when_the_footprint_is_not_comparable(tmp_pa
     assert len(withheld) == 3 and all("withheld: the footprint data is marked not comparable (a test said so)." in c for c in withheld)
     assert "**Not comparable:** a test said so (2 of 6 runs)" in footprint_table(cells).note
 
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_not_comparable": "found out later"}))
+    write_report(bench.output_dir, tmp_path / "annotated")
+    md = (tmp_path / "annotated" / "report.md").read_text()
+    assert md.count("withheld: the footprint data is marked not comparable (found out later).") == 3
+    assert "**Not comparable:** found out later (6 of 6 runs)" in md
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_comparable": False}))
+    with pytest.raises(ValueError, match="keys among"):
+        write_report(bench.output_dir, tmp_path / "bad")
+
     quiet, reason = comparability(bench, 1.2, 2)
     busy, why = comparability(bench, 3.1, 2)
     assert quiet and reason is None and not busy and why == "the machine's load average was 3.1 on 2 cores during the run"

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 from . import figures
 from .claims import claims
-from .store import finished, read_records
+from .store import apply_annotations, finished, read_annotations, read_records
 from .diagnostics import clipping_table, lambda_table, lr_selection_table
 from .layouts import direction_average_cells, direction_tables, language_tables
 from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
@@ -71,7 +71,7 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     Raises:
         FileNotFoundError: no results file; ValueError: it holds no finished run.
     """
-    records = read_records(results)
+    records = apply_annotations(read_records(results), read_annotations(results))
     done = finished(records)
     if not done:
         raise ValueError(f"{results} holds no finished run (status 'ok'); nothing to report")
