@@ -18,6 +18,7 @@ import pytest
 
 from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
                               summarize, welch, write_report)
+from hybridpeft.bench.spec import expand_search
 from hybridpeft.bench.store import finished
 from hybridpeft.bench.tables import build_cells, main_tables
 
@@ -262,7 +263,7 @@ def test_every_shipped_preset_parses_and_validates():
     benches = [load_bench(p) for p in presets if "grid:" in p.read_text()]
     assert {b.name for b in benches} >= {"quick", "paper-small", "paper"}
     for bench in benches:
-        runs = expand_grid(bench)
+        runs = expand_grid(bench) + expand_search(bench)  # an lr-searched cell has only search runs until selected
         assert runs, bench.name
         validate_runs(load_job(bench.job), runs)
 

@@ -249,6 +249,10 @@ def _run_phase(ctx: "_GridContext", runs: list[RunSpec], limit: int, outcome: Be
             bar.update(1)
         else:
             pending.append(run)
+    # Seed-major: every cell gets its first seed before any gets its second, so a grid stopped
+    # part-way still covers every (model, task, method) cell.
+    seeds = sorted({r.seed for r in pending})
+    pending.sort(key=lambda r: seeds.index(r.seed))  # stable: the grid order within a seed
     ctx.concurrency = min(ctx.bench.workers, max(1, len(pending)))
 
     def one(run: RunSpec) -> None:
