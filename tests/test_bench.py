@@ -386,7 +386,7 @@ def test_every_claim_applies_the_floor_and_the_baseline_order_gets_a_verdict(tmp
     assert claim("sst2-cls", order).split(": ", 1)[1].startswith("same direction, not significant (lora_ga vs boft: supported")
     rte_order = claim("rte-cls", order)
     assert ": not evidence (lora_ga vs boft: supported" in rte_order and "boft's mean does not clear" in rte_order
-    assert "boft vs lora: not evidence neither boft's mean nor lora's clears the majority-class baseline (83.00%)" in rte_order
+    assert "boft vs lora: not evidence — neither boft's mean nor lora's clears the majority-class baseline (83.00%)" in rte_order
     urnn = "the unitary (uRNN) adapter trails LoRA (Table I, GLUE)"
     assert claim("sst2-cls", urnn).split(": ", 1)[1].startswith("supported (Δ = +19.00 percentage points")
     assert claim("rte-cls", urnn).split(": ", 1)[1].startswith("not evidence: neither lora's mean nor unitary's")

@@ -92,7 +92,8 @@ def chain(links: list[tuple[Cell, Cell]], floor: tuple[float, str] | None) -> Ou
     else:
         word = "same direction, not significant" if not any("untested" in w for w in words) else \
             "same direction, untested (a t-test needs two or more seeds per side)"
-    parts = "; ".join(f"{a.method} vs {b.method}: {o.word.rstrip(':')} {o.detail.rstrip('.')}" for a, b, o in results)
+    parts = "; ".join(f"{a.method} vs {b.method}: {o.word.rstrip(':')}{' —' if o.word.endswith(':') else ''} "
+                      f"{o.detail.rstrip('.')}" for a, b, o in results)
     return Outcome(word, f"({parts}).")
 
 

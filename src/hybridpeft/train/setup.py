@@ -89,7 +89,8 @@ def describe_splits(job: JobConfig, task: Task, n_train: int, n_val: int, n_eval
     shots = getattr(task, "k_shot", None)
     per = getattr(task, "k_shot_per", "label")
     if shots is not None:
-        train = f"{n_train} examples: k_shot={shots} per {per} of split {train_split!r}"
+        per_what = f" per {per}" if per == "language" or getattr(task, "num_labels", 0) else ""  # unlabelled: k in all
+        train = f"{n_train} examples: k_shot={shots}{per_what} of split {train_split!r}"
         held = f"split {job.data.val_split!r}" if job.data.val_split is not None else \
             f"the rest of split {train_split!r} (disjoint from the k-shot examples)"
     else:
