@@ -616,6 +616,20 @@ def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tm
     selected, waiting = select_lrs(bench, ResultStore(bench.output_dir).states())
     assert not waiting and selected[("tiny", "sst2-cls", "full")]["lr"] == 1e-5
 
+    elsewhere = dict(data, output=str(tmp_path / "elsewhere"), seeds=[0, 1],
+                     reuse_from=[str(bench.output_dir / "results.jsonl")])
+    out = run_bench(parse_bench(elsewhere), progress=False)
+    assert out.total == 16 + 16 and len(out.reused) == 32 and not out.ok  # nothing trained: every run has a twin
+    copied = finished(read_records(tmp_path / "elsewhere"))
+    own = {r["key"] for r in copied}
+    assert all(r["reused_from"].startswith(str(bench.output_dir / "results.jsonl") + ":tiny/") or r["reused_from"] in own
+               for r in copied)  # a final seed-0 run may reuse this store's own copy of its search run
+    assert sum(r["reused_from"].startswith(str(bench.output_dir)) for r in copied) >= 16 + 8
+    assert {r["seed"] for r in copied} == {0, 1} and sum(len(f.read_text().splitlines())
+                                                       for f in (bench.output_dir / "runs").glob("*/calls")) == 34
+    with pytest.raises(FileNotFoundError, match="reuse_from entry"):
+        run_bench(parse_bench(dict(elsewhere, reuse_from=["nowhere.jsonl"])), progress=False)
+
     broken = dict(data, output=str(tmp_path / "broken"), max_attempts=1,
                   overrides=[{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"fail": {"always": True}}}])
     out = run_bench(parse_bench(broken), progress=False)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .spec import BenchConfig, RunSpec, expand_grid, expand_search, same_settings
-from .store import ResultStore, utc_now, versions
+from .store import ResultStore, finished, read_records, utc_now, versions
 
 Job = Callable[[dict[str, Any], Path], dict[str, Any]]
 _ERROR_TAIL = 4000
@@ -208,6 +208,10 @@ def run_bench(
     ctx = _GridContext(store=store, bench=bench, job=None if use_subprocess else configured, use_subprocess=use_subprocess,
                        versions=versions(), env=worker_env(bench.workers) if use_subprocess else None, live=_LiveWorkers(),
                        record_lock=threading.Lock(), concurrency=1, load=LoadMonitor())
+    for path in bench.reuse_paths():
+        if not path.is_file():
+            raise FileNotFoundError(f"reuse_from entry {path} does not exist")
+        ctx.external += [{**r, "reused_store": str(path)} for r in finished(read_records(path)) if isinstance(r.get("config"), dict)]
     outcome = BenchOutcome(total=0)
     bar = tqdm(total=0, disable=not progress, desc=f"bench {bench.name}", unit="run")
     previous_handler = _interrupt_on_sigterm()
@@ -232,7 +236,7 @@ def run_bench(
 def _run_phase(ctx: "_GridContext", runs: list[RunSpec], limit: int, outcome: BenchOutcome, bar: Any) -> None:
     """Skip finished runs, reuse identical finished ones, run the rest (side by side if asked)."""
     states = ctx.store.states()
-    done = [s.record for s in states.values() if s.status == "ok" and s.record is not None]
+    done = [s.record for s in states.values() if s.status == "ok" and s.record is not None] + ctx.external
     outcome.total += len(runs)
     bar.total = outcome.total
     pending: list[RunSpec] = []
@@ -288,7 +292,10 @@ def _reuse(ctx: "_GridContext", run: RunSpec, done: list[dict[str, Any]]) -> boo
                  and same_settings(r["config"], run.config)), None)
     if twin is None:
         return False
-    copy = {**twin, **_identity(run, twin.get("attempt", 1)), "config": run.config, "reused_from": twin["key"]}
+    source = twin.get("reused_store")
+    copy = {**twin, **_identity(run, twin.get("attempt", 1)), "config": run.config,
+            "reused_from": f"{source}:{twin['key']}" if source else twin["key"]}
+    copy.pop("reused_store", None)
     with ctx.record_lock:
         ctx.store.append(copy)
     return True
@@ -386,6 +393,7 @@ class _GridContext:
     record_lock: threading.Lock
     concurrency: int
     load: LoadMonitor = field(default_factory=LoadMonitor)
+    external: list[dict[str, Any]] = field(default_factory=list)  # finished runs of the reuse_from stores
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -174,6 +174,10 @@ class BenchConfig:
             the run exceeded its core count (see ``runner``).
         lr_search: choose each cell's learning rate on a held-out loss before the final runs;
             see ``LrSearch``. ``None``: every run uses its configured ``train.lr``.
+        reuse_from: other results stores (``results.jsonl`` paths, relative to the benchmark
+            file) whose finished runs stand in for a run of this grid with identical resolved
+            settings (any label): the record is copied into this store with ``reused_from``
+            naming it, instead of training again. Runs of this store are always reusable.
         base_dir: the benchmark file's directory (for resolving relative data paths).
     """
 
@@ -193,6 +197,7 @@ class BenchConfig:
     description: str = ""
     footprint_comparable: bool = True
     lr_search: "LrSearch | None" = None
+    reuse_from: list[str] = field(default_factory=list)
     base_dir: str = "."
 
     def __post_init__(self) -> None:
@@ -219,6 +224,8 @@ class BenchConfig:
             (isinstance(self.job, str) and ":" in self.job, "job", self.job, "'module:function'"),
             ("run" not in self.shared, "shared.run", self.shared.get("run"), "absent (the grid fills in the run section)"),
             (isinstance(self.footprint_comparable, bool), "footprint_comparable", self.footprint_comparable, "true or false"),
+            (isinstance(self.reuse_from, list) and all(isinstance(x, str) for x in self.reuse_from), "reuse_from",
+             self.reuse_from, "a list of results.jsonl paths"),
         ]
         for i, (model, tasks) in enumerate(self.grid):
             out.append((isinstance(model, str) and model != "", f"grid[{i}].model", model, "a model name"))
@@ -234,6 +241,10 @@ class BenchConfig:
     @property
     def output_dir(self) -> Path:
         return Path(os.path.expanduser(self.output))
+
+    def reuse_paths(self) -> list[Path]:
+        """``reuse_from`` resolved against the benchmark file's directory."""
+        return [Path(self.base_dir) / os.path.expanduser(p) for p in self.reuse_from]
 
 
 @dataclass(frozen=True)
@@ -382,7 +393,7 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
     """
     known = {"name", "seeds", "grid", "methods", "shared", "overrides", "exclude", "output",
              "max_attempts", "isolation", "timeout_s", "workers", "job", "description", "footprint_comparable",
-             "lr_search"}
+             "lr_search", "reuse_from"}
     errors = [f"{k}: unknown benchmark key (known: {sorted(known)})" for k in sorted(set(data) - known)]
     grid, methods, overrides = [], [], []
     for i, entry in enumerate(data.get("grid") or []):
@@ -421,7 +432,7 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
         max_attempts=data.get("max_attempts", 2), isolation=data.get("isolation", "subprocess"),
         timeout_s=data.get("timeout_s"), workers=data.get("workers", 1), job=data.get("job", DEFAULT_JOB),
         description=data.get("description", ""), footprint_comparable=data.get("footprint_comparable", True),
-        lr_search=lr_search, base_dir=str(base_dir),
+        lr_search=lr_search, reuse_from=list(data.get("reuse_from") or []), base_dir=str(base_dir),
     )
 
 
