@@ -618,6 +618,7 @@ def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tm
 
     elsewhere = dict(data, output=str(tmp_path / "elsewhere"), seeds=[0, 1],
                      reuse_from=[str(bench.output_dir / "results.jsonl")])
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_not_comparable": "busy then"}))
     out = run_bench(parse_bench(elsewhere), progress=False)
     assert out.total == 16 + 16 and len(out.reused) == 32 and not out.ok  # nothing trained: every run has a twin
     copied = finished(read_records(tmp_path / "elsewhere"))
@@ -625,6 +626,8 @@ def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tm
     assert all(r["reused_from"].startswith(str(bench.output_dir / "results.jsonl") + ":tiny/") or r["reused_from"] in own
                for r in copied)  # a final seed-0 run may reuse this store's own copy of its search run
     assert sum(r["reused_from"].startswith(str(bench.output_dir)) for r in copied) >= 16 + 8
+    assert all(r["footprint"]["comparable"] is False and r["footprint"]["not_comparable_reason"] == "busy then"
+               for r in copied)  # a footprint marked in the source store stays marked in the copy
     assert {r["seed"] for r in copied} == {0, 1} and sum(len(f.read_text().splitlines())
                                                        for f in (bench.output_dir / "runs").glob("*/calls")) == 34
     with pytest.raises(FileNotFoundError, match="reuse_from entry"):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .spec import BenchConfig, RunSpec, expand_grid, expand_search, same_settings
-from .store import ResultStore, finished, read_records, utc_now, versions
+from .store import ResultStore, apply_annotations, finished, read_annotations, read_records, utc_now, versions
 
 Job = Callable[[dict[str, Any], Path], dict[str, Any]]
 _ERROR_TAIL = 4000
@@ -211,7 +211,8 @@ def run_bench(
     for path in bench.reuse_paths():
         if not path.is_file():
             raise FileNotFoundError(f"reuse_from entry {path} does not exist")
-        ctx.external += [{**r, "reused_store": str(path)} for r in finished(read_records(path)) if isinstance(r.get("config"), dict)]
+        records = apply_annotations(read_records(path), read_annotations(path))  # a footprint marked there stays marked
+        ctx.external += [{**r, "reused_store": str(path)} for r in finished(records) if isinstance(r.get("config"), dict)]
     outcome = BenchOutcome(total=0)
     bar = tqdm(total=0, disable=not progress, desc=f"bench {bench.name}", unit="run")
     previous_handler = _interrupt_on_sigterm()
