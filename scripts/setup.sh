@@ -5,6 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Generated HumanEval code runs only inside bubblewrap (docs/sandbox.md): install it where we can.
+if ! command -v bwrap >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing bubblewrap (the sandbox for generated code)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; } \
+            || echo "setup: could not install bubblewrap; HumanEval will refuse to run generated code (docs/sandbox.md)" >&2
+    else
+        echo "setup: bubblewrap (bwrap) is not installed, so HumanEval will refuse to run generated code;" \
+             "install it (e.g. sudo apt-get install bubblewrap) or see docs/sandbox.md" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip

@@ -68,6 +68,8 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     metrics = {"accuracy": acc, "val_loss": 1.0 - acc,
                # lowest at the method's best lr (_BEST_LR), so an lr search has a known answer
                "heldout_loss": 0.5 + abs(math.log10(config["train"]["lr"] / _BEST_LR.get(method, 1e-3))) + 0.01 * run["seed"]}
+    if config.get("nan_metric"):
+        metrics[config["nan_metric"]] = float("nan")
     if "majority" in config:
         metrics["majority_class_accuracy"] = config["majority"]
     return {"metrics": metrics, "primary_metric": "accuracy", "curves": curves,
@@ -446,6 +448,35 @@ def test_report_lists_failures_and_rejects_empty(tmp_path):
         write_report(empty, tmp_path / "r2")
 
 
+def test_report_names_a_nan_metric_and_skipped_lines_and_goes_on(tmp_path, capsys):
+    """One NaN metric used to sink the whole report without naming the run (issue 12, item 7)."""
+    from hybridpeft import cli
+
+    data = _bench(tmp_path, seeds=[0, 1, 2], methods=["lora", "hybrid"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}])
+    data["overrides"] = [{"where": {"method": "hybrid", "seed": 2}, "set": {"nan_metric": "val_loss"}}]
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    store = bench.output_dir / "results.jsonl"
+    good = {(r["method"], r["seed"]): r for r in map(json.loads, store.read_text().splitlines()) if r["status"] == "ok"}
+    rerun = {**good[("lora", 2)], "metrics": {**good[("lora", 2)]["metrics"], "accuracy": float("nan")}}
+    no_seed = {k: v for k, v in good[("lora", 0)].items() if k != "seed"}
+    with store.open("a") as fh:  # a NaN primary metric (hand-edited store, older writer), then three bad lines
+        fh.write(json.dumps(rerun) + "\n[1, 2]\n" + json.dumps(no_seed) + "\n" + '{"key": "x", "status": "o')
+    lines = len(store.read_text().splitlines())
+    with pytest.warns(UserWarning, match=r"skipped .*results.jsonl, line"):
+        assert cli.main(["report", str(bench.output_dir), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"| {rerun['key']} | metric failed | 1 | accuracy = nan; left out of every table and test |" in md
+    assert f"| {good[('hybrid', 2)]['key']} | metric failed | 1 | val_loss = nan; left out of that metric's mean |" in md
+    assert "| lora | 80.00 / 81.00 / — | 80.50 ± 0.71 |" in md  # the other seeds still count
+    assert "| hybrid | 90.00 / 91.00 / 89.00 | 90.00 ± 1.00† |" in md  # its primary metric is fine ...
+    assert "| tiny | sst2-cls | hybrid | 3 | 0.9000 | 1.5100 | 0.0950 |" in md  # ... and val_loss is the mean of seeds 0 and 1
+    assert "## Skipped lines of the results file" in md
+    assert f"`results.jsonl` line {lines - 2}: a JSON list, not a record object" in md
+    assert f"`results.jsonl` line {lines - 1}: finished record" in md and "['seed']" in md
+    assert f"`results.jsonl` line {lines}: not valid JSON" in md
+
+
 def test_cli_entry_points(tmp_path, capsys):
     from hybridpeft.bench.__main__ import main
 
@@ -706,3 +737,24 @@ def test_clipping_lambda_and_lr_selection_tables():
     final = [dict(r, lr_selected={"lr": 2e-3, "metric": "heldout_loss", "scores": {}}) for r in records[:2]]
     table = lr_selection_table(build_cells(search + final))
     assert table.rows == [["m", "t", "lora", "1e-3: 0.600 (70.0) · **2e-3**: 0.500 (80.0)", "2e-3"]]
+
+
+def test_a_run_finished_by_another_invocation_meanwhile_is_not_run_again(tmp_path):
+    """Two `hybridpeft bench` processes on one store (e.g. a second one started for one seed) must
+    not train the same run twice: each checks the store again right before a run starts."""
+    bench = parse_bench(_bench(tmp_path, seeds=[0, 1], methods=["lora"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}]))
+    runs = expand_grid(bench)
+    called = []
+
+    def job(config, run_dir):
+        called.append(config["run"]["seed"])
+        result = synthetic_job(config, run_dir)
+        if config["run"]["seed"] == 0:  # meanwhile, "another process" finishes seed 1
+            other = runs[1]
+            ResultStore(bench.output_dir).append({"key": other.key, "status": "ok", "model": "tiny", "task": "sst2-cls",
+                                                  "method": "lora", "adapter_method": "lora", "seed": 1, "role": "main",
+                                                  "config": other.config, **synthetic_job(other.config, run_dir)})
+        return result
+
+    out = run_bench(bench, job=job, progress=False)
+    assert called == [0] and out.skipped == 1 and len(out.ok) == 1

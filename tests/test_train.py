@@ -137,11 +137,14 @@ def test_consecutive_nans_abort_and_keep_last_good_checkpoint(tiny_model, tmp_pa
         with pytest.raises(TrainingAborted) as err:
             train(job)
     message = str(err.value)
-    assert "3 consecutive steps" in message and "step-000004" in message and "[5, 6, 7]" in message
+    assert "3 consecutive steps" in message and "[5, 6, 7]" in message
+    # step 4's weights were never tried (step 5 failed on them): step 2 is the last one known good,
+    # step 4 is set aside (kept, but not picked by --resume)
     checkpoints = job.run_dir() / "checkpoints"
-    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [4, 2]  # nothing written during the streak
-    assert ckpt.verify(checkpoints / "step-000004") is None
-    assert ckpt.load_trainer_state(checkpoints / "step-000004")["loop"]["step"] == 4
+    assert f"Last good checkpoint: {checkpoints / 'step-000002'}" in message and "step-000004.suspect" in message
+    assert [s for s, _ in ckpt.list_checkpoints(checkpoints)] == [2]  # nothing written during the streak
+    assert ckpt.verify(checkpoints / "step-000004.suspect") is None
+    assert ckpt.load_trainer_state(checkpoints / "step-000004.suspect")["loop"]["step"] == 4
 
 
 def test_checkpoint_atomicity_and_verification(tmp_path):

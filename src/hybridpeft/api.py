@@ -16,7 +16,7 @@ from .adapters.base import AdaptedLinear
 from .adapters.hybrid import HybridAdapter
 from .adapters.unitary import UnitaryAdapter, repair_drift
 from .config import AdapterConfig
-from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject
+from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject, undo_on_error
 from .mixing import update_lambdas
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -131,38 +131,98 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
+    """The validated config of the adapter in directory ``path``.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` there.
+        ValueError: it is not a JSON object, or a field is invalid (the message names the file).
+    """
     config_path = Path(path) / ADAPTER_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {path}")
-    data = json.loads(config_path.read_text())
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path} is invalid: expected a JSON object of adapter settings, "
+                         f"found a JSON {type(data).__name__}")
     data.pop("hybridpeft_version", None)
-    return AdapterConfig.from_dict(data)
+    try:
+        return AdapterConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_path}: {err}") from None
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter.safetensors`` in directory ``path`` (safetensors: no code runs).
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: it is not a readable safetensors file, or a floating-point tensor holds
+            NaN or ±inf (the key is named).
+    """
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error type for corrupt headers and truncation
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{weights}: key {key!r} holds non-finite values (NaN or inf); refusing to load it")
+    return tensors
+
+
+def _fit_problems(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> list[str]:
+    """Every way ``loaded`` does not fit the model's adapter tensors ``expected`` (empty if it fits).
+
+    A floating-point model tensor takes only a floating-point one (an integer or bool tensor
+    there is refused: converting it would silently load nonsense); an integer model tensor
+    (e.g. the Hybrid's step counter) takes only an integer one.
+    """
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        problems.append(f"missing keys {missing}, unexpected keys {unexpected}")
+    for key in sorted(set(expected) & set(loaded)):
+        target, value = expected[key], loaded[key]
+        if value.shape != target.shape:
+            problems.append(f"key {key!r}: saved shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
+        if target.is_floating_point() != value.is_floating_point() or (value.dtype == torch.bool) != (target.dtype == torch.bool):
+            problems.append(f"key {key!r}: saved dtype {str(value.dtype).replace('torch.', '')} cannot be loaded into "
+                            f"the model's {str(target.dtype).replace('torch.', '')} tensor")
+    return problems
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Re-create the adapters described in ``path`` on ``model`` (a base model, or one
     already injected with the same method) and load their tensors.
 
+    Everything is checked before any tensor is written (config, file, keys, shapes,
+    dtypes, finiteness); if anything is wrong the model is left exactly as it was
+    (a base model gets no adapters).
+
     Raises:
-        ValueError: a key is missing or unexpected (they are named), or the method differs.
+        ValueError: a key is missing or unexpected, a shape or dtype does not fit, a value is
+            not finite (each named), the config is invalid, or the method differs.
     """
     config = read_adapter_config(path)
+    loaded = read_adapter_tensors(path)
     if hasattr(model, CONFIG_ATTR):
         if config_of(model).method != config.method:
             raise ValueError(f"model carries method={config_of(model).method!r}, adapter has {config.method!r}")
-    else:
-        inject(model, config)
-    expected = adapter_state_dict(model)
-    loaded = load_file(str(Path(path) / ADAPTER_WEIGHTS))
-    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter in {path} does not fit this model: missing keys {missing}, unexpected keys {unexpected}")
+    with undo_on_error(model):
+        if not hasattr(model, CONFIG_ATTR):
+            inject(model, config)
+        expected = adapter_state_dict(model)
+        problems = _fit_problems(expected, loaded)
+        if problems:
+            raise ValueError(f"adapter in {path} does not fit this model: " + "; ".join(problems))
     with torch.no_grad():
         for key, target in expected.items():
-            value = loaded[key]
-            if value.shape != target.shape:
-                raise ValueError(f"key {key!r}: saved shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
+            target.copy_(loaded[key].to(target.dtype))
     return model
 
 

@@ -13,13 +13,21 @@ done by functions in ``hybridpeft.train`` that take ordinary typed arguments.
 Later subcommands (``bench``, ``report``) register with ``register_command``.
 
 Exit status: 0 success, 1 a runtime error, 2 an invalid configuration or
-arguments (every problem listed), 3 training aborted on non-finite steps.
+arguments (every problem listed), 3 training aborted on non-finite steps,
+130 interrupted (Ctrl-C or SIGTERM; what finished is kept and the message says
+how to continue). Expected failures (bad input, a missing file, a busy or full
+run dir) print one line, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -67,6 +75,21 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the newest intact checkpoint of the run dir (or the one given)")
     p.add_argument("--print-config", action="store_true",
                    help="validate, print the resolved config as YAML and exit (loads no model)")
+    _unsafe_exec_argument(p)
+
+
+def _unsafe_exec_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unsafe-exec", action="store_true",
+                   help="where no OS sandbox (bubblewrap) is available, run generated code (HumanEval) anyway, "
+                        "with resource limits only; without this flag such runs are refused")
+
+
+def apply_unsafe_exec(args: argparse.Namespace) -> None:
+    """``--allow-unsafe-exec``: opt in for this process and the workers it starts (an environment variable)."""
+    if getattr(args, "allow_unsafe_exec", False):
+        from .tasks.sandbox import UNSAFE_ENV
+
+        os.environ[UNSAFE_ENV] = "1"
 
 
 def _job_overrides(args: argparse.Namespace) -> list[str]:
@@ -108,12 +131,23 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task (default: the one the adapter was trained on)")
     p.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE", help="task constructor argument")
     p.add_argument("--split", help="split to score (default: the task's evaluation split)")
-    p.add_argument("--limit", type=int, help="score only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=_positive_int, help="score only the first N examples")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--data-dir", help="local data files for tasks that read them")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
     p.add_argument("--out", help="directory for metrics.json and predictions.jsonl (per example: input, output, "
                                  "reference, score); default: eval-<task>-<split> in the run dir, or here with --base")
+    _unsafe_exec_argument(p)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a positive integer")
+    return value
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
@@ -151,12 +185,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a file or a non-empty directory")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .train.artifacts import merge_to_dir
 
-    out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype)
+    out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype,
+                       overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -190,6 +226,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from .bench.commands import add_bench_arguments
 
     add_bench_arguments(p)
+    _unsafe_exec_argument(p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -237,26 +274,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: ``finally`` blocks run, the run
+    dir lock is released, and the command says what was kept instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted ``train`` (its own arguments plus --resume)."""
+    words = ["hybridpeft", *argv]
+    resuming = any(word == "--resume" or word.startswith("--resume=") for word in argv)
+    return shlex.join(words if resuming else words + ["--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_CONFIG
+    from .tasks.sandbox import SandboxUnavailable
     from .train.config import ConfigError
+    from .train.failures import TrainingInterrupted
+    from .train.lock import RunDirBusy
     from .train.loop import TrainingAborted
 
+    apply_unsafe_exec(args)
     try:
-        return args._run(args)
+        with _sigterm_as_interrupt():
+            return args._run(args)
     except ConfigError as err:
         print(f"hybridpeft: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingAborted as err:
         print(f"hybridpeft: {err}", file=sys.stderr)
         return EXIT_ABORTED
-    except (ValueError, FileNotFoundError) as err:
+    # bad input, missing/unwritable files, a full disk, a busy run dir, no sandbox for generated code
+    except (ValueError, OSError, RunDirBusy, SandboxUnavailable) as err:
         print(f"hybridpeft: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except TrainingInterrupted as err:
+        go_on = (f"continue with: {_resume_command(sys.argv[1:] if argv is None else list(argv))}"
+                 if err.checkpoint is not None else "rerun the same command to start again")
+        print(f"hybridpeft: {err}; {go_on}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is saved; say how to go on
         print(f"hybridpeft: interrupted; finished work is kept — rerun the same `{args.command}` command "
               f"(with --resume for train) to continue", file=sys.stderr)

@@ -7,9 +7,10 @@ registry lets ``load_adapter`` rebuild the right config from
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .patterns import compile_entry
 
 FORMAT_VERSION = 1
 
@@ -49,7 +50,7 @@ class AdapterConfig:
         target_modules: which modules to adapt. A list entry matches a module
             whose qualified name equals it or ends with ``"." + entry``; an entry
             starting with ``"re:"`` is a regular expression matched against the
-            whole qualified name. ``"all-linear"`` matches every ``nn.Linear`` /
+            whole qualified name (``regex`` engine, time-bounded; see ``hybridpeft.patterns``). ``"all-linear"`` matches every ``nn.Linear`` /
             GPT-2 ``Conv1D`` except the output head.
         adapter_dtype: dtype of the adapter tensors (``"float32"``, ``"float64"``,
             ``"bfloat16"``, ``"float16"``); ``None`` follows the base weight.
@@ -68,13 +69,10 @@ class AdapterConfig:
         self.target_modules = list(self.target_modules)
         self.trainable_modules = list(self.trainable_modules)
         check(len(self.target_modules) > 0, "target_modules", self.target_modules, "a non-empty list of names")
-        for pattern in self.target_modules + self.trainable_modules:
-            check(isinstance(pattern, str) and pattern != "", "target_modules", pattern, "non-empty strings")
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ValueError(f"target_modules entry {pattern!r} is not a valid regex: {err}") from None
+        for name in ("target_modules", "trainable_modules"):
+            for pattern in getattr(self, name):
+                check(isinstance(pattern, str) and pattern != "", name, pattern, "non-empty strings")
+                compile_entry(pattern, name)  # a bad regex is refused here; matching time is bounded in inject
         check(
             self.adapter_dtype in (None, "float32", "float64", "bfloat16", "float16"),
             "adapter_dtype", self.adapter_dtype, "None, 'float32', 'float64', 'bfloat16' or 'float16'",

@@ -1,7 +1,8 @@
 """Find target modules in any torch model and wrap them with adapters."""
 from __future__ import annotations
 
-import re
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -9,14 +10,13 @@ from torch import nn
 from .adapters import adapter_class
 from .adapters.base import AdaptedLinear, is_supported_layer, layer_shape
 from .config import AdapterConfig
+from .patterns import select
 
 CONFIG_ATTR = "hybridpeft_config"
 
 
-def _matches(name: str, pattern: str) -> bool:
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
+def _module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -37,8 +37,9 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
         head = _output_head(model)
         return [n for n, m in model.named_modules() if is_supported_layer(m) and m is not head and n != "lm_head"]
     names: list[str] = []
+    candidates = _module_names(model)
     for pattern in patterns:
-        hits = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+        hits = select(candidates, pattern, "target_modules")
         if not hits:
             raise ValueError(f"target_modules entry {pattern!r} matches no module of {type(model).__name__}")
         for name in hits:
@@ -64,6 +65,7 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Wrap every target module of ``model`` with ``config``'s adapter, in place.
 
     Everything else is frozen (``full`` instead unfreezes everything). Returns ``model``.
+    All or nothing: if any target cannot be adapted, the model is left as it was.
 
     Raises:
         ValueError: the model already carries adapters, or a target is unusable
@@ -71,14 +73,28 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if hasattr(model, CONFIG_ATTR):
         raise ValueError("model already has hybridpeft adapters; load into a fresh base model")
-    if config.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+    with undo_on_error(model):
+        if config.method != "full":
+            wrapped = [(name, AdaptedLinear(model.get_submodule(name), adapter))
+                       for name, adapter in _build_adapters(model, config)]
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, layer in wrapped:
+                _replace(model, name, layer)
+            for name in _trainable_module_names(model, config):
+                for p in model.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
         setattr(model, CONFIG_ATTR, config)
-        return model
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return model
+
+
+def _build_adapters(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """(target name, its new adapter) for every target, before any layer is touched."""
     cls = adapter_class(config.method)
+    built = []
     for name in find_targets(model, config.target_modules):
         layer = model.get_submodule(name)
         d_in, d_out = layer_shape(layer)
@@ -88,18 +104,36 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             raise ValueError(f"cannot adapt {name!r} (d_in={d_in}, d_out={d_out}): {err}") from None
         weight = layer.weight
         adapter.to(device=weight.device, dtype=_dtype(config, weight))
-        _replace(model, name, AdaptedLinear(layer, adapter))
-    for name in _trainable_module_names(model, config):
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-    setattr(model, CONFIG_ATTR, config)
-    return model
+        built.append((name, adapter))
+    return built
+
+
+@contextlib.contextmanager
+def undo_on_error(model: nn.Module) -> Iterator[None]:
+    """If the block raises, put ``model`` back as it was on entry: the original layers in place
+    of any ``AdaptedLinear`` added inside the block, no adapter config unless it had one, and
+    every parameter's ``requires_grad`` as before."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    had_config = hasattr(model, CONFIG_ATTR)
+    before = {id(m) for _, m in adapted_layers(model)}
+    try:
+        yield
+    except BaseException:
+        for name, layer in adapted_layers(model):
+            if id(layer) not in before:
+                _replace(model, name, layer.base_layer)
+        if not had_config and hasattr(model, CONFIG_ATTR):
+            delattr(model, CONFIG_ATTR)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _trainable_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
-    names = []
+    names: list[str] = []
+    candidates = _module_names(model)
     for pattern in config.trainable_modules:
-        hits = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+        hits = select(candidates, pattern, "trainable_modules")
         if not hits:
             raise ValueError(f"trainable_modules entry {pattern!r} matches no module of {type(model).__name__}")
         names += [h for h in hits if h not in names]

@@ -63,23 +63,72 @@ def resolve(name: str) -> str:
     return name
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only mean a local directory: absolute, ``./``, ``../``, ``~``, or with
+    more than one ``/`` (a hub id is ``name`` or ``namespace/name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse, in one line, a model that cannot be a directory or a hub id (before transformers
+    spends up to a minute retrying the hub for a mistyped path).
+
+    Raises:
+        FileNotFoundError: ``name`` is a path to nothing.
+        ValueError: ``name`` is a file, not a directory.
+    """
+    if name in (SMOLLM2, MINILM):
+        return
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ValueError(f"model {name!r} is a file; expected a model directory (config.json, weights) or a hub id")
+    if looks_like_path(name) and not local.exists():
+        raise FileNotFoundError(f"model {name!r}: no such directory")
+
+
+def _from_pretrained(loader, name: str, path: str, **kwargs):
+    """``loader(path, **kwargs)``; a failure becomes one line naming the model and what to do."""
+    try:
+        return loader(path, **kwargs)
+    except OSError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if Path(path).expanduser().is_dir():
+            raise ValueError(f"model directory {name!r} cannot be loaded: {reason}") from None
+        raise ValueError(
+            f"model {name!r} is not a local directory and could not be loaded from the Hugging Face hub "
+            f"({reason}); offline, pass a local model directory instead"
+        ) from None
+
+
 def load_causal_lm(name: str = SMOLLM2, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for a causal LM; the tokenizer gets a pad token if it lacks one."""
+    """(model, tokenizer) for a causal LM; the tokenizer gets a pad token if it lacks one.
+
+    Raises:
+        FileNotFoundError / ValueError: the model is a missing path, or neither a local
+            directory nor reachable on the hub (one line naming it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_model_name(name)
     path = resolve(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, name, path, dtype=dtype)
     return model, tokenizer
 
 
 def load_sequence_classifier(name: str = MINILM, num_labels: int = 2, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for an encoder with a fresh classification head of ``num_labels``."""
+    """(model, tokenizer) for an encoder with a fresh classification head of ``num_labels``.
+
+    Raises:
+        FileNotFoundError / ValueError: as ``load_causal_lm``.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    _check_model_name(name)
     path = resolve(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
+    tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, name, path)
+    model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, name, path,
+                             num_labels=num_labels, dtype=dtype)
     return model, tokenizer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .spec import lr_label
 from .stats import summarize
 from .tables import Cell, Table, fmt, scale
 
@@ -102,13 +103,13 @@ def lr_selection_table(cells: dict[tuple[str, str, str], Cell]) -> Table | None:
         for cell in sorted(group, key=lambda c: float((c.records[0].get("lr_search") or {}).get("lr", 0.0))):
             lr = (cell.records[0].get("lr_search") or {}).get("lr")
             losses = cell.values(metric)
-            scored, unit = scale(cell.metric, cell.values())
+            scored, _ = scale(cell.metric, cell.values())
             mark = "**" if chosen and lr == chosen["lr"] else ""
             loss_text = f"{summarize(losses).mean:.3f}" if losses else "—"
             score_text = f"{summarize(scored).mean:.1f}" if scored else "—"
             parts.append(f"{mark}{cell.method.split('@', 1)[1]}{mark}: {loss_text} ({score_text})")
         rows.append([model, task, method, " · ".join(parts),
-                     "waiting" if chosen is None else (cell_label(chosen["lr"]) + (f" ({chosen['note']})" if chosen.get("note") else ""))])
+                     "waiting" if chosen is None else (lr_label(chosen["lr"]) + (f" ({chosen['note']})" if chosen.get("note") else ""))])
     seeds = sorted({s for c in searched for s in c.seeds})
     return Table("Learning-rate selection", ["Model", "Task", "Method",
                                              f"Candidates: mean {metric} over seeds {seeds} (scored metric, for reading only)",
@@ -116,9 +117,3 @@ def lr_selection_table(cells: dict[tuple[str, str, str], Cell]) -> Table | None:
                  f"Each cell's lr is the candidate with the lowest mean {metric}, a loss on examples held out of the "
                  "training split; the scored evaluation split plays no part in the choice. The final runs (the tables "
                  "above) use the chosen lr for every seed; a final run identical to a search run reuses its record.")
-
-
-def cell_label(lr: float) -> str:
-    from .spec import lr_label
-
-    return lr_label(lr)

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 from . import figures
 from .claims import claims
-from .store import apply_annotations, finished, read_annotations, read_records
 from .diagnostics import clipping_table, lambda_table, lr_selection_table
 from .layouts import direction_average_cells, direction_tables, language_tables
+from .store import SkippedLine, apply_annotations, finished, read_annotations, read_store
 from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
                      metrics_table, not_comparable_reasons, _memory_key)
 
@@ -68,19 +70,32 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     Returns:
         ``{"markdown": path, "html": path, "figures": [...]}``-style mapping of names to paths.
 
+    A run whose primary metric is missing or not finite (NaN, inf) is listed under
+    "Failed runs" as a failed metric and left out of every statistic (a non-finite
+    secondary metric only out of that metric's mean, and listed too); lines of the
+    results file that cannot be used are listed, with file and line, under "Skipped
+    lines of the results file" (and warned about on stderr).
+
     Raises:
-        FileNotFoundError: no results file; ValueError: it holds no finished run.
+        FileNotFoundError: no results file; ValueError: it holds no finished run with a
+            finite primary metric (the failed ones are named).
     """
-    records = apply_annotations(read_records(results), read_annotations(results))
-    done = finished(records)
+    records, skipped = read_store(results, complete=True)
+    for line in skipped:
+        warnings.warn(f"skipped {line}", stacklevel=2)
+    records = apply_annotations(records, read_annotations(results))
+    done, metric_failed = split_metric_failures(finished(records))
     if not done:
-        raise ValueError(f"{results} holds no finished run (status 'ok'); nothing to report")
+        failed = "; ".join(f"{r['key']}: {', '.join(metric_problems(r))}" for r in metric_failed)
+        raise ValueError(f"{results} holds no finished run (status 'ok') with a usable metric; nothing to report"
+                         + (f" ({failed})" if failed else ""))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = build_cells(done)
     blocks, figure_paths = build_blocks(records, cells, out, reference=reference,
                                         title=title or f"Benchmark report: {Path(results).resolve().name}",
-                                        notes=Path(notes).read_text() if notes else None)
+                                        notes=Path(notes).read_text() if notes else None,
+                                        metric_failed=metric_failed, skipped=skipped)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(render_markdown(blocks))
     html_path.write_text(render_html(blocks))
@@ -89,8 +104,32 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     return paths
 
 
+def metric_problems(record: dict[str, Any]) -> list[str]:
+    """Every metric of a finished record that is not a finite number (``["accuracy = nan"]``);
+    a missing primary metric counts too."""
+    metrics = record["metrics"]
+    problems = [] if record["primary_metric"] in metrics else [f"primary metric {record['primary_metric']!r} missing"]
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} = {value!r} is not a number")
+        elif not math.isfinite(value):
+            problems.append(f"{name} = {value}")
+    return problems
+
+
+def primary_failed(record: dict[str, Any]) -> bool:
+    value = record["metrics"].get(record["primary_metric"])
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+
+def split_metric_failures(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(records whose primary metric is a finite number, records with any metric that is not)."""
+    return [r for r in records if not primary_failed(r)], [r for r in records if metric_problems(r)]
+
+
 def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str], Cell], out: Path, *,
-                 reference: str, title: str, notes: str | None) -> tuple[list[Block], list[Path]]:
+                 reference: str, title: str, notes: str | None, metric_failed: list[dict[str, Any]] = (),
+                 skipped: list[SkippedLine] = ()) -> tuple[list[Block], list[Path]]:
     blocks: list[Block] = [Heading(1, title)]
     blocks += _setup_blocks(records, cells)
     if notes:
@@ -134,7 +173,10 @@ def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str]
             if path is not None:
                 figure_paths.append(path)
                 blocks.append(Image(f"figures/{path.name}", f"Per-layer λ of the adaptive Hybrid over training, {model} on {task}."))
-    blocks += _failure_blocks(records)
+    blocks += _failure_blocks(records, metric_failed)
+    if skipped:
+        blocks += [Heading(2, "Skipped lines of the results file"),
+                   Bullets([f"`{line.file.name}` line {line.line}: {line.reason}" for line in skipped])]
     return blocks, figure_paths
 
 
@@ -205,16 +247,24 @@ def _budget_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
     return items
 
 
-def _failure_blocks(records: list[dict[str, Any]]) -> list[Block]:
+def _failure_blocks(records: list[dict[str, Any]], metric_failed: list[dict[str, Any]] = ()) -> list[Block]:
     last: dict[str, dict[str, Any]] = {}
     for r in records:
         last[r["key"]] = r
     bad = [r for r in last.values() if r["status"] != "ok"]
-    if not bad:
+    if not bad and not metric_failed:
         return [Heading(2, "Failed runs"), Para("None: every run in the store finished.")]
-    rows = [[r["key"], r["status"], str(r.get("attempt", "?")), (r.get("error") or "interrupted or still running").strip().splitlines()[-1][:200]]
-            for r in bad]
-    return [Heading(2, "Failed runs"), Table("Runs whose last attempt did not finish", ["Run", "Status", "Attempts", "Last error line"], rows)]
+    rows = [[r["key"], r["status"], str(r.get("attempt", "?")), _last_line(r.get("error"))] for r in bad]
+    rows += [[r["key"], "metric failed", str(r.get("attempt", "?")),
+              "; ".join(metric_problems(r)) + ("; left out of every table and test" if primary_failed(r)
+                                               else "; left out of that metric's mean")] for r in metric_failed]
+    return [Heading(2, "Failed runs"), Table("Runs whose last attempt did not finish, or finished without a usable metric",
+                                             ["Run", "Status", "Attempts", "Last error line"], rows)]
+
+
+def _last_line(error: Any) -> str:
+    lines = str(error or "").strip().splitlines()
+    return lines[-1][:200] if lines else "interrupted or still running"
 
 
 # ---------------------------------------------------------------- rendering

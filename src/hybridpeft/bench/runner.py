@@ -261,7 +261,12 @@ def _run_phase(ctx: "_GridContext", runs: list[RunSpec], limit: int, outcome: Be
     ctx.concurrency = min(ctx.bench.workers, max(1, len(pending)))
 
     def one(run: RunSpec) -> None:
-        attempts = states[run.key].attempts if run.key in states else 0
+        latest = ctx.store.states().get(run.key)
+        if latest is not None and latest.status == "ok":  # another invocation on this store finished it meanwhile
+            outcome.skipped += 1
+            bar.update(1)
+            return
+        attempts = latest.attempts if latest is not None else 0
         run_dir = ctx.bench.output_dir / "runs" / run_dir_name(run.key)
         run_dir.mkdir(parents=True, exist_ok=True)
         bar.set_postfix_str(f"{run.model}/{run.task}/{run.method}/seed{run.seed}")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import check
-from ..train.config import set_dotted
+from ..train.config import read_yaml, set_dotted
 
 ROLES = ("main", "ablation")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"
@@ -444,10 +444,15 @@ def load_bench(path: str | os.PathLike, overrides: list[str] | None = None) -> B
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     check(isinstance(data, dict), str(path), type(data).__name__, "a YAML mapping at the top level")
     for item in overrides or []:
         check("=" in item, "--set", item, "'dotted.key=value'")
         key, raw = item.split("=", 1)
-        set_dotted(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {key.strip()}={raw!r} is invalid: not a YAML value "
+                             f"({getattr(err, 'problem', None) or err})") from None
+        set_dotted(data, key.strip(), value)
     return parse_bench(data, base_dir=path.resolve().parent)

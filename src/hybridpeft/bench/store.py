@@ -66,12 +66,47 @@ def results_path(path: str | os.PathLike) -> Path:
     return p if p.suffix == ".jsonl" or p.is_file() else p / RESULTS_FILE
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record in the file, in order.
+@dataclass(frozen=True)
+class SkippedLine:
+    """A line of a results file that could not be used, and why."""
 
-    A line that is not a valid record is skipped with a warning naming the file,
-    the count and the line numbers (a torn last line, from a process killed
-    mid-write, is the expected case).
+    file: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}, line {self.line}: {self.reason}"
+
+
+_OK_FIELDS = {"model": str, "task": str, "method": str, "seed": int, "metrics": dict, "primary_metric": str}
+
+
+def _record_problem(record: Any, complete: bool) -> str | None:
+    """Why a parsed line is not a usable record (None if it is); ``complete`` also asks a
+    finished run for every field a report reads."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record object"
+    if not isinstance(record.get("key"), str):
+        return "missing field 'key'"
+    if record.get("status") not in STATUSES:
+        return f"status={record.get('status')!r} is not one of {list(STATUSES)}"
+    if record["status"] != "ok" or not complete:
+        return None
+    missing = [name for name, kind in _OK_FIELDS.items()
+               if not isinstance(record.get(name), kind) or (kind is int and isinstance(record.get(name), bool))]
+    if missing:
+        return f"finished record {record['key']!r} is missing field(s) or has the wrong type: {missing}"
+    return None
+
+
+def read_store(path: str | os.PathLike, complete: bool = False) -> tuple[list[dict[str, Any]], list[SkippedLine]]:
+    """Every usable record in the file, in order, and the lines that were not usable.
+
+    A line is skipped (with its file, line number and reason) when it is not JSON (a torn
+    last line, from a process killed mid-write, is the expected case), not an object, or
+    a record without ``key`` and a valid ``status``; with ``complete`` (what a report needs)
+    also a finished run without ``model``, ``task``, ``method``, ``seed``, ``metrics`` and
+    ``primary_metric`` of the right types.
 
     Raises:
         FileNotFoundError: the results file does not exist.
@@ -79,22 +114,35 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     file = results_path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no results file at {file}")
-    records, bad = [], []
-    with file.open(encoding="utf-8") as fh:
+    records, skipped = [], []
+    with file.open(encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(lineno)
+            except json.JSONDecodeError as err:
+                skipped.append(SkippedLine(file, lineno, f"not valid JSON ({err.msg}, column {err.colno})"))
                 continue
-            if not isinstance(record, dict) or "key" not in record or record.get("status") not in STATUSES:
-                bad.append(lineno)
+            problem = _record_problem(record, complete)
+            if problem is not None:
+                skipped.append(SkippedLine(file, lineno, problem))
                 continue
             records.append(_upgrade(record))
-    if bad:
-        warnings.warn(f"{file}: skipped {len(bad)} unreadable line(s): {bad[:10]}", stacklevel=2)
+    return records, skipped
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every usable record in the file, in order; skipped lines are reported in one warning
+    naming the file and each line (``read_store`` returns them instead).
+
+    Raises:
+        FileNotFoundError: the results file does not exist.
+    """
+    records, skipped = read_store(path)
+    if skipped:
+        warnings.warn(f"{results_path(path)}: skipped {len(skipped)} unreadable line(s): "
+                      + "; ".join(f"line {s.line}: {s.reason}" for s in skipped[:10]), stacklevel=2)
     return records
 
 

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -52,17 +53,25 @@ class Cell:
         return [r["seed"] for r in self.records]
 
     def values(self, metric: str | None = None) -> list[float]:
+        """The finite values of ``metric`` (default: the primary one) over the seeds that have one."""
         name = metric or self.metric
-        return [float(r["metrics"][name]) for r in self.records if name in r["metrics"]]
+        return [v for v in (_number(r["metrics"].get(name)) for r in self.records) if v is not None]
 
     def footprint(self, name: str) -> list[float]:
-        return [float(r["footprint"][name]) for r in self.records if r.get("footprint", {}).get(name) is not None]
+        return [v for v in (_number((r.get("footprint") or {}).get(name)) for r in self.records) if v is not None]
 
     def schedule(self) -> str | None:
         """The Hybrid's λ schedule as configured (``None`` for other methods)."""
         if self.adapter_method != "hybrid":
             return None
         return str(self.records[0]["config"].get("adapter", {}).get("schedule", "adaptive"))
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (absent, not a number, NaN or ±inf: left out of statistics)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def build_cells(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], Cell]:
@@ -213,9 +222,9 @@ def majority_class(cells: dict[tuple[str, str, str], Cell], model: str, task: st
     for cell in cells.values():
         if (cell.model, cell.task) == (model, task):
             for record in cell.records:
-                value = record["metrics"].get("majority_class_accuracy")
+                value = _number(record["metrics"].get("majority_class_accuracy"))
                 if value is not None and cell.metric == "accuracy":
-                    return float(value)
+                    return value
     return None
 
 
@@ -228,9 +237,9 @@ def before_scores(cells: dict[tuple[str, str, str], Cell], model: str, task: str
     for cell in cells.values():
         if (cell.model, cell.task) == (model, task):
             for record in cell.records:
-                value = (record.get("before") or {}).get(cell.metric)
+                value = _number((record.get("before") or {}).get(cell.metric))
                 if value is not None:
-                    by_seed.setdefault(record["seed"], float(value))
+                    by_seed.setdefault(record["seed"], value)
     return by_seed
 
 

@@ -1,15 +1,22 @@
-"""Child side of the sandbox: confine this process, then run ``program.py``.
+"""Child side of the sandbox: confine this process, then run the program.
 
-Started by ``sandbox.run_program`` as ``python -I _sandbox_runner.py WORKDIR MEMORY CPU FSIZE UID``
-in a new session (its own process group), with a stripped environment, stdin
-closed and stdout/stderr going to size-limited files. Standard library only; it
-must not import the package.
+Started by ``sandbox.run_program`` as
+``python -I _sandbox_runner.py WORKDIR PROGRAM MEMORY CPU FSIZE UID UNSAFE``
+with a stripped environment, stdin closed and stdout/stderr going to files —
+inside bubblewrap's namespaces normally (see ``_bwrap``), or, only when the
+user opted in to unsafe execution, directly on the host in a new session.
+Standard library only; it must not import the package.
 
 Order matters: everything that needs privileges or file access (reading the
-program, pre-importing its standard-library modules, leaving the network
-namespace) happens first; then resource limits, then dropping to an unprivileged
-uid, then disabling destructive functions, and only then the untrusted code runs.
+program, pre-importing its standard-library modules; in the unsafe mode also
+leaving the network namespace) happens first; then resource limits, then
+dropping to an unprivileged uid (``UID`` >= 0: the caller is root), then
+disabling destructive functions, and only then the untrusted code runs.
 Exit status 0 means the program ran to its end; anything else is a failure.
+
+The in-process guards are a last layer that the program can undo (for instance
+by re-importing a module); nothing relies on them. The kernel-enforced parts
+here are the resource limits and the uid drop.
 """
 import ast
 import builtins
@@ -22,8 +29,8 @@ import shutil
 import sys
 import traceback
 
-# Imported before the uid drop so that programs can use them even when the
-# interpreter's files are unreadable to the unprivileged user.
+# Imported before the uid drop in the unsafe mode, so that programs can use them
+# even when the interpreter's files are unreadable to the unprivileged user.
 PRELOAD = (
     "typing", "math", "cmath", "re", "string", "collections", "collections.abc", "itertools", "functools",
     "operator", "heapq", "bisect", "hashlib", "fractions", "decimal", "statistics", "random", "copy",
@@ -37,6 +44,7 @@ BLOCKED_MODULES = (
     "venv", "pydoc",
 )
 # Destructive or escaping functions replaced by a stub that raises PermissionError.
+# (os.register_at_fork stays: ``random`` calls it on import, and RLIMIT_NPROC = 0 forbids forks anyway.)
 BLOCKED_OS = (
     "system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "setsid", "setpgid", "setpgrp", "setuid",
     "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "putenv",
@@ -44,7 +52,7 @@ BLOCKED_OS = (
     "link", "symlink", "mkfifo", "mknod",
     "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve",
     "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "posix_spawn", "posix_spawnp",
-    "register_at_fork", "_exit", "plock", "sched_setaffinity", "setpriority", "nice",
+    "_exit", "plock", "sched_setaffinity", "setpriority", "nice",
 )
 BLOCKED_SHUTIL = ("rmtree", "move", "chown", "disk_usage")
 # Functions allowed only on paths inside the sandbox directory (tempfile and
@@ -52,6 +60,7 @@ BLOCKED_SHUTIL = ("rmtree", "move", "chown", "disk_usage")
 CONFINED_OS = {"remove": 1, "unlink": 1, "rmdir": 1, "rename": 2, "replace": 2, "truncate": 1, "chmod": 1}
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
+MAX_OPEN_FILES = 256
 
 
 def _blocked(name):
@@ -73,8 +82,9 @@ def leave_network():
         sys.modules.pop(name, None)
 
 
-def preload(source):
-    names = list(PRELOAD)
+def preload(source, common):
+    """Import the program's standard-library modules (and, with ``common``, the PRELOAD list)."""
+    names = list(PRELOAD) if common else []
     try:
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):
@@ -103,6 +113,7 @@ def limit(resource_id, soft, hard=None):
 
 def confine(memory, cpu, fsize, uid):
     limit(resource.RLIMIT_AS, memory)
+    limit(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)
     limit(resource.RLIMIT_CPU, max(1, cpu), max(1, cpu) + 1)  # SIGXCPU, then SIGKILL a second later
     limit(resource.RLIMIT_FSIZE, fsize)
     limit(resource.RLIMIT_CORE, 0)
@@ -176,12 +187,16 @@ def guard(workdir):
 
 
 def main():
-    workdir, memory, cpu, fsize, uid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    workdir, program = sys.argv[1], sys.argv[2]
+    memory, cpu, fsize, uid, unsafe = (int(a) for a in sys.argv[3:8])
     os.chdir(workdir)
-    with open("program.py", encoding="utf-8") as f:
+    with open(program, encoding="utf-8") as f:
         source = f.read()
-    leave_network()
-    preload(source)
+    if unsafe:  # no OS sandbox around us: do what little a process can do for itself
+        leave_network()
+    # Before the guards stub functions that a module might call on import; in the unsafe mode also the
+    # common modules, whose files the uid drop may make unreadable (~45 ms).
+    preload(source, common=bool(unsafe))
     confine(memory, cpu, fsize, uid)
     exit_now, flush = os._exit, sys.stdout.flush
     guard(workdir)
@@ -191,6 +206,10 @@ def main():
         flush()
     except BaseException:  # SystemExit too: leaving early is not passing
         try:
+            try:
+                flush()  # what the program printed before failing helps to see why
+            except BaseException:
+                pass
             traceback.print_exc()
             sys.stderr.flush()
         finally:

