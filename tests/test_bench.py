@@ -685,12 +685,13 @@ def test_multilingual_layouts_say_no_data_and_average_the_directions():
     from hybridpeft.bench.report import claims
 
     xnli = {"data": {"task_args": {"languages": ["en", "zh", "hi"]}}}
+    skipped = {"skipped_languages": {"zh": "no file, no hub", "hi": "no file, no hub"}}
     records = []
     for seed in (0, 1, 2):
         for method, acc, es, zh in (("lora", 0.50, 20.0, 10.0), ("hybrid", 0.60, 24.0, 13.0)):
             records.append(_record("m", "xnli", method, seed, {"accuracy": acc + 0.01 * seed, "accuracy_en": acc + 0.01 * seed,
                                                                "majority_class_accuracy": 0.34}, config=xnli,
-                                   before={"accuracy": 0.40, "accuracy_en": 0.40}))
+                                   before={"accuracy": 0.40, "accuracy_en": 0.40}, data=skipped))
             records.append(_record("m", "translate-en-es", method, seed, {"bleu": es + seed}, "bleu", before={"bleu": 5.0}))
             records.append(_record("m", "translate-en-zh", method, seed, {"bleu": zh + 0.5 * seed}, "bleu", before={"bleu": 3.0}))
     cells = build_cells(records)
@@ -707,6 +708,7 @@ def test_multilingual_layouts_say_no_data_and_average_the_directions():
     assert [r["metrics"]["bleu"] for r in averaged[("m", "translation (mean over en→es, en→zh)", "hybrid")].records] == [18.5, 19.25, 20.0]
     said = claims({**cells, **averaged})
     assert any(c.startswith("m/translation (mean over en→es, en→zh) — Hybrid beats lora: supported (Δ = +3.50 bleu") for c in said)
+    assert any(c.startswith("m/xnli (en only: no data for hi, zh) — Hybrid beats lora: supported") for c in said)
     full_macro = build_cells([_record("m", "xnli", "lora", s, {"accuracy": 0.5, "accuracy_en": 0.6, "accuracy_zh": 0.4},
                                       config={"data": {"task_args": {"languages": "en,zh"}}}) for s in (0, 1)])
     assert language_tables(full_macro)[0].rows[0] == ["lora", "60.00 ± 0.00", "40.00 ± 0.00", "50.00 ± 0.00"]

@@ -128,7 +128,7 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
         by_method = {name: main[(model, task, name)] for name in dict.fromkeys((reference,) + HYBRID_RIVALS)
                      if (model, task, name) in main and main[(model, task, name)].role == "main"}
         floor = score_floor(main, model, task)
-        where = f"{model}/{task}"
+        where = f"{model}/{task}" + _partial_languages(main, model, task)
         for line in _accuracy_claims(main, model, task, by_method, floor, reference):
             out.append(f"{where} — {line}")
         for line in _footprint_claims(main, model, task, by_method, reference):
@@ -136,6 +136,19 @@ def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> 
     if not out:
         out.append("No cell of the methods the paper compares was run, so none of its claims can be checked.")
     return out
+
+
+def _partial_languages(cells: dict[tuple[str, str, str], Cell], model: str, task: str) -> str:
+    """`` (en only: no data for hi, zh)`` when the runs of (model, task) left languages out."""
+    for cell in cells.values():
+        if (cell.model, cell.task) == (model, task):
+            for record in cell.records:
+                skipped = sorted(((record.get("data") or {}).get("skipped_languages") or {}))
+                if skipped:
+                    kept = sorted(k[len("accuracy_"):] for k in record["metrics"]
+                                  if k.startswith("accuracy_") and k != "accuracy_micro")
+                    return f" ({', '.join(kept) or 'none'} only: no data for {', '.join(skipped)})"
+    return ""
 
 
 def _accuracy_claims(cells: dict[tuple[str, str, str], Cell], model: str, task: str, by_method: dict[str, Cell],
