@@ -663,6 +663,13 @@ def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tm
                                                        for f in (bench.output_dir / "runs").glob("*/calls")) == 34
     with pytest.raises(FileNotFoundError, match="reuse_from entry"):
         run_bench(parse_bench(dict(elsewhere, reuse_from=["nowhere.jsonl"])), progress=False)
+    # A relative entry resolves against the benchmark file's directory and is recorded as written:
+    # a committed store must not carry this machine's absolute paths.
+    relative = dict(elsewhere, output=str(tmp_path / "relative"), reuse_from=[f"{bench.output_dir.name}/results.jsonl"])
+    run_bench(parse_bench(relative, base_dir=bench.output_dir.parent), progress=False)
+    sources = {r["reused_from"].split(":")[0] for r in finished(read_records(tmp_path / "relative"))
+               if ":" in r["reused_from"]}
+    assert sources == {f"{bench.output_dir.name}/results.jsonl"}
 
     broken = dict(data, output=str(tmp_path / "broken"), max_attempts=1,
                   overrides=[{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"fail": {"always": True}}}])

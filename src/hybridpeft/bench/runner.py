@@ -208,11 +208,12 @@ def run_bench(
     ctx = _GridContext(store=store, bench=bench, job=None if use_subprocess else configured, use_subprocess=use_subprocess,
                        versions=versions(), env=worker_env(bench.workers) if use_subprocess else None, live=_LiveWorkers(),
                        record_lock=threading.Lock(), concurrency=1, load=LoadMonitor())
-    for path in bench.reuse_paths():
+    for entry, path in zip(bench.reuse_from, bench.reuse_paths()):
         if not path.is_file():
             raise FileNotFoundError(f"reuse_from entry {path} does not exist")
         records = apply_annotations(read_records(path), read_annotations(path))  # a footprint marked there stays marked
-        ctx.external += [{**r, "reused_store": str(path)} for r in finished(records) if isinstance(r.get("config"), dict)]
+        # Named as the benchmark file names it (relative to that file), not by this machine's absolute path.
+        ctx.external += [{**r, "reused_store": entry} for r in finished(records) if isinstance(r.get("config"), dict)]
     outcome = BenchOutcome(total=0)
     bar = tqdm(total=0, disable=not progress, desc=f"bench {bench.name}", unit="run")
     previous_handler = _interrupt_on_sigterm()
