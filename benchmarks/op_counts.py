@@ -94,8 +94,11 @@ def _peft(kind: str) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
             "lora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"]),
             "boft": lambda: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=3, target_modules=["proj"]),
             "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=["proj"]),
+            "dora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"], use_dora=True),
+            "ia3": lambda: peft.IA3Config(target_modules=["proj"], feedforward_modules=[]),
         }
         model = peft.get_peft_model(_Holder(d), configs[kind]())
+        _off_start(model)  # PEFT's B = 0 / ones would let nothing short-cut either: same treatment as ours
         return model, lambda: None
 
     return make
@@ -109,10 +112,14 @@ MODULES: dict[str, Callable[[int], tuple[nn.Module, Callable[[], None]]]] = {
     "unitary": _ours("unitary", parameterization="structured"),
     "unitary-full": _ours("unitary", parameterization="full", block_size=32),
     "hybrid": _ours("hybrid", lora_r=16, lora_alpha=32.0, boft_block_size=8, boft_n_factors=3),
+    "dora": _ours("dora", r=16, alpha=32.0),
+    "ia3": _ours("ia3", feedforward_modules=[]),
     "frozen linear": lambda d: (nn.Linear(d, d, bias=False).requires_grad_(False), lambda: None),
     "peft-lora": _peft("lora"),
     "peft-boft": _peft("boft"),
     "peft-oft": _peft("oft"),
+    "peft-dora": _peft("dora"),
+    "peft-ia3": _peft("ia3"),
 }
 
 
@@ -159,23 +166,35 @@ def saved_bytes(module: nn.Module, x: Tensor) -> int:
 
 def time_fwd_bwd(module: Callable[[Tensor], Tensor], x: Tensor, reps: int) -> float:
     """Median seconds of forward + backward (CPU; no synchronization needed)."""
-    probe = torch.randn_like(module(x))
-    times = []
+    return time_interleaved({"m": (module, x)}, reps)["m"]
+
+
+def time_interleaved(cases: dict[str, tuple[Callable[[Tensor], Tensor], Tensor]], reps: int) -> dict[str, float]:
+    """Median seconds of forward + backward per case, the cases taking turns rep by rep, so a
+    change of machine load over the run lands on all of them alike (a shared CPU's load
+    moved 3× within minutes)."""
+    probes = {name: torch.randn_like(module(x)) for name, (module, x) in cases.items()}
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(reps + 2):
-        t0 = time.perf_counter()
-        module(x).backward(probe)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, (module, x) in cases.items():
+            t0 = time.perf_counter()
+            module(x).backward(probes[name])
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) -> dict[str, Any]:
+def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str],
+        names: list[str] | None = None) -> dict[str, Any]:
     from hybridpeft.config import known_methods
 
     results: dict[str, Any] = {}
+    timed: dict[str, tuple[Callable[[Tensor], Tensor], Tensor]] = {}
     for name, make in MODULES.items():
+        if names is not None and name not in names:
+            continue
         base = name.replace("-m1", "").replace("-full", "")
-        if base in ("lora", "lora_ga", "boft", "unitary", "hybrid") and base not in known_methods():
+        if base in ("lora", "lora_ga", "boft", "unitary", "hybrid", "dora", "ia3") and base not in known_methods():
             continue
         torch.manual_seed(0)
         try:
@@ -185,7 +204,7 @@ def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) 
             continue
         x = torch.randn(*tokens, d, requires_grad=True)
         row = count_passes(module, after_step, x)
-        row["fwd_bwd_s"] = time_fwd_bwd(module, x, reps)
+        timed[name] = (module, x)
         if name in compile_methods:
             try:
                 compiled = torch.compile(module)
@@ -193,6 +212,8 @@ def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str]) 
             except Exception as err:  # inductor needs a C++ compiler on CPU
                 row["compiled_error"] = f"{type(err).__name__}: {err}"[:300]
         results[name] = row
+    for name, seconds in time_interleaved(timed, reps).items():
+        results[name]["fwd_bwd_s"] = seconds
     return results
 
 
@@ -204,7 +225,9 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         f"- one frozen {meta['d']}×{meta['d']} linear + adapter; activations {tuple(meta['tokens'])} × {meta['d']}, "
         "requiring grad; ATen ops counted below autograd with a TorchDispatchMode (≈ kernel launches on a GPU)",
         "- views and metadata-only ops (view/t/permute/_unsafe_view/…) are counted apart: they launch nothing",
-        f"- `fwd+bwd ms`: median of {meta['reps']} eager forward+backward passes of this one module on the CPU"
+        *([f"- command: `{meta['command']}`"] if meta.get("command") else []),
+        f"- `fwd+bwd ms`: median of {meta['reps']} eager forward+backward passes of this one module on the CPU, "
+        "all modules taking turns pass by pass"
         + ("; `compiled`: the same through `torch.compile`" if meta["compiled"] else ""),
         "- `saved B/token`: bytes autograd keeps for backward per token, beyond the module's own tensors and its "
         "input (float32; halve for bf16); `saved fixed KiB`: the token-independent rest (e.g. Cayley blocks)",
@@ -237,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", nargs="*", default=None, metavar="MODULE",
                    help="also time these modules through torch.compile (no names: boft, hybrid, lora)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--modules", nargs="+", choices=list(MODULES), help="only these modules (default: all)")
+    p.add_argument("--tag", default="", help="write op-counts-<tag>.{json,md} instead of op-counts.{json,md}")
     p.add_argument("--out", default=str(HERE.parent / "docs" / "perf"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -248,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": list(args.tokens), "reps": args.reps, "compiled": bool(compile_methods),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{args.threads} torch thread(s), load {os.getloadavg()[0]:.1f}"}
-    results = run(args.d, tuple(args.tokens), args.reps, compile_methods)
+    results = run(args.d, tuple(args.tokens), args.reps, compile_methods, args.modules)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "op-counts.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    stem = "op-counts" + (f"-{args.tag}" if args.tag else "")
+    meta["command"] = "python benchmarks/op_counts.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     text = markdown(meta, results)
-    (out / "op-counts.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
     return 0
 

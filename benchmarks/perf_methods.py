@@ -243,6 +243,10 @@ OURS: tuple[Method, ...] = (
               lambda s: f"oft b{s.oft_block} f32"),
         _registered("unitary"),
     ),
+    Method("dora", "ours", "r16 α32, row norm from ‖W_i‖ + r-sized terms",
+           _ours("dora", _lora_fields, lambda s: f"dora r{s.r}"), _registered("dora")),
+    Method("ia3", "ours", "q/k/v/o/gate/up: output scale; down_proj: input scale",
+           _ours("ia3", lambda s: {"feedforward_modules": ["down_proj"]}, lambda s: "ia3"), _registered("ia3")),
     Method(
         "lora_ga", "ours", "r16 α32, gradient-SVD start",
         _ours("lora_ga", _lora_fields, lambda s: f"lora_ga r{s.r}", init=_gradient_init),
@@ -317,6 +321,18 @@ def _peft_boft_match(model: nn.Module, s: Settings) -> dict[str, Any]:
     return info
 
 
+def _peft_dora_config(s: Settings):
+    import peft
+
+    return peft.LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=0.0, target_modules=list(TARGETS), use_dora=True)
+
+
+def _peft_ia3_config(s: Settings):
+    import peft
+
+    return peft.IA3Config(target_modules=list(TARGETS), feedforward_modules=["down_proj"])
+
+
 def _peft_oft_config(s: Settings):
     import peft
 
@@ -325,6 +341,10 @@ def _peft_oft_config(s: Settings):
 
 PEFT: tuple[Method, ...] = (
     Method("peft-lora", "peft", "r16 α32", _peft(_peft_lora_config, lambda m, s: {"match": f"lora r{s.r}"}), _peft_missing),
+    Method("peft-dora", "peft", "r16 α32, use_dora",
+           _peft(_peft_dora_config, lambda m, s: {"match": f"dora r{s.r}"}), _peft_missing),
+    Method("peft-ia3", "peft", "same targets, down_proj feedforward",
+           _peft(_peft_ia3_config, lambda m, s: {"match": "ia3"}), _peft_missing),
     Method("peft-boft", "peft", "b8 m3 (input side)", _peft(_peft_boft_config, _peft_boft_match), _peft_missing),
     Method("peft-oft", "peft", "b32, Cayley-Neumann (input side)",
            _peft(_peft_oft_config, lambda m, s: {"match": f"oft b{s.oft_block}"}), _peft_missing),

@@ -16,6 +16,8 @@ CONFIGS = {
     "unitary-structured": lambda: hp.UnitaryConfig(parameterization="structured"),
     "unitary-full": lambda: hp.UnitaryConfig(parameterization="full", block_size=32),
     "hybrid": lambda: hp.HybridConfig(lora_r=8, boft_block_size=8),
+    "dora": lambda: hp.DoraConfig(r=8),
+    "ia3": lambda: hp.IA3Config(),  # k_proj, v_proj, down_proj (input side), as PEFT's default
 }
 
 torch.manual_seed(0)
@@ -42,5 +44,7 @@ for name, make_config in CONFIGS.items():
         merged = model(**batch).logits
     with tempfile.TemporaryDirectory() as out:
         hp.save_adapter(model, out)
+        if name in ("lora", "lora_ga", "dora", "ia3"):
+            hp.export_peft(model, out + "/peft")  # HF PEFT's format as well
     print(f"{name:>20}: {hp.count_trainable(model):>9,d} trainable | loss {loss.item():.3f} | "
           f"moved {(adapted - base_logits).abs().max().item():.2e} | merge error {(merged - adapted).abs().max().item():.1e}")

@@ -18,6 +18,7 @@ import pytest
 
 from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
                               summarize, welch, write_report)
+from hybridpeft.bench.runner import check_result
 from hybridpeft.bench.spec import expand_search
 from hybridpeft.bench.store import finished
 from hybridpeft.bench.tables import build_cells, main_tables
@@ -28,7 +29,7 @@ TESTS = Path(__file__).resolve().parent
 # Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
         "lora_ga": [0.85, 0.86, 0.84], "unitary": [0.60, 0.62, 0.61],
-        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+        "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "dora": [0.95, 0.96, 0.94], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
 _BEST_LR = {"lora": 1e-3, "hybrid": 1e-2, "full": 1e-5}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
@@ -767,3 +768,31 @@ def test_a_run_finished_by_another_invocation_meanwhile_is_not_run_again(tmp_pat
 
     out = run_bench(bench, job=job, progress=False)
     assert called == [0] and out.skipped == 1 and len(out.ok) == 1
+
+
+def test_extra_baselines_are_labelled_and_kept_out_of_the_papers_claims(tmp_path):
+    """DoRA / IA³ rows (role "extra") sit in Table I and the footprint table, marked as not in the
+    paper's tables, after the paper's rows; no claim compares the Hybrid with them."""
+    from hybridpeft.bench.report import claims
+    from hybridpeft.bench.tables import footprint_table
+
+    data = _bench(tmp_path, seeds=[0, 1], methods=[{"name": "dora", "role": "extra"}, "lora", "hybrid"])
+    bench = parse_bench(data)
+    run_bench(bench, job=synthetic_job, progress=False)
+    cells = build_cells(finished(read_records(bench.output_dir)))
+    table = next(t for t in main_tables(cells) if t.title.startswith("sst2-cls"))
+    assert [r[0] for r in table.rows] == ["lora", "hybrid", "dora (extra: not in the paper's tables)"]
+    assert "Rows marked extra" in table.note
+    assert any(r[2] == "dora (extra: not in the paper's tables)" for r in footprint_table(cells).rows)
+    assert not any("dora" in c for c in claims(cells))
+    with pytest.raises(ValueError, match="role"):
+        parse_bench(_bench(tmp_path, methods=[{"name": "dora", "role": "baseline"}]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_primary_metric_is_refused_naming_it(bad):
+    """A job whose primary metric is NaN or ±inf is a failed run, not a record (inf used to pass)."""
+    result = {"metrics": {"accuracy": bad, "val_loss": 0.5}, "primary_metric": "accuracy"}
+    with pytest.raises(ValueError, match=r"metrics\['accuracy'\]=(nan|inf|-inf) is invalid: the primary metric must be finite"):
+        check_result(result)
+    check_result({**result, "primary_metric": "val_loss"})  # a non-finite secondary metric is kept (reported as failed)

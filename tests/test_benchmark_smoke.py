@@ -107,6 +107,21 @@ def test_peft_boft_effective_factors_are_reported():
     assert perf_report.ratios(rows)["boft-m1"]["peft_pair"] == "peft-boft"
 
 
+def test_dora_and_ia3_rows_pair_with_pefts():
+    """step_time's DoRA / IA³ rows: same tunable parameters as PEFT's at equal settings, paired for the ratio."""
+    rows = step_time.run_benchmark(_spec(steps=1), ["dora", "peft-dora", "ia3", "peft-ia3"])
+    by = {r["method"]: r for r in rows}
+    for name in by:
+        assert by[name]["status"] == "ok", by[name]
+    size = SIZES["tiny"]
+    kv = size.hidden // size.heads * size.kv_heads
+    outputs = (size.hidden * 2 + kv * 2 + size.intermediate * 2) * size.layers  # q o, k v, gate up; down scales its input
+    assert by["ia3"]["tunable_params"] == by["peft-ia3"]["tunable_params"] == outputs + size.intermediate * size.layers
+    assert by["dora"]["tunable_params"] == by["peft-dora"]["tunable_params"]
+    r = perf_report.ratios(rows)
+    assert r["dora"]["peft_pair"] == "peft-dora" and r["ia3"]["peft_pair"] == "peft-ia3"
+
+
 def test_nf4_base_on_gpu():
     """NF4 base weights (bitsandbytes): PEFT LoRA and each of our methods train on them
     (the CPU side of this is tests/test_nf4.py)."""

@@ -16,7 +16,7 @@ from hybridpeft.train.artifacts import load_adapted
 from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
 
 MERGE_CASES = [(m, extra) for m, extra in [
-    ("lora", []), ("lora_ga", []), ("boft", []), ("hybrid", []), ("full", []),
+    ("lora", []), ("lora_ga", []), ("boft", []), ("hybrid", []), ("full", []), ("dora", []), ("ia3", []),
     ("unitary", ["adapter.unitary.parameterization=structured"]),
     ("unitary", ["adapter.unitary.parameterization=full", "adapter.unitary.block_size=8"]),
 ] if m in known_methods()]

@@ -30,12 +30,12 @@ def needs(method: str):
     return pytest.mark.skipif(method not in known_methods(), reason=f"hybridpeft has no method {method!r} yet")
 
 
-def _host(method: str, d_in: int, d_out: int, seed: int = 0, **fields) -> AdaptedLinear:
+def _host(method: str, d_in: int, d_out: int, seed: int = 0, adapter_kwargs=None, **fields) -> AdaptedLinear:
     """A float64 ``AdaptedLinear`` (with bias) whose adapter tensors are random, not at their start."""
     torch.manual_seed(seed)
     config = config_class(method)(**fields)
     base = nn.Linear(d_in, d_out, bias=True, dtype=torch.float64)
-    adapter = adapter_class(method)(d_in, d_out, config).to(torch.float64)
+    adapter = adapter_class(method)(d_in, d_out, config, **(adapter_kwargs or {})).to(torch.float64)
     layer = AdaptedLinear(base, adapter)
     manifold = {id(p) for p in adapter.manifold_parameters()}
     with torch.no_grad():
@@ -47,11 +47,11 @@ def _host(method: str, d_in: int, d_out: int, seed: int = 0, **fields) -> Adapte
     return layer
 
 
-def _compare(layer: AdaptedLinear, dense_weight, d_in: int, batch_shape=(2, 5)) -> None:
-    """Fast path vs ``F.linear(x, dense_weight(), b)``: outputs, input grads, parameter grads.
+def _compare(layer: AdaptedLinear, dense_weight, d_in: int, batch_shape=(2, 5), dense_bias=None) -> None:
+    """Fast path vs ``F.linear(x, dense_weight(), dense_bias())``: outputs, input grads, parameter grads.
 
-    ``dense_weight`` is a closure building ``W'`` (d_out, d_in) differentiably from
-    the adapter's parameters.
+    ``dense_weight`` (and ``dense_bias``, default the layer's own ``b``) are closures
+    building ``W'`` (d_out, d_in) and ``b'`` differentiably from the adapter's parameters.
     """
     params = [p for p in layer.adapter.parameters() if p.requires_grad]
     assert params, "adapter has no trainable tensors"
@@ -60,7 +60,7 @@ def _compare(layer: AdaptedLinear, dense_weight, d_in: int, batch_shape=(2, 5)) 
     probe = torch.randn_like(y)
     fast_grads = torch.autograd.grad((y * probe).sum(), [x, *params])
 
-    y_ref = F.linear(x, dense_weight(), layer.bias)
+    y_ref = F.linear(x, dense_weight(), layer.bias if dense_bias is None else dense_bias())
     ref_grads = torch.autograd.grad((y_ref * probe).sum(), [x, *params])
 
     torch.testing.assert_close(y, y_ref, **TOL)
@@ -113,6 +113,31 @@ def test_lora_ga_rank_2r_branch_matches_dense():
         a.lora_A0.copy_(torch.randn_like(a.lora_A0))
         a.lora_B0.copy_(torch.randn_like(a.lora_B0))
     _compare(layer, lambda: layer.weight + a.scaling * (a.lora_B @ a.lora_A - a.lora_B0 @ a.lora_A0), 12)
+
+
+@needs("dora")
+def test_dora_fast_path_matches_dense():
+    """``W' = diag(m / ‖V‖_c) V``, ``V = W + s B A``, the norm detached (PEFT's and the paper's §4.3)."""
+    layer = _host("dora", 12, 20, r=3, alpha=6.0)
+    a = layer.adapter
+
+    def dense():
+        v = layer.weight + a.scaling * a.lora_B @ a.lora_A  # (d_out, d_in)
+        return (a.magnitude / torch.linalg.vector_norm(v, dim=1).detach()).unsqueeze(1) * v
+
+    _compare(layer, dense, 12)
+
+
+@needs("ia3")
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_matches_dense(feedforward):
+    """``W' = diag(l) W``, ``b' = l ⊙ b``; feedforward: ``W' = W diag(l)``, ``b' = b``."""
+    layer = _host("ia3", 12, 20, adapter_kwargs={"feedforward": feedforward})
+    l = layer.adapter.ia3_l
+    if feedforward:
+        _compare(layer, lambda: layer.weight * l, 12)
+    else:
+        _compare(layer, lambda: l.unsqueeze(1) * layer.weight, 12, dense_bias=lambda: l * layer.bias)
 
 
 # ---------------------------------------------------------------- BOFT

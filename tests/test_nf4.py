@@ -35,6 +35,8 @@ CONFIGS = {
     "unitary-full": lambda: hp.UnitaryConfig(target_modules=TARGETS, parameterization="full", block_size=8),
     "hybrid": lambda: hp.HybridConfig(target_modules=TARGETS, lora_r=2, boft_block_size=4, boft_n_factors=2,
                                       lam_init=0.6),
+    "dora": lambda: hp.DoraConfig(target_modules=TARGETS, r=2),
+    "ia3": lambda: hp.IA3Config(target_modules=TARGETS),  # down_proj scales its input
 }
 ATOL = 1e-6  # float32 logits of order 0.3; measured differences are below 1e-7
 

@@ -344,6 +344,7 @@ def test_arith_scores_exact_match_of_the_first_number(text):
 
 RESUME_CASES = [
     ("lora", ["adapter.lora.dropout=0.1"]), ("lora_ga", []), ("boft", []), ("hybrid", []), ("full", []),
+    ("dora", ["adapter.dora.dropout=0.1"]), ("ia3", []),
     ("unitary", ["adapter.unitary.parameterization=structured"]),
     ("unitary", ["adapter.unitary.parameterization=full", "adapter.unitary.block_size=8"]),
 ]

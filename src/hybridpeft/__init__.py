@@ -6,6 +6,8 @@ from .adapters.full import FullConfig  # noqa: E402
 from .adapters.lora import LoraConfig  # noqa: E402
 from .adapters.unitary import UnitaryConfig  # noqa: E402
 from .adapters.boft import BoftConfig  # noqa: E402
+from .adapters.dora import DoraConfig  # noqa: E402
+from .adapters.ia3 import IA3Config  # noqa: E402
 from .api import (  # noqa: E402
     after_optimizer_step,
     count_trainable,
@@ -26,3 +28,4 @@ from .adapters.lora_ga import LoraGAConfig  # noqa: E402
 from .lora_ga import lora_ga_init  # noqa: E402
 from .adapters.hybrid import HybridConfig  # noqa: E402
 from .mixing import mixing_state  # noqa: E402
+from .peft_format import export_peft, load_peft  # noqa: E402

@@ -11,16 +11,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .adapters.base import AdaptedLinear
 from .adapters.hybrid import HybridAdapter
 from .adapters.unitary import UnitaryAdapter, repair_drift
 from .config import AdapterConfig
+from .fsdp import gather_model, is_sharded_model
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject, undo_on_error
 from .mixing import update_lambdas
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    if is_sharded_model(model):
+        raise RuntimeError(f"cannot {what} a sharded (FSDP) model in place: each rank holds only pieces of W. "
+                           "hybridpeft.merge_and_unload(model) gathers it into a plain merged model on rank 0")
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -31,10 +38,11 @@ def merge(model: nn.Module) -> nn.Module:
             before anything is merged; the message names the layer and says what
             to do instead).
     """
+    _refuse_sharded(model, "merge")
     layers = adapted_layers(model)
     for name, layer in layers:
         if layer.quantized:
-            raise RuntimeError(f"cannot merge {name!r}: it has a 4-bit (bitsandbytes) base weight. "
+            raise RuntimeError(f"cannot merge {name!r}: it has a {layer.quant_kind} (bitsandbytes) base weight. "
                                "Use hybridpeft.merge_and_unload(model) for a float model with the merged weights, "
                                "or load the saved adapter onto the unquantized base model and merge there")
     for _, layer in layers:
@@ -43,6 +51,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
+    _refuse_sharded(model, "unmerge")
     for _, layer in adapted_layers(model):
         layer.unmerge()
     return model
@@ -108,15 +117,40 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter.safetensors`` and ``adapter_config.json`` into directory ``path``."""
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``adapter_state_dict`` as whole CPU tensors, ready to write; ``{}`` on ranks other than 0
+    when the model is sharded.
+
+    Sharded (FSDP) tensors are all-gathered, so under FSDP every rank must call this
+    (rank 0 keeps the result; the others drop each tensor as soon as it is gathered).
+    """
+    sharded = is_sharded_model(model)
+    state = distributed.gather_tensors(adapter_state_dict(model), rank0_only=sharded)
+    if sharded and distributed.rank() != 0:
+        return {}
+    return _unshare({k: v.contiguous() for k, v in state.items()})
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], config: AdapterConfig, path: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` (``tensors``) and ``adapter_config.json`` (``config``) into ``path``."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    state = _unshare({k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()})
-    save_file(state, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "hybridpeft": __version__})
-    meta = {**config_of(model).to_dict(), "hybridpeft_version": __version__}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "hybridpeft": __version__})
+    meta = {**config.to_dict(), "hybridpeft_version": __version__}
     (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` into directory ``path``.
+
+    A sharded (FSDP) model is gathered first: every rank must call this, and rank 0 alone
+    writes (the whole tensors, once). Returns ``path``.
+    """
+    tensors = adapter_tensors(model)
+    if is_sharded_model(model) and distributed.rank() != 0:
+        return Path(path)
+    return write_adapter(tensors, config_of(model), path)
 
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,6 +182,9 @@ def read_adapter_config(path: str | os.PathLike) -> AdapterConfig:
         raise ValueError(f"{config_path} is invalid: expected a JSON object of adapter settings, "
                          f"found a JSON {type(data).__name__}")
     data.pop("hybridpeft_version", None)
+    if "peft_type" in data and "method" not in data:  # same file name, HF PEFT's format
+        raise ValueError(f"{config_path} describes an HF PEFT adapter (peft_type={data['peft_type']!r}), not a "
+                         "hybridpeft one: read it with hybridpeft.load_peft(model, path)")
     try:
         return AdapterConfig.from_dict(data)
     except (ValueError, TypeError) as err:
@@ -222,18 +259,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"adapter in {path} does not fit this model: " + "; ".join(problems))
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(loaded[key].to(target.dtype))
+            distributed.assign(target, loaded[key])  # a sharded (FSDP) tensor keeps this rank's piece
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module) -> nn.Module | None:
     """Merge every adapter and put the plain layers back: a model with no hybridpeft inside.
 
     A layer with a 4-bit (bitsandbytes) base becomes a plain ``nn.Linear`` holding
     the dequantized, merged ``W'`` in float (the dtype ``W`` had before quantization;
     see ``AdaptedLinear.to_float_linear``); re-quantizing it would lose the adaptation.
     The model's other 4-bit layers stay as they are.
+
+    A sharded (FSDP) model is first gathered into a plain copy on rank 0's CPU
+    (``hybridpeft.fsdp.gather_model``; every rank must call this): rank 0 gets the merged
+    plain model, the other ranks ``None``; the sharded model is left as it was.
     """
+    if is_sharded_model(model):
+        plain = gather_model(model, rank0_only=True)
+        return None if plain is None else merge_and_unload(plain)
     for name, layer in adapted_layers(model):
         if layer.quantized:
             _replace(model, name, layer.to_float_linear())

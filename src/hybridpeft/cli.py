@@ -116,6 +116,10 @@ def _run_train(args: argparse.Namespace) -> int:
         print(dump_yaml(job), end="")
         return 0
     result = train(job, resume=args.resume)
+    from .distributed import rank
+
+    if rank() != 0:  # several processes: one summary, from rank 0
+        return 0
     print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "stop_reason": result.stop_reason,
                       "before": result.before, "after": result.after, "adapter": str(result.adapter_dir),
                       "skipped_steps": result.skipped_steps}, indent=2))
@@ -138,6 +142,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for metrics.json and predictions.jsonl (per example: input, output, "
                                  "reference, score); default: eval-<task>-<split> in the run dir, or here with --base")
     _unsafe_exec_argument(p)
+    _quantization_argument(p)
+
+
+def _quantization_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", choices=["recorded", "none", "nf4", "fp4", "int8"], default="recorded",
+                   help="how to load the base: as in training (recorded in the adapter's run info; the default), "
+                        "the float base (none), or quantized by bitsandbytes")
 
 
 def _positive_int(text: str) -> int:
@@ -173,7 +184,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     task_args = _key_values(args.task_arg, "--task-arg") if args.task_arg else None
     result = evaluate_adapter(None if args.base else args.adapter, model=args.model, task=args.task, split=args.split,
                               limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir, seed=args.seed,
-                              task_args=task_args, out_dir=args.out or "auto")
+                              task_args=task_args, quantization=args.quantization, out_dir=args.out or "auto")
     print(json.dumps(result, indent=2))
     print(f"hybridpeft: per-example predictions in {Path(result['output_dir']) / 'predictions.jsonl'}", file=sys.stderr)
     return 0
@@ -186,13 +197,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a file or a non-empty directory")
+    _quantization_argument(p)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .train.artifacts import merge_to_dir
 
     out = merge_to_dir(args.adapter, args.out, model=args.model, task=args.task, dtype=args.dtype,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, quantization=args.quantization)
     print(f"merged model written to {out}")
     return 0
 
@@ -217,6 +229,53 @@ register_command("train", Command(
 register_command("eval", Command("score an adapter (or the base model) with its task's metric", _eval_arguments, _run_eval))
 register_command("merge", Command("merge an adapter into its base model and save a plain transformers model",
                                   _merge_arguments, _run_merge))
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter dir, checkpoint or run dir")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", default="peft", choices=["peft"],
+                   help="peft: HF PEFT's adapter_config.json + adapter_model.safetensors (vLLM, TGI, SGLang, the Hub)")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--task", help="task, to know whether the base is a causal LM or a classifier")
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the base model's hub id)")
+    p.add_argument("--check", action="store_true",
+                   help="load the export with HF PEFT (needs peft) and report its largest logit difference from ours")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into OUT even if it is a non-empty directory (its adapter files are replaced)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .peft_format import NotRepresentable, serving_problems
+    from .train.artifacts import export_adapter
+
+    try:
+        out = export_adapter(args.adapter, args.out, args.format, model=args.model, task=args.task,
+                             base_model=args.base_model, overwrite=args.overwrite)
+    except NotRepresentable as err:
+        print(f"hybridpeft: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"PEFT adapter written to {out}")
+    for problem in serving_problems(out):
+        print(f"  note for serving engines: {problem}")
+    if args.check:
+        from .train.artifacts import check_peft_export
+
+        try:
+            error = check_peft_export(args.adapter, out, model=args.model, task=args.task)
+        except ImportError as err:
+            print(f"hybridpeft: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"  check: peft.PeftModel.from_pretrained reproduces our logits within {error:.2e} (max |difference|)")
+    return 0
+
+
+register_command("export", Command(
+    "write an adapter in HF PEFT's format (LoRA, LoRA-GA as a rank-2r LoRA, DoRA, IA³)", _export_arguments,
+    _run_export, "Write the adapter as adapter_config.json + adapter_model.safetensors, which "
+    "peft.PeftModel.from_pretrained, vLLM, TGI and SGLang load. BOFT, unitary and Hybrid adapters have no "
+    "PEFT form (exit 2, nothing written): merge them with `hybridpeft merge` instead.",
+))
 register_command("info", Command("show what an adapter dir, checkpoint or run dir holds", _info_arguments, _run_info))
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_class
-from .adapters.base import AdaptedLinear, is_supported_layer, layer_shape
+from .adapters.base import AdaptedLinear, is_supported_layer, keep_trainable_layout, layer_shape
 from .config import AdapterConfig
 from .patterns import select
 
@@ -73,10 +73,10 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """
     if hasattr(model, CONFIG_ATTR):
         raise ValueError("model already has hybridpeft adapters; load into a fresh base model")
+    keep_trainable_layout(model)  # 4-bit layers an earlier eval pass repacked would pass no gradient
     with undo_on_error(model):
         if config.method != "full":
-            wrapped = [(name, AdaptedLinear(model.get_submodule(name), adapter))
-                       for name, adapter in _build_adapters(model, config)]
+            wrapped = [(name, _host(model.get_submodule(name), adapter)) for name, adapter in _build_adapters(model, config)]
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, layer in wrapped:
@@ -99,13 +99,19 @@ def _build_adapters(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         layer = model.get_submodule(name)
         d_in, d_out = layer_shape(layer)
         try:
-            adapter = cls(d_in, d_out, config)
+            adapter = cls.for_layer(name, d_in, d_out, config)
         except ValueError as err:
             raise ValueError(f"cannot adapt {name!r} (d_in={d_in}, d_out={d_out}): {err}") from None
         weight = layer.weight
         adapter.to(device=weight.device, dtype=_dtype(config, weight))
         built.append((name, adapter))
     return built
+
+
+def _host(layer: nn.Module, adapter: nn.Module) -> AdaptedLinear:
+    # The host takes the replaced layer's train/eval mode: an adapter's dropout must not
+    # switch on inside a model that was put in eval mode before injection.
+    return AdaptedLinear(layer, adapter).train(layer.training)
 
 
 @contextlib.contextmanager

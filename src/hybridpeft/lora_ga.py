@@ -34,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import distributed
 from .adapters.base import AdaptedLinear, layer_shape
 from .adapters.lora_ga import LoraGAAdapter, LoraGAConfig
 from .inject import adapted_layers, config_of
@@ -286,7 +287,7 @@ def cache_key(model: nn.Module, weights: Mapping[str, Tensor], batches: Sequence
     h = hashlib.sha256(f"lora-ga-grad v{CACHE_VERSION} {type(model).__qualname__} n={num_batches}".encode())
     h.update(getattr(loss_fn, "__qualname__", repr(loss_fn)).encode())
     for name, w in weights.items():
-        _weight_fingerprint(h, name, w)
+        _weight_fingerprint(h, name, distributed.local(w))  # the key names the rank
     _hash_value(h, list(batches))
     if dist.is_available() and dist.is_initialized():
         h.update(f"world={dist.get_world_size()} rank={dist.get_rank()}".encode())
@@ -372,7 +373,9 @@ def lora_ga_init(
                              "use offset='adapter' (the default), which leaves W untouched")
     _restore_base(targets)  # a second init must estimate on the original W
     weights = {name: layer.base_layer.weight for name, (layer, _) in targets.items()}  # packed codes if 4-bit
-    hosts = {name: layer for name, (layer, _) in targets.items() if layer.quantized or estimator == "activations"}
+    # 4-bit and sharded (FSDP) weights cannot take per-parameter gradient hooks: estimate those from activations
+    hosts = {name: layer for name, (layer, _) in targets.items()
+             if layer.quantized or estimator == "activations" or distributed.is_sharded(layer.base_layer.weight)}
     chosen = list(islice(batches, n))
     grads = None
     path = None
@@ -396,8 +399,10 @@ def lora_ga_init(
     for name, (layer, part) in targets.items():
         # the SVD runs where the weight lives (one layer's gradient there at a time)
         grad = grads[name].to(layer.base_layer.weight.device)
-        weight = layer.weight if part.ga_config.scale == "weight_svd" else None  # a 4-bit W is dequantized here
+        # a 4-bit W is dequantized here, a sharded one gathered (every rank takes this branch alike)
+        weight = distributed.full(layer.weight) if part.ga_config.scale == "weight_svd" else None
         a0, b0 = start_factors(grad, part.ga_config, scaling=part.scaling, weight=weight)
+        distributed.broadcast_from_rank0(a0, b0)  # the SVD's random draws may differ between ranks
         part.set_start(a0.to(part.lora_A.device), b0.to(part.lora_B.device))
         if part.ga_config.offset == "subtract":
             _shift_base(layer, part, sign=-1.0)

@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import distributed
 from .config import check
 
 if TYPE_CHECKING:
@@ -134,25 +134,32 @@ def grad_norm(params: list[nn.Parameter]) -> Tensor:
 
 
 def branch_norms(adapters: Sequence["HybridAdapter"], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(n, 2): each adapter's ``[‖∇ LoRA-GA branch‖, ‖∇ BOFT branch‖]`` from one fused norm kernel.
+    """(n, 2): each adapter's ``[‖∇ LoRA-GA branch‖, ‖∇ BOFT branch‖]`` of the *whole* gradients,
+    from one fused norm kernel and (under ``torch.distributed``) one all-reduce.
 
-    Same value as ``grad_norm`` per branch; parameters without a gradient count as 0.
-    Computed in ``dtype`` or wider if a gradient is wider (bf16 gradients are summed in float32).
+    Each rank adds ``square_share(g) · ‖local(g)‖²`` per gradient (see ``hybridpeft.distributed``):
+    sharded (FSDP) gradients count their piece once, replicated (DDP) ones ``1/world`` each, so
+    the all-reduced sum is ``‖g‖²`` either way and every rank gets the same value.
+    Parameters without a gradient count as 0. Computed in ``dtype`` or wider if a gradient
+    is wider (bf16 gradients are summed in float32).
     """
     grads: list[Tensor] = []
+    shares: list[float] = []
     segment: list[int] = []  # row-major index into the (n, 2) result
     for i, adapter in enumerate(adapters):
         for branch, module in enumerate((adapter.lora, adapter.boft)):
             for p in module.parameters():
                 if p.grad is not None:
-                    grads.append(p.grad.detach())
+                    grads.append(distributed.local(p.grad.detach()))
+                    shares.append(distributed.square_share(p.grad))
                     segment.append(2 * i + branch)
                     dtype = torch.promote_types(dtype, p.grad.dtype)
     squares = torch.zeros(2 * len(adapters), device=device, dtype=dtype)
     if grads:
         norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype)).to(device)  # (n_grads,)
-        squares.index_add_(0, torch.tensor(segment, device=device), norms.pow(2))
-    return squares.sqrt().view(len(adapters), 2)
+        weights = torch.tensor(shares, device=device, dtype=dtype)  # (n_grads,)
+        squares.index_add_(0, torch.tensor(segment, device=device), norms.pow(2) * weights)
+    return distributed.all_reduce_sum(squares).sqrt().view(len(adapters), 2)
 
 
 @torch.no_grad()
@@ -172,7 +179,7 @@ def update_lambdas(adapters: Sequence["HybridAdapter"]) -> None:
         groups.setdefault((adapter.rule, lam.device, lam.dtype), []).append(adapter)
     updates = []
     for (rule, device, dtype), group in groups.items():
-        norms = reduce_norms(branch_norms(group, device, dtype)).to(dtype)  # (n, 2)
+        norms = branch_norms(group, device, dtype).to(dtype)  # (n, 2), identical on every rank
         lam = torch.stack([a.mix_lambda for a in group])  # (n,)
         step = torch.stack([a.mix_step for a in group]) + 1  # (n,)
         updates.append((group, rule.next(lam, step, norms[:, 0], norms[:, 1]), step, norms))  # may raise
@@ -184,20 +191,6 @@ def update_lambdas(adapters: Sequence["HybridAdapter"]) -> None:
         for adapter in group:
             adapter.lora.after_optimizer_step()
             adapter.boft.after_optimizer_step()
-
-
-def reduce_norms(norms: Tensor) -> Tensor:
-    """Root-mean-square of ``norms`` over the ranks of the default process group (identity without one).
-
-    Data parallel: every rank holds the same gradients, so this is exact. Sharded
-    (FSDP): each rank holds a shard, so this is the full norm / √world — the same
-    factor for both branches, which both rules are invariant to.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return norms
-    squares = norms.pow(2)
-    dist.all_reduce(squares, op=dist.ReduceOp.SUM)
-    return (squares / dist.get_world_size()).sqrt()
 
 
 # ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 
+from . import distributed
 from .config import check
 from .inject import adapted_layers
 
@@ -74,10 +75,16 @@ class _RiemannianBase(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                # Every matrix moves on its own, so a sharded (FSDP) parameter steps on the whole
+                # matrices this rank holds: dim 0 indexes the matrices, and FSDP splits only dim 0.
+                piece = distributed.local(p)  # (..., n, p), a view of this rank's matrices
                 dtype = torch.promote_types(p.dtype, torch.float32)
-                u, g = p.to(dtype), p.grad.to(dtype)
-                direction = self._direction(self.state[p], skew_direction(g, u), group)  # (..., n, n)
-                p.copy_(retract(u, direction, group["lr"], group["retraction"]).to(p.dtype))
+                u, g = piece.to(dtype), distributed.local(p.grad).to(dtype)
+                state = {k: distributed.local(v) if torch.is_tensor(v) else v for k, v in self.state[p].items()}
+                direction = self._direction(state, skew_direction(g, u), group)  # (..., n, n)
+                piece.copy_(retract(u, direction, group["lr"], group["retraction"]).to(p.dtype))
+                # state pieces are kept sharded like p, so checkpoints gather them like AdamW's
+                self.state[p].update({k: distributed.like(p, v) if torch.is_tensor(v) else v for k, v in state.items()})
         return loss
 
 

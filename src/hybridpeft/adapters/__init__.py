@@ -31,3 +31,7 @@ from .lora_ga import LoraGAAdapter, LoraGAConfig  # noqa: E402
 register(LoraGAConfig, LoraGAAdapter)
 from .hybrid import HybridAdapter, HybridConfig  # noqa: E402
 register(HybridConfig, HybridAdapter)
+from .dora import DoraAdapter, DoraConfig  # noqa: E402
+register(DoraConfig, DoraAdapter)
+from .ia3 import IA3Adapter, IA3Config  # noqa: E402
+register(IA3Config, IA3Adapter)

@@ -7,11 +7,12 @@ base output (BOFT, unitary, Hybrid), a transformed input (input-side BOFT) or
 only an additive branch (LoRA). Dense ``d × d`` forms appear only in
 ``merged_weight`` / ``unmerged_weight``.
 
-``AdaptedLinear`` wraps an ``nn.Linear``, a GPT-2 ``Conv1D`` or a bitsandbytes
-4-bit ``Linear4bit`` (NF4/FP4, the QLoRA setting) and adds one adapter; it handles
-the bias, merging, disabling and weight layout. bitsandbytes is optional: a 4-bit
-layer is recognised by duck typing and bitsandbytes is imported only once such a
-layer is actually run or dequantized.
+``AdaptedLinear`` wraps an ``nn.Linear``, a GPT-2 ``Conv1D``, a bitsandbytes
+4-bit ``Linear4bit`` (NF4/FP4, the QLoRA setting) or int8 ``Linear8bitLt``
+(``int8.py``) and adds one adapter; it handles the bias, merging, disabling and
+weight layout. bitsandbytes is optional: a quantized layer is recognised by duck
+typing and bitsandbytes is imported only once such a layer is actually run or
+dequantized.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .. import distributed
+from .int8 import dequantize_8bit_weight, float_dtype_8bit, is_8bit_layer, matmul_8bit
+
 BaseMatmul = Callable[[Tensor], Tensor]  # x (..., d_in) -> W x (..., d_out), no bias
 BaseHook = Callable[[Tensor, Tensor], None]  # (x (..., d_in), h = W x (..., d_out)) -> None
 
@@ -32,9 +36,12 @@ class Adapter(nn.Module):
 
     Subclasses set ``method`` and implement ``forward``, ``merged_weight`` and
     ``unmerged_weight``. Hooks with defaults: ``manifold_parameters`` (tensors
-    that a Riemannian optimizer must update instead of AdamW) and
+    that a Riemannian optimizer must update instead of AdamW),
     ``after_optimizer_step`` (called once per optimizer step, e.g. to update a
-    mixing coefficient or enforce a norm bound).
+    mixing coefficient or enforce a norm bound), ``merged_bias`` /
+    ``unmerged_bias`` (for a method that also changes the bias, e.g. IA³ scaling
+    a layer's whole output) and ``for_layer`` (for a method whose form depends on
+    which module it adapts).
     """
 
     method: str = "base"
@@ -43,6 +50,15 @@ class Adapter(nn.Module):
         super().__init__()
         self.d_in = d_in
         self.d_out = d_out
+
+    @classmethod
+    def for_layer(cls, name: str, d_in: int, d_out: int, config) -> "Adapter":
+        """The adapter for the module called ``name`` (its qualified name in the model).
+
+        Most methods treat every target alike; IA³ scales the input of its
+        ``feedforward_modules`` and the output of the others.
+        """
+        return cls(d_in, d_out, config)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:  # pragma: no cover - interface
         """Return the adapted ``W' x`` (no bias) for activations ``x`` of shape (..., d_in)."""
@@ -55,6 +71,15 @@ class Adapter(nn.Module):
     def unmerged_weight(self, merged: Tensor) -> Tensor:  # pragma: no cover - interface
         """Invert ``merged_weight``: return ``W`` given ``W'``."""
         raise NotImplementedError
+
+    def merged_bias(self, bias: Tensor) -> Tensor:
+        """The bias ``b'`` of the adapted layer for the original ``b`` (d_out,): the host
+        adds it to ``forward``'s output and ``merge`` writes it. Default: ``b`` itself."""
+        return bias
+
+    def unmerged_bias(self, merged: Tensor) -> Tensor:
+        """Invert ``merged_bias``."""
+        return merged
 
     def bind(self, weight: Tensor) -> None:
         """Called once by the host layer with the frozen ``W`` (d_out, d_in), detached."""
@@ -76,11 +101,13 @@ class Adapter(nn.Module):
 def weight_of(layer: nn.Module) -> Tensor:
     """The layer's weight as (d_out, d_in), whatever its storage layout.
 
-    For a 4-bit layer this is a dequantized copy (see ``dequantize_4bit_weight``);
-    writing into it does not change the layer.
+    For a 4-bit or int8 layer this is a dequantized copy (see ``dequantize_4bit_weight``,
+    ``int8.dequantize_8bit_weight``); writing into it does not change the layer.
     """
     if is_4bit_layer(layer):
         return dequantize_4bit_weight(layer)
+    if is_8bit_layer(layer):
+        return dequantize_8bit_weight(layer)
     if isinstance(layer, nn.Linear):
         return layer.weight
     if _is_conv1d(layer):  # GPT-2 Conv1D stores (d_in, d_out)
@@ -135,16 +162,41 @@ def dequantize_4bit_weight(layer: nn.Module) -> Tensor:
     """
     import bitsandbytes.functional as bnbf  # a 4-bit layer exists, so bitsandbytes is installed
 
+    unpack_cpu_layout(layer)
+    return bnbf.dequantize_4bit(layer.weight.data, quant_state_of(layer))  # (d_out, d_in)
+
+
+def unpack_cpu_layout(layer: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repack of a 4-bit layer's codes (see ``dequantize_4bit_weight``), in place."""
     state = quant_state_of(layer)
-    weight = layer.weight
-    if getattr(state, "packing_format_for_cpu", False):
-        inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
-        if inverse is None:
-            raise RuntimeError("this bitsandbytes repacked the 4-bit weight for CPU inference and cannot undo it; "
-                               "adapt the layer before running it in eval mode")
-        weight.data, weight.quant_state = inverse(weight.data, state)
-        state = weight.quant_state
-    return bnbf.dequantize_4bit(weight.data, state)  # (d_out, d_in)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return
+    import bitsandbytes.functional as bnbf
+
+    inverse = getattr(bnbf, "_convert_weight_packed_for_cpu_inverse", None)
+    if inverse is None:
+        raise RuntimeError("this bitsandbytes repacked the 4-bit weight for CPU inference and cannot undo it; "
+                           "adapt the layer before running it in eval mode")
+    layer.weight.data, layer.weight.quant_state = inverse(layer.weight.data, state)
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer of ``model`` in the layout that has a backward.
+
+    On AVX512-BF16 CPUs bitsandbytes repacks a ``Linear4bit`` for its inference kernel the
+    first time the layer runs in eval mode without gradients, and from then on multiplies
+    with that kernel, which has *no backward*: gradients stop at every such layer (torch
+    only warns). An evaluation before training (or between steps) is exactly such a run.
+    Here every 4-bit layer is told not to repack (slower 4-bit inference on those CPUs,
+    correct training), and one already repacked is converted back — with its block scales
+    rounded to bfloat16 by the repack, a loss nothing can undo; loading through
+    ``hybridpeft.models`` prevents the repack from the start. ``inject`` calls this.
+    """
+    for layer in model.modules():
+        if is_4bit_layer(layer):
+            layer.support_avx512bf16_for_cpu = False
+            if getattr(layer.weight, "quant_state", None) is not None or getattr(layer, "quant_state", None) is not None:
+                unpack_cpu_layout(layer)
 
 
 def matmul_4bit(layer: nn.Module, x: Tensor) -> Tensor:
@@ -160,17 +212,22 @@ def matmul_4bit(layer: nn.Module, x: Tensor) -> Tensor:
     return h.to(x.dtype)
 
 
+def is_quantized_layer(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit (``Linear4bit``) or int8 (``Linear8bitLt``) layer."""
+    return is_4bit_layer(layer) or is_8bit_layer(layer)
+
+
 def is_supported_layer(layer: nn.Module) -> bool:
-    if is_4bit_layer(layer):
+    if is_quantized_layer(layer):
         return True
     if isinstance(layer, nn.Linear):
-        return layer.weight.is_floating_point()  # not e.g. bitsandbytes' int8 Linear8bitLt
+        return layer.weight.is_floating_point()  # not some other integer-weight layer
     return _is_conv1d(layer)
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a supported layer (a 4-bit layer's packed weight has neither shape)."""
-    if is_4bit_layer(layer):
+    if is_quantized_layer(layer):
         return layer.in_features, layer.out_features
     d_out, d_in = weight_of(layer).shape
     return d_in, d_out
@@ -179,13 +236,14 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus one adapter: ``y = adapter(x, W·) + b``.
 
-    On a 4-bit base (``quantized``) the base matmul runs on the packed codes
-    (``bnb.matmul_4bit``), ``bind`` receives the dequantized ``W``, and ``merge``
-    is refused (see there); ``to_float_linear`` gives the merged layer in float.
+    On a quantized base (``quantized``: bitsandbytes 4-bit or int8) the base matmul
+    runs on the codes (``bnb.matmul_4bit`` / ``bnb.matmul``), ``bind`` receives the
+    dequantized ``W``, and ``merge`` is refused (see there); ``to_float_linear`` gives
+    the merged layer in float.
 
     Args:
-        base_layer: the original ``nn.Linear``, ``Conv1D`` or bitsandbytes ``Linear4bit``;
-            its parameters are frozen.
+        base_layer: the original ``nn.Linear``, ``Conv1D``, bitsandbytes ``Linear4bit`` or
+            ``Linear8bitLt``; its parameters are frozen.
         adapter: the strategy that adapts ``W x``.
     """
 
@@ -195,7 +253,7 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
         self.merged = False
         self.disabled = False
-        self.quantized = is_4bit_layer(base_layer)
+        self.quantized = is_quantized_layer(base_layer)
         self._base_hooks: OrderedDict[int, BaseHook] = OrderedDict()
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -203,7 +261,7 @@ class AdaptedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """``W`` (d_out, d_in); for a 4-bit base a dequantized copy made on every access."""
+        """``W`` (d_out, d_in); for a quantized base a dequantized copy made on every access."""
         return weight_of(self.base_layer)
 
     @property
@@ -222,7 +280,10 @@ class AdaptedLinear(nn.Module):
         return handle
 
     def _base_matmul(self, x: Tensor) -> Tensor:
-        h = matmul_4bit(self.base_layer, x) if self.quantized else F.linear(x, self.weight)  # (..., d_out)
+        if not self.quantized:
+            h = F.linear(x, self.weight)  # (..., d_out)
+        else:
+            h = matmul_4bit(self.base_layer, x) if is_4bit_layer(self.base_layer) else matmul_8bit(self.base_layer, x)
         for hook in self._base_hooks.values():
             hook(x, h)
         return h
@@ -231,60 +292,77 @@ class AdaptedLinear(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         y = self.adapter(x, self._base_matmul)  # (..., d_out)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if self.bias is None else y + self.adapter.merged_bias(self.bias).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Write the adaptation into ``W``; a second call is refused.
 
         Raises:
-            RuntimeError: already merged, or the base is 4-bit: re-quantizing ``W'``
+            RuntimeError: already merged, or the base is quantized: re-quantizing ``W'``
                 would round away most of the (small) adaptation and ``unmerge`` could
                 not recover ``W``. ``to_float_linear`` (``hybridpeft.merge_and_unload``)
                 gives the merged layer in float instead.
         """
         if self.quantized:
             raise RuntimeError(
-                "cannot merge into a 4-bit (bitsandbytes) base weight: re-quantizing W' would round away most "
+                f"cannot merge into a {self.quant_kind} (bitsandbytes) base weight: re-quantizing W' would round away most "
                 "of the adaptation and unmerge() could not restore W. Keep the adapter unmerged, call "
                 "hybridpeft.merge_and_unload(model) for a float model with the merged weights, or load the "
                 "saved adapter onto the unquantized base model and merge there"
             )
         if self.merged:
             raise RuntimeError("layer is already merged; unmerge() it first")
+        self._refuse_sharded("merge")
         self._write_weight(self.adapter.merged_weight(self._weight_for_math()))
+        self._write_bias(self.adapter.merged_bias)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("layer is not merged")
+        self._refuse_sharded("unmerge")
         self._write_weight(self.adapter.unmerged_weight(self._weight_for_math()))
+        self._write_bias(self.adapter.unmerged_bias)
         self.merged = False
 
     @torch.no_grad()
     def to_float_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``W' = adapter.merged_weight(W)`` for a 4-bit base.
+        """A plain ``nn.Linear`` holding ``W' = adapter.merged_weight(W)`` for a quantized base.
 
         ``W`` is dequantized and ``W'`` computed in float32 at least, then stored in
-        the dtype bitsandbytes recorded for ``W`` before quantization (the model's
-        float dtype), on the layer's device; the bias is copied. Its parameters are
-        frozen, like the base layer's.
+        the dtype bitsandbytes recorded for a 4-bit ``W`` before quantization (the model's
+        float dtype; for int8, which records none, the bias's dtype or float32), on the
+        layer's device; the bias is copied. Its parameters are frozen, like the base layer's.
 
         Raises:
-            ValueError: the base is not 4-bit (merge it in place instead).
+            ValueError: the base is not quantized (merge it in place instead).
         """
         if not self.quantized:
-            raise ValueError("to_float_linear is for 4-bit bases; merge() a float base in place")
+            raise ValueError("to_float_linear is for quantized bases; merge() a float base in place")
         merged = self.adapter.merged_weight(self._weight_for_math())  # (d_out, d_in)
-        dtype = quant_state_of(self.base_layer).dtype
+        is_4bit = is_4bit_layer(self.base_layer)
+        dtype = quant_state_of(self.base_layer).dtype if is_4bit else float_dtype_8bit(self.base_layer)
         d_in, d_out = layer_shape(self.base_layer)
         out = nn.Linear(d_in, d_out, bias=self.bias is not None, device=merged.device, dtype=dtype)
         out.weight.copy_(merged)
         if self.bias is not None:
-            out.bias.copy_(self.bias)
+            out.bias.copy_(self.adapter.merged_bias(self.bias))
         out.requires_grad_(False)
         return out
+
+    @property
+    def quant_kind(self) -> str:
+        """``"4-bit"``, ``"int8"`` or ``"float"``: how the base weight is stored."""
+        if not self.quantized:
+            return "float"
+        return "4-bit" if is_4bit_layer(self.base_layer) else "int8"
+
+    def _refuse_sharded(self, what: str) -> None:
+        if distributed.is_sharded(self.base_layer.weight):
+            raise RuntimeError(f"cannot {what} a sharded (FSDP) layer in place: this rank holds only a piece of W; "
+                               "hybridpeft.merge_and_unload(model) gathers the model and merges it on rank 0")
 
     def _weight_for_math(self) -> Tensor:
         # Merging in float32 at least: a bf16 product of two bf16 matrices loses bits we can keep.
@@ -296,5 +374,13 @@ class AdaptedLinear(nn.Module):
         value = new_weight if isinstance(self.base_layer, nn.Linear) else new_weight.t()
         target.copy_(value.to(target.dtype))
 
+    def _write_bias(self, transform: Callable[[Tensor], Tensor]) -> None:
+        bias = self.bias
+        if bias is None:
+            return
+        value = transform(bias.detach())
+        if value is not bias and value.data_ptr() != bias.data_ptr():  # most methods leave b alone: no copy
+            bias.copy_(value.to(bias.dtype))
+
     def extra_repr(self) -> str:
-        return f"merged={self.merged}, disabled={self.disabled}" + (", quantized=True" if self.quantized else "")
+        return f"merged={self.merged}, disabled={self.disabled}" + (f", quantized=True ({self.quant_kind})" if self.quantized else "")

@@ -163,7 +163,8 @@ class HybridAdapter(Adapter):
         out = super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]
-            self._buffers[name] = old.to(device=new.device, dtype=torch.promote_types(new.dtype, torch.float32))
+            source = new if old.is_meta else old  # to_empty() from meta: nothing to keep but the dtype
+            self._buffers[name] = source.to(device=new.device, dtype=torch.promote_types(new.dtype, torch.float32))
         return out
 
     @property

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..config import AdapterConfig, check
 from .base import Adapter, BaseMatmul
 
@@ -94,11 +95,12 @@ class LoraAdapter(Adapter):
         if self.norm_bound is None or self.base_norm.item() == 0:
             return
         limit = self.norm_bound * self.base_norm
-        norm = self.scaling * lowrank_frobenius(self.lora_B, self.lora_A)
+        # Sharded (FSDP) factors are gathered: r × d each, and every rank must get the same norm.
+        norm = self.scaling * lowrank_frobenius(distributed.full(self.lora_B), distributed.full(self.lora_A))
         if norm > limit:  # rescale both factors equally so their balance is kept
             factor = (limit / norm).sqrt()
-            self.lora_A.mul_(factor)
-            self.lora_B.mul_(factor)
+            distributed.local(self.lora_A).mul_(factor)
+            distributed.local(self.lora_B).mul_(factor)
 
 
 def lowrank_frobenius(B: Tensor, A: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..config import check
 from .base import BaseMatmul
 from .lora import LoraAdapter, LoraConfig
@@ -167,7 +168,7 @@ class LoraGAAdapter(LoraAdapter):
         for target, value in ((self.lora_A, a0), (self.lora_A0, a0), (self.lora_B, b0), (self.lora_B0, b0)):
             if value.shape != target.shape:
                 raise ValueError(f"start factor shape {tuple(value.shape)} != adapter shape {tuple(target.shape)}")
-            target.copy_(value.to(target.dtype))
+            distributed.assign(target, value)  # sharded (FSDP) A, B keep this rank's rows
 
     def extra_repr(self) -> str:
         return f"r={self.lora_A.shape[0]}, scaling={self.scaling:g}, offset_in_base={self.offset_in_base}"

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import distributed
 from ..config import AdapterConfig, check
 from .base import Adapter, BaseMatmul
 
@@ -354,18 +355,21 @@ class BlockOrthogonal(nn.Module):
 
     @torch.no_grad()
     def drift(self) -> Tensor:
-        """``max_j ‖U_jᵀ U_j − I‖_F`` (a 0-dim tensor)."""
-        u = self.blocks.to(_compute_dtype(self.blocks.dtype))
-        gram = u.transpose(-1, -2) @ u  # (k, c, c)
+        """``max_j ‖U_jᵀ U_j − I‖_F`` (a 0-dim tensor) over the blocks this rank holds
+        (all of them unless sharded; 0 for none)."""
+        u = distributed.local(self.blocks).to(_compute_dtype(self.blocks.dtype))  # (k_local, c, c)
+        gram = u.transpose(-1, -2) @ u  # (k_local, c, c)
         eye = torch.eye(self.c, dtype=u.dtype, device=u.device)
-        return (gram - eye).flatten(1).norm(dim=1).max()
+        return (gram - eye).flatten(1).norm(dim=1).max() if u.shape[0] else u.new_zeros(())
 
     @torch.no_grad()
     def reorthonormalize(self) -> None:
-        """Replace every block by its nearest orthogonal matrix (polar factor ``P Qᵀ`` of ``U = P Σ Qᵀ``)."""
-        u = self.blocks.to(_compute_dtype(self.blocks.dtype))
-        p, _, qh = torch.linalg.svd(u)  # (k, c, c) each
-        self.blocks.copy_((p @ qh).to(self.blocks.dtype))
+        """Replace every block (this rank's, if sharded) by its nearest orthogonal matrix
+        (polar factor ``P Qᵀ`` of ``U = P Σ Qᵀ``)."""
+        blocks = distributed.local(self.blocks)  # (k_local, c, c); FSDP never splits a block
+        u = blocks.to(_compute_dtype(blocks.dtype))
+        p, _, qh = torch.linalg.svd(u)  # (k_local, c, c) each
+        blocks.copy_((p @ qh).to(blocks.dtype))
         self.reorthonormalizations += 1
 
 
@@ -430,13 +434,17 @@ def repair_drift(adapters: list[UnitaryAdapter]) -> None:
 
     All drifts are read in one host transfer (one device sync per step, not one per layer).
     The tolerance is ``max(drift_tolerance, eps(dtype) · √c)``: below the rounding floor of
-    the blocks' dtype a re-orthonormalization cannot help.
+    the blocks' dtype a re-orthonormalization cannot help. Sharded blocks: the drifts are
+    maxed over ranks in one all-reduce, so every rank repairs its blocks of the same layers.
     """
     blocks = [a for a in adapters if isinstance(a.unitary, BlockOrthogonal)]
     if not blocks:
         return
     device = blocks[0].unitary.blocks.device
-    drifts = torch.stack([a.unitary.drift().float().to(device) for a in blocks]).tolist()  # (L,) -> host
+    drifts = torch.stack([a.unitary.drift().float().to(device) for a in blocks])  # (L,)
+    if distributed.any_sharded(a.unitary.blocks for a in blocks):  # each rank saw its own blocks: agree on the max
+        distributed.all_reduce_max(drifts)
+    drifts = drifts.tolist()  # one host transfer
     for adapter, drift in zip(blocks, drifts):
         if drift > max(adapter.drift_tolerance, adapter.unitary.drift_floor):
             adapter.unitary.reorthonormalize()

@@ -1,7 +1,7 @@
 """The default benchmark job: one run of ``hybridpeft.train`` turned into a result record.
 
 A run's resolved benchmark config carries the training job's own sections
-(``model``, ``data``, ``adapter``, ``train``, ``eval``, ``output``, ``debug``; see
+(``model``, ``data``, ``adapter``, ``train``, ``fsdp``, ``eval``, ``output``, ``debug``; see
 ``hybridpeft.train.config``) plus ``run: {model, task, method, seed}``. The job
 fills ``model.name``, ``data.task`` and ``train.seed`` from ``run``, trains in
 ``<run_dir>/train`` (fresh each attempt: a retry must not inherit a half-run),
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_LAMBDA_POINTS = 100
-TRAIN_SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
+TRAIN_SECTIONS = ("model", "data", "adapter", "train", "fsdp", "eval", "output", "debug")
 
 
 def job_mapping(config: dict[str, Any], run_dir: Path | None = None) -> dict[str, Any]:
@@ -174,9 +174,9 @@ def _parameter_counts(out_dir: Path, job: Any) -> tuple[int | None, int | None]:
     if _is_number(results.get("trainable_params")) and _is_number(results.get("total_params")):
         return int(results["trainable_params"]), int(results["total_params"])
     from ..api import count_trainable
-    from ..train.setup import build_task, load_model, prepare_model
+    from ..train.setup import build_task, load_job_model, prepare_model
 
     task = build_task(job)
-    model, _ = load_model(job.model_name(task.kind), task, job.model.dtype)
+    model, _ = load_job_model(job, job.model_name(task.kind), task)
     model = prepare_model(model, job, task)
     return count_trainable(model), sum(p.numel() for p in model.parameters())

@@ -163,7 +163,7 @@ def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str]
     blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)." +
                         ("" if comparable else " Not comparable: see the footprint table's note.")))
     for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
-        group = [c for c in cells.values() if (c.model, c.task) == (model, task) and c.role == "main"]
+        group = [c for c in cells.values() if (c.model, c.task) == (model, task) and c.role in ("main", "extra")]
         path = figures.curves_figure(group, out / "figures" / f"curves_{slug(model)}_{slug(task)}.png", f"{model} · {task}")
         figure_paths.append(path)
         blocks.append(Image(f"figures/{path.name}", f"Gradient norm and validation loss over training, {model} on {task} (cf. Fig. 2)."))

@@ -81,8 +81,9 @@ def check_result(result: Any) -> dict[str, Any]:
     primary = result.get("primary_metric")
     if primary not in metrics:
         raise ValueError(f"job result primary_metric={primary!r} is invalid: expected one of {sorted(metrics)}")
-    if isinstance(metrics[primary], float) and math.isnan(metrics[primary]):
-        raise ValueError(f"job result metrics[{primary!r}] is NaN")
+    if not math.isfinite(metrics[primary]):  # inf is as unusable as NaN: no mean, no t-test, not JSON
+        raise ValueError(f"job result metrics[{primary!r}]={metrics[primary]!r} is invalid: "
+                         f"the primary metric must be finite")
     out = dict(result)
     out.setdefault("curves", {"train": [], "eval": []})
     out.setdefault("lambda_history", None)

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from ..config import check
 from ..train.config import read_yaml, set_dotted
 
-ROLES = ("main", "ablation")
+ROLES = ("main", "ablation", "extra")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"
 _MATCH_FIELDS = ("method", "adapter_method", "task", "model", "seed")
 
@@ -58,14 +58,16 @@ class MethodSpec:
         train: training settings that differ for this row (e.g. full FT's lr);
             keep these to what the method needs, not tuning one method more.
         role: ``"main"`` rows form the main table; ``"ablation"`` rows appear only
-            in the λ-ablation table.
+            in the λ-ablation table; ``"extra"`` rows are baselines the paper does not
+            report (e.g. DoRA, IA³): in the main table, labelled so, and in none of the
+            paper's claims.
     """
 
     name: str
     method: str
     adapter: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    role: Literal["main", "ablation"] = "main"
+    role: Literal["main", "ablation", "extra"] = "main"
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,7 @@ class BenchConfig:
             out.append((isinstance(model, str) and model != "", f"grid[{i}].model", model, "a model name"))
             out.append((len(tasks) > 0 and all(isinstance(t, str) for t in tasks), f"grid[{i}].tasks", tasks, "a non-empty list of task names"))
         for m in self.methods:
-            out.append((m.role in ROLES, f"methods[{m.name}].role", m.role, "'main' or 'ablation'"))
+            out.append((m.role in ROLES, f"methods[{m.name}].role", m.role, "'main', 'ablation' or 'extra'"))
         for i, o in enumerate(self.overrides):
             out.append((set(o.where) <= set(_MATCH_FIELDS), f"overrides[{i}].where", o.where, f"keys among {_MATCH_FIELDS}"))
         for i, w in enumerate(self.exclude):

@@ -21,6 +21,7 @@ from .stats import Summary, Welch, summarize, welch
 METHOD_ORDER = ("full", "lora", "lora_ga", "boft", "unitary", "hybrid")  # the paper's row order
 PERCENT_METRICS = ("accuracy", "exact_match", "macro_accuracy", "f1", "pass@1", "pass@10")
 DAGGER, DDAGGER = "†", "‡"
+EXTRA_LABEL = " (extra: not in the paper's tables)"  # rows of role "extra"
 
 
 @dataclass
@@ -59,6 +60,11 @@ class Cell:
 
     def footprint(self, name: str) -> list[float]:
         return [v for v in (_number((r.get("footprint") or {}).get(name)) for r in self.records) if v is not None]
+
+    @property
+    def label(self) -> str:
+        """The row label: the method name, marked when the paper does not report this baseline."""
+        return self.method + (EXTRA_LABEL if self.role == "extra" else "")
 
     def schedule(self) -> str | None:
         """The Hybrid's λ schedule as configured (``None`` for other methods)."""
@@ -154,11 +160,14 @@ def models_for(cells: dict[tuple[str, str, str], Cell], task: str) -> list[str]:
 
 
 def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[Table]:
-    """Table I: one table per task, main-role methods."""
+    """Table I: one table per task, main-role methods, then extra baselines (labelled as such)."""
     tables = []
     for task in tasks_in(cells):
         models = models_for(cells, task)
-        methods = list(dict.fromkeys(c.method for c in cells.values() if c.task == task and c.role == "main"))
+        in_table = [c for c in cells.values() if c.task == task and c.role in ("main", "extra")]
+        in_table.sort(key=lambda c: c.role == "extra")  # stable: the paper's rows first, in their order
+        methods = list(dict.fromkeys(c.method for c in in_table))
+        labels = {c.method: c.label for c in in_table}
         if not methods:
             continue
         metric = next(c.metric for c in cells.values() if c.task == task)
@@ -168,7 +177,7 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
             header += [f"{model}: per seed", f"{model}: mean ± s.d.", f"{model}: Δ vs {reference}", f"{model}: p (Welch)"]
         rows = []
         for method in methods:
-            row = [method]
+            row = [labels[method]]
             for model in models:
                 cell = cells.get((model, task, method))
                 if cell is None:
@@ -194,7 +203,9 @@ def main_tables(cells: dict[tuple[str, str, str], Cell], reference: str = "lora"
             title=f"{task}: {metric}{unit}",
             header=header, rows=rows,
             note=(f"Per-seed values in seed order {seeds} (— = that seed did not finish); s.d. is the sample standard deviation (ddof = 1). "
-                  f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."),
+                  f"{DAGGER}: p < 0.05 in Welch's two-sided t-test against {reference} (scipy.stats.ttest_ind, equal_var=False)."
+                  + (" Rows marked extra are baselines the paper's tables do not have; no claim about the paper uses them."
+                     if any(c.role == "extra" for c in in_table) else "")),
         ))
     return tables
 
@@ -363,7 +374,7 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
         ref_step = ref.footprint("step_time_s") if ref else []
         ref_mem = ref.footprint(mem_key) if ref else []
         rows.append([
-            cell.model, cell.task, cell.method,
+            cell.model, cell.task, cell.label,
             mean_sd(summarize(step), 3) if step else "—",
             _ratio_text(step, ref_step),
             mean_sd(summarize(mem), 0) if mem else "—",

@@ -1,9 +1,9 @@
 """Working with what training leaves behind: evaluate, merge into a plain model, describe.
 
 An adapter directory written by training carries ``hybridpeft_run.json`` beside
-the adapter files (base model, task, step), so ``eval`` and ``merge`` need no
-more than the directory; ``--model`` / ``--task`` override or supply them for
-adapters saved elsewhere.
+the adapter files (base model, task, step, how the base was quantized), so ``eval``
+and ``merge`` need no more than the directory; ``--model`` / ``--task`` /
+``--quantization`` override or supply them for adapters saved elsewhere.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
+from ..models import dequantize_model
 from ..tasks import get_task
 from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
@@ -54,13 +55,30 @@ def _base_and_task(adapter_dir: Path, model: str | None, task: str | None, task_
     return model_name, (get_task(task_name, **args) if task_name else None)
 
 
+RECORDED = "recorded"  # quantization: as the adapter's run info says (none if it says nothing)
+
+
+def base_quantization(adapter_dir: Path, quantization: str | None = RECORDED) -> tuple[str | None, str | None]:
+    """(quantization, compute dtype) to load an adapter's base with: the run's, unless overridden
+    (``None`` or ``"none"``: the float base; ``"nf4"``/``"fp4"``/``"int8"``: that)."""
+    info = run_info(adapter_dir)
+    if quantization == RECORDED:
+        return info.get("quantization"), info.get("compute_dtype")
+    return (None, None) if quantization in (None, "none") else (quantization, None)
+
+
 def load_adapted(adapter: str | os.PathLike, model: str | None = None, task: str | None = None,
-                 task_args: dict[str, Any] | None = None, dtype: str = "float32"):
-    """(adapted model, tokenizer, task or None) for an adapter directory."""
+                 task_args: dict[str, Any] | None = None, dtype: str = "float32", quantization: str | None = RECORDED):
+    """(adapted model, tokenizer, task or None) for an adapter directory.
+
+    The base is quantized as it was in training (the run info), unless ``quantization``
+    says otherwise; see ``base_quantization``.
+    """
     adapter_dir = find_adapter_dir(adapter)
     model_name, task_obj = _base_and_task(adapter_dir, model, task, task_args)
     kind_task = task_obj if task_obj is not None else _CausalKind()
-    base, tokenizer = load_model(model_name, kind_task, dtype)
+    quant, compute = base_quantization(adapter_dir, quantization)
+    base, tokenizer = load_model(model_name, kind_task, dtype, quantization=quant, compute_dtype=compute)
     load_adapter(base, adapter_dir)
     return base, tokenizer, task_obj
 
@@ -73,9 +91,10 @@ class _CausalKind:
 def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
                      split: str | None = None, limit: int | None = None, batch_size: int = 16,
                      data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None,
-                     out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                     quantization: str | None = RECORDED, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The task metric of an adapter (or of the base model when ``adapter`` is None).
 
+    ``quantization``: how to load the base (default: as in training; for ``--base``, as stored).
     With ``out_dir``, also writes ``metrics.json`` (what is returned) and ``predictions.jsonl``
     (one record per example: input, output, reference and its score; see ``Task.predictions``);
     ``out_dir="auto"`` picks ``default_eval_dir``. The directory written is returned as ``output_dir``.
@@ -89,12 +108,13 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
     if adapter is not None:
-        net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args)
+        net, tokenizer, task_obj = load_adapted(adapter, model, task, task_args, quantization=quantization)
     else:
         if model is None or task is None:
             raise ValueError("evaluating a base model needs --model and --task")
         task_obj = get_task(task, **(task_args or {}))
-        net, tokenizer = load_model(model, task_obj)
+        quant = None if quantization in (RECORDED, None, "none") else quantization
+        net, tokenizer = load_model(model, task_obj, quantization=quant)
     if task_obj is None:
         raise ValueError(f"{adapter} does not record its task; pass --task")
     split = split or getattr(task_obj, "eval_split", "test")
@@ -126,12 +146,17 @@ def default_eval_dir(adapter: str | os.PathLike | None, task: str, split: str) -
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-                 task: str | None = None, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Merge an adapter into its base and save a plain ``save_pretrained`` directory (with tokenizer).
+                 task: str | None = None, dtype: str = "float32", overwrite: bool = False,
+                 quantization: str | None = RECORDED) -> Path:
+    """Merge an adapter into its base and save a plain float ``save_pretrained`` directory (with tokenizer).
 
     The result loads with ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``
     alone; no hybridpeft code is needed to run it. It is written beside ``out`` first and
-    moved into place when complete, so ``out`` is never left half-written.
+    moved into place when complete, so ``out`` is never left half-written. An adapter
+    trained on a quantized base merges, by default, onto that same quantized base
+    dequantized (the function it was trained with: ``dequant(W) + ΔW``), and every other
+    quantized layer is dequantized too; ``quantization="none"`` merges onto the original
+    float weights instead.
 
     Raises:
         FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
@@ -139,8 +164,9 @@ def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str 
     """
     out = Path(out)
     _check_merge_target(out, overwrite)
-    net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype)
+    net, tokenizer, _ = load_adapted(adapter, model, task, dtype=dtype, quantization=quantization)
     merge_and_unload(net)
+    dequantize_model(net)
     staging = out.with_name(f".{out.name}.merging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -159,13 +185,68 @@ def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str 
 
 
 def _check_merge_target(out: Path, overwrite: bool) -> None:
-    if overwrite or not out.exists():
+    _check_target(out, overwrite, "merge")
+
+
+def _check_target(out: Path, overwrite: bool, what: str) -> None:
+    if not out.exists():
         return
-    if not out.is_dir():
-        raise FileExistsError(f"merge target {out} is a file, not a directory; choose another path or pass --overwrite")
-    if any(out.iterdir()):
-        raise FileExistsError(f"merge target {out} is a non-empty directory; choose another path or pass --overwrite "
-                              "to replace its contents")
+    if not out.is_dir() and (what != "merge" or not overwrite):  # an export writes files into a directory
+        raise FileExistsError(f"{what} target {out} is a file, not a directory; choose another path"
+                              + (" or pass --overwrite" if what == "merge" else ""))
+    if not overwrite and any(out.iterdir()):
+        raise FileExistsError(f"{what} target {out} is a non-empty directory; choose another path or pass --overwrite "
+                              + ("to replace its contents" if what == "merge" else "to replace its adapter files"))
+
+
+def export_adapter(adapter: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft", model: str | None = None,
+                   task: str | None = None, base_model: str | None = None, overwrite: bool = False) -> Path:
+    """Write an adapter dir (or a run / checkpoint's adapter) in another library's format.
+
+    ``fmt="peft"``: HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``
+    (``hybridpeft.peft_format.export_peft``). The method is checked before any model
+    loads; ``base_model`` (recorded as ``base_model_name_or_path``) defaults to the
+    run's base model, offline aliases given by their hub ids.
+
+    Raises:
+        NotRepresentable: the method has no such form (nothing is written).
+        FileExistsError: ``out`` is a file or a non-empty directory and ``overwrite`` is False
+            (as for ``merge``; checked before any model is loaded).
+    """
+    from ..models import hub_id
+    from ..peft_format import check_exportable, export_peft
+
+    if fmt != "peft":
+        raise ValueError(f"--format {fmt!r} is invalid: expected 'peft'")
+    adapter_dir = find_adapter_dir(adapter)
+    check_exportable(read_adapter_config(adapter_dir).method)
+    _check_target(Path(out), overwrite, "export")
+    net, _, _ = load_adapted(adapter_dir, model, task)
+    name = base_model or hub_id(model or run_info(adapter_dir).get("base_model") or "") or None
+    return export_peft(net, out, base_model_name_or_path=name)
+
+
+def check_peft_export(adapter: str | os.PathLike, exported: str | os.PathLike, model: str | None = None,
+                      task: str | None = None) -> float:
+    """Load ``exported`` with HF PEFT itself onto a fresh base model and return the largest
+    |difference| between its logits and ours on a probe sentence (the optional check; needs ``peft``).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("the export check loads the adapter with HF PEFT: pip install peft") from None
+
+    net, tokenizer, task_obj = load_adapted(adapter, model, task)
+    model_name, _ = _base_and_task(find_adapter_dir(adapter), model, task, None)
+    base, _ = load_model(model_name, task_obj if task_obj is not None else _CausalKind())
+    theirs = peft.PeftModel.from_pretrained(base, str(exported))
+    probe = tokenizer(["Question: Tom has 3 apples and gets 4 more. Answer:"], return_tensors="pt")
+    with torch.no_grad():
+        ours_out, theirs_out = net.eval()(**probe).logits, theirs.eval()(**probe).logits
+    return float((ours_out - theirs_out).abs().max())
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -229,7 +310,8 @@ def _describe_checkpoint(path: Path) -> list[str]:
             lines.append(f"  step: {loop.get('step')}, data position: {state.get('data')}, "
                          f"skipped steps: {loop.get('skipped')}, best val loss: {loop.get('best_val_loss')}")
             lines.append(f"  world size {state.get('world_size')}, batch size {state.get('batch_size')}, "
-                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}")
+                         f"grad accum {state.get('grad_accum')}, seed {state.get('seed')}"
+                         + (", written by a sharded (FSDP) run (whole tensors)" if state.get("sharded") else ""))
         except Exception as err:  # a corrupt file is exactly what info should report, not crash on
             lines.append(f"  trainer state unreadable: {err}")
     if (path / ckpt.ADAPTER_DIR / ADAPTER_CONFIG).is_file():
@@ -244,7 +326,8 @@ def _describe_run(path: Path) -> list[str]:
     meta = json.loads((path / "run.json").read_text())
     lines = [f"run: {path}",
              f"  task: {config.get('data', {}).get('task')}, method: {config.get('adapter', {}).get('method')}, "
-             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"]
+             f"model: {config.get('model', {}).get('name')}, seed: {meta.get('seed')}, world size: {meta.get('world_size')}"
+             + (f" ({meta['parallel']['strategy']})" if isinstance(meta.get("parallel"), dict) else "")]
     steps = read_jsonl(path / "train_log.jsonl")
     if steps:
         last = steps[-1]

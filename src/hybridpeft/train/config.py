@@ -1,7 +1,7 @@
 """The training job's configuration: typed sections, YAML + ``--set`` overrides, validation.
 
 A job is a YAML mapping with the sections ``model``, ``data``, ``adapter``,
-``train``, ``eval``, ``output`` and ``debug`` (see ``configs/default.yaml``).
+``train``, ``fsdp``, ``eval``, ``output`` and ``debug`` (see ``configs/default.yaml``).
 Resolution order: the built-in defaults, then the YAML file, then each
 ``--set dotted.key=value`` (the value parsed as YAML, so ``[q_proj, v_proj]``
 is a list and ``2e-4`` a float).
@@ -35,7 +35,7 @@ import yaml
 from ..config import AdapterConfig, config_class, known_methods
 from ..models import looks_like_path
 
-SECTIONS = ("model", "data", "adapter", "train", "eval", "output", "debug")
+SECTIONS = ("model", "data", "adapter", "train", "fsdp", "eval", "output", "debug")
 
 
 class ConfigError(ValueError):
@@ -80,13 +80,22 @@ class ModelSection:
         name: a hub id, a local directory, or an offline name (``smollm2-135m``,
             ``minilm-l6``); ``None`` picks ``smollm2-135m`` for causal tasks and
             ``minilm-l6`` for classification tasks.
-        dtype: dtype the base weights are loaded in.
-        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        dtype: dtype the base weights are loaded in (and the adapters' dtype on a quantized base
+            is float32 unless ``adapter.adapter_dtype`` says otherwise).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower);
+            transformers' non-reentrant checkpointing per block, with every method.
+        quantization: load the base quantized by bitsandbytes (through transformers'
+            ``BitsAndBytesConfig``): ``nf4`` or ``fp4`` (4-bit, the QLoRA setting) or ``int8``
+            (LLM.int8()); null = as stored. Adapters stay in float; eval and merge of the run
+            load the base the same way (``hybridpeft merge`` writes a float model).
+        compute_dtype: the dtype 4-bit layers compute in; null = ``dtype``.
     """
 
     name: str | None = None
     dtype: str = "float32"
     gradient_checkpointing: bool = False
+    quantization: str | None = None
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         e = _Errors()
@@ -98,6 +107,16 @@ class ModelSection:
                 "'float32', 'bfloat16' or 'float16'")
         e.check(isinstance(self.gradient_checkpointing, bool), "gradient_checkpointing",
                 self.gradient_checkpointing, "true or false")
+        e.check(self.quantization in (None, "nf4", "fp4", "int8"), "quantization", self.quantization,
+                "null, 'nf4', 'fp4' or 'int8'")
+        if self.quantization is not None:
+            e.check(importlib.util.find_spec("bitsandbytes") is not None, "quantization", self.quantization,
+                    "null, or the 'bitsandbytes' package installed (pip install 'bitsandbytes>=0.49')")
+        e.check(self.compute_dtype in (None, "float32", "bfloat16", "float16"), "compute_dtype", self.compute_dtype,
+                "null, 'float32', 'bfloat16' or 'float16'")
+        if self.compute_dtype is not None:
+            e.check(self.quantization in ("nf4", "fp4"), "compute_dtype", self.compute_dtype,
+                    f"null unless model.quantization is 'nf4' or 'fp4' (it is {self.quantization!r})")
         e.raise_if_any()
 
 
@@ -256,6 +275,42 @@ class TrainSection:
 
 
 @dataclass
+class FsdpSection:
+    """Sharded training with FSDP2 (``torch.distributed.fsdp.fully_shard``); see ``docs/distributed.md``.
+
+    Args:
+        enabled: shard the model over the processes instead of copying it to each (DDP).
+            Needs a multi-process launch (``torchrun --nproc_per_node N -m hybridpeft.cli train
+            --set fsdp.enabled=true``). ``accelerate launch --config_file examples/accelerate/fsdp.yaml``
+            turns it on by itself, and the ``fsdp_*`` fields of that file replace this section.
+        layer_classes: module classes sharded as one unit each (their frozen weights and adapters
+            together); null = the model's own blocks (transformers' ``_no_split_modules``, e.g.
+            ``LlamaDecoderLayer``). What is left (embeddings, final norm, head) forms the root unit.
+        reshard_after_forward: free each gathered block after its forward and gather it again
+            for backward (less memory, one more all-gather per block).
+        ram_efficient_loading: only rank 0 reads the checkpoint; the other ranks build the model
+            on the meta device and receive their pieces from rank 0, one tensor at a time.
+    """
+
+    enabled: bool = False
+    layer_classes: list[str] | None = None
+    reshard_after_forward: bool = True
+    ram_efficient_loading: bool = True
+
+    def __post_init__(self) -> None:
+        e = _Errors()
+        e.check(isinstance(self.enabled, bool), "enabled", self.enabled, "true or false")
+        e.check(self.layer_classes is None or (isinstance(self.layer_classes, list) and bool(self.layer_classes)
+                                               and all(isinstance(c, str) and c for c in self.layer_classes)),
+                "layer_classes", self.layer_classes, "null or a non-empty list of class names")
+        e.check(isinstance(self.reshard_after_forward, bool), "reshard_after_forward", self.reshard_after_forward,
+                "true or false")
+        e.check(isinstance(self.ram_efficient_loading, bool), "ram_efficient_loading", self.ram_efficient_loading,
+                "true or false")
+        e.raise_if_any()
+
+
+@dataclass
 class EvalSection:
     """Args:
         every: validation loss every N optimizer steps (0 = never during training).
@@ -370,7 +425,7 @@ class DebugSection:
 
 
 _SECTION_CLASSES = {
-    "model": ModelSection, "data": DataSection, "train": TrainSection,
+    "model": ModelSection, "data": DataSection, "train": TrainSection, "fsdp": FsdpSection,
     "eval": EvalSection, "output": OutputSection, "debug": DebugSection,
 }
 
@@ -386,6 +441,7 @@ class JobConfig:
     eval: EvalSection
     output: OutputSection
     debug: DebugSection
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -520,12 +576,23 @@ def _adapter_errors(cls: type[AdapterConfig], kwargs: dict[str, Any], origin: di
         return []
     except (ValueError, TypeError) as first:
         found: list[str] = []
+        # The shared fields that are valid on their own go with every retry: a method field may be
+        # checked against them (IA³'s feedforward_modules must be among target_modules).
+        context = {k: v for k, v in kwargs.items() if k in _SHARED_ADAPTER_FIELDS and _accepts(cls, {k: v})}
         for key, value in kwargs.items():
             try:
-                cls(**{key: value})
+                cls(**{**context, key: value})
             except (ValueError, TypeError) as err:
                 found.append(f"{origin.get(key, prefix)}.{err}")
         return found or [f"{prefix}.{first}"]
+
+
+def _accepts(cls: type[AdapterConfig], kwargs: dict[str, Any]) -> bool:
+    try:
+        cls(**kwargs)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _build_adapter(data: Any, errors: list[str]) -> AdapterConfig:
@@ -610,6 +677,13 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
         if value is not None and job.method != "hybrid":
             errors.append(f"train.{name}={value!r} is invalid for adapter.method={job.method!r}: expected null "
                           "(branch learning rates are for the Hybrid's two branches; use train.lr)")
+    if job.model.quantization is not None and job.method == "full":
+        errors.append(f"adapter.method='full' is invalid with model.quantization={job.model.quantization!r}: "
+                      "quantized weights cannot be trained; use an adapter method or a float base")
+    if job.fsdp.enabled:
+        from .parallel import sharding_problems
+
+        errors.extend(sharding_problems(job))
     if job.data.task in known_tasks():
         try:
             task = get_task(job.data.task, **job.data.task_args)

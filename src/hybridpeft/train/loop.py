@@ -2,7 +2,7 @@
 
 Per optimizer step::
 
-    for each of grad_accum micro-batches (DDP gradient sync only on the last):
+    for each of grad_accum micro-batches (gradient sync only on the last):
         loss = model(**batch).loss;  backward(loss / grad_accum)
     global loss = mean over ranks;  grad norm = clip_grad_norm_ (after the sync)
     if both finite:  optimizer.step();  after_optimizer_step(model)   # Hybrid λ, norm bounds
@@ -14,6 +14,12 @@ A skipped step still consumes its data and its learning-rate slot, so step
 numbers, data order and schedule stay aligned whatever happens. Every rank
 takes the same decisions (the loss is all-reduced, the gradient norm is
 computed after the gradient all-reduce), so no rank can step while another skips.
+
+Several processes either each hold the model (DDP, the default) or shard it (FSDP2,
+``fsdp.enabled`` or an FSDP ``accelerate launch``); ``train/parallel.py`` holds the
+difference, so this loop reads the same for both. Under sharding, saving gathers the
+adapter and optimizer state onto rank 0 (every rank takes part) and the task metric
+after training runs on a gathered plain copy on rank 0.
 """
 from __future__ import annotations
 
@@ -31,9 +37,12 @@ from typing import Any
 
 import torch
 
-from ..api import after_optimizer_step, load_adapter, save_adapter
+from .. import distributed
+from ..api import adapter_tensors, after_optimizer_step, load_adapter, write_adapter
+from ..inject import config_of
 from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
+from . import parallel as par
 from .config import JobConfig, dump_yaml, read_yaml
 from .data import BatchStream
 from .evaluation import task_metrics, validation_loss
@@ -43,7 +52,7 @@ from .lock import RunDirBusy, RunDirLock
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
-    build_optimizer, build_scheduler, build_task, load_model, load_splits, lora_ga_batch_count,
+    build_optimizer, build_scheduler, build_task, load_job_model, load_splits, lora_ga_batch_count,
     needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name, describe_splits,
     warm_up_head,
 )
@@ -97,13 +106,14 @@ class _Run:
     model_name: str
     task: Any
     tokenizer: Any
-    model: Any  # as prepared by accelerate (DDP-wrapped under data parallelism)
+    model: Any  # as prepared by accelerate (DDP-wrapped under data parallelism) or sharded
     unwrapped: Any
     optimizer: Any
     scheduler: Any
     stream: BatchStream
     params: list[torch.nn.Parameter]
     state: LoopState
+    strategy: par.Replicated
     log: RunLog | None = None
     last_saved: Path | None = None
     last_good: Path | None = None  # newest checkpoint whose weights then gave a finite step
@@ -188,10 +198,12 @@ def train(job: JobConfig, resume: bool | str | os.PathLike | None = None) -> Tra
         ValueError: the run dir holds a previous run and neither resume nor overwrite was asked,
             or a resume does not fit the job (other world size, batch size, ...).
     """
+    distributed.die_with_launcher()  # a killed launcher must not leave ranks holding the run dir
     accelerator = _make_accelerator(job)
+    strategy = par.for_job(job, accelerator)  # refuses unsupported sharding settings before anything loads
     run_dir = job.run_dir()
     with explain_failures(run_dir, accelerator.is_main_process), _locked(run_dir, accelerator):
-        return _train(job, accelerator, run_dir, resume)
+        return _train(job, accelerator, run_dir, resume, strategy)
 
 
 @contextlib.contextmanager
@@ -216,9 +228,11 @@ def _locked(run_dir: Path, accelerator: Any):
             lock.release()
 
 
-def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> TrainResult:
+def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any, strategy: par.Replicated) -> TrainResult:
     source = _find_resume_source(job, run_dir, resume, accelerator.is_main_process)
-    _start_run_dir(accelerator, job, run_dir, source)
+    if source is not None:  # before the run dir is touched: a resume that cannot work changes nothing
+        _check_compatible(ckpt.load_trainer_state(source), job, accelerator.num_processes)
+    _start_run_dir(accelerator, job, run_dir, source, strategy)
 
     seed_everything(job.train.seed)
     task = build_task(job)
@@ -231,8 +245,8 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> Trai
                                 len(eval_examples) if (job.eval.before or job.eval.after) else None)
 
     model_name = job.model_name(task.kind)
-    model, tokenizer = load_model(model_name, task, job.model.dtype)
-    model.to(accelerator.device)
+    model, tokenizer = load_job_model(job, model_name, task, empty=strategy.loads_empty, device=accelerator.device)
+    model = strategy.place(model)
     results = _read_results(run_dir) if source is not None else {}
     results["data"] = data_info
     if job.eval.before and "before" not in results and accelerator.is_main_process:
@@ -245,7 +259,8 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> Trai
 
     stream = BatchStream(task, tokenizer, train_examples, job.train.batch_size, job.train.seed,
                          accelerator.process_index, accelerator.num_processes, job.data.max_length)
-    model = prepare_model(model, job, task).to(accelerator.device)
+    model = strategy.shard(prepare_model(model, job, task, checkpointing=strategy.activation_checkpointing))
+    model = strategy.place(model)  # the new adapter tensors too
     if source is not None:
         load_adapter(model, source / ckpt.ADAPTER_DIR)
     else:
@@ -258,7 +273,7 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> Trai
     state = LoopState()
     if source is not None:
         state = _restore_trainer(source, job, accelerator, optimizer, scheduler, stream)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    prepared, optimizer = strategy.prepare(model, optimizer)
     if source is not None:
         _restore_process_state(source, accelerator)
         _say(accelerator, f"resumed from {source} at step {state.step}")
@@ -267,11 +282,11 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any) -> Trai
     run = _Run(job=job, accelerator=accelerator, run_dir=run_dir, model_name=model_name, task=task,
                tokenizer=tokenizer, model=prepared, unwrapped=unwrapped, optimizer=optimizer, scheduler=scheduler,
                stream=stream, params=[p for p in unwrapped.parameters() if p.requires_grad], state=state,
-               last_saved=source)
+               strategy=strategy, last_saved=source)
     _say(accelerator, f"training {job.method} on {task.name}: {sum(p.numel() for p in run.params):,} trainable "
                       f"parameters, {data_info['train']}, validation {data_info['validation']}, {total_steps} steps "
                       f"({max(1, stream.batches_per_epoch // job.train.grad_accum)} per epoch), world size "
-                      f"{accelerator.num_processes}, mixed precision {accelerator.mixed_precision}")
+                      f"{accelerator.num_processes}, {strategy.describe()}, mixed precision {accelerator.mixed_precision}")
     run.log = RunLog(run_dir, run.is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
     try:
         stop_reason = _loop(run, total_steps, val_examples)
@@ -324,7 +339,7 @@ def _resume_source(source: Path, is_main: bool) -> Path:
     return found
 
 
-def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path | None) -> None:
+def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path | None, strategy: Any) -> None:
     """Create/clean the run dir; record the resolved config, versions and seed."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +358,7 @@ def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path
             "seed": job.train.seed, "versions": versions(), "started": now(), "argv": sys.argv,
             "world_size": accelerator.num_processes, "device": str(accelerator.device),
             "mixed_precision": accelerator.mixed_precision, "resumed_from": str(source) if source else None,
+            "parallel": par.settings_dict(strategy),
         })
     accelerator.wait_for_everyone()
 
@@ -370,7 +386,8 @@ def _restore_trainer(source: Path, job: JobConfig, accelerator: Any, optimizer: 
                      stream: BatchStream) -> LoopState:
     saved = ckpt.load_trainer_state(source)
     _check_compatible(saved, job, accelerator.num_processes)
-    optimizer.load_state_dict(saved["optimizer"])
+    optimizer.load_state_dict(saved["optimizer"])  # whole tensors (gathered when saved sharded)
+    distributed.reshard_optimizer_state(optimizer)  # pieces of sharded parameters' state back to DTensors
     scheduler.load_state_dict(saved["scheduler"])
     stream.seek(saved["data"]["epoch"], saved["data"]["index"])
     return LoopState(**saved["loop"])
@@ -476,7 +493,7 @@ def _train_step(run: _Run) -> dict[str, Any]:
     for micro in range(job.train.grad_accum):
         batch = {k: v.to(accelerator.device) for k, v in run.stream.next().items()}
         last = micro == job.train.grad_accum - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):  # sync gradients once per step
+        with run.strategy.gradient_sync(run.model, sync=last):  # reduce gradients once per step
             with accelerator.autocast():
                 loss = run.model(**batch).loss
             if step in job.debug.nan_loss_at_steps:
@@ -484,12 +501,12 @@ def _train_step(run: _Run) -> dict[str, Any]:
             accelerator.backward(loss / job.train.grad_accum)
         total_loss += loss.detach().float()
         tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
-    if step in job.debug.nan_grad_at_steps:
-        next(p for p in run.params if p.grad is not None).grad.view(-1)[0] = float("nan")
+    if step in job.debug.nan_grad_at_steps:  # the first gradient piece this rank holds; the norm spreads it
+        next(g for g in (distributed.local(p.grad) for p in run.params if p.grad is not None) if g.numel()).view(-1)[0] = float("nan")
     mean_loss = accelerator.reduce(total_loss / job.train.grad_accum, "mean").item()
     global_tokens = int(accelerator.reduce(tokens, "sum").item())
     max_norm = job.train.max_grad_norm if job.train.max_grad_norm is not None else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(run.params, max_norm))
+    grad_norm = run.strategy.clip_grad_norm(run.params, max_norm)
     record: dict[str, Any] = {"step": step, "epoch": position["epoch"], "data_index": position["index"],
                               "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
     for group in run.optimizer.param_groups:  # the Hybrid's branch learning rates, when set apart
@@ -534,7 +551,7 @@ def _validate(run: _Run, val_examples: list) -> bool:
     if state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta:
         state.best_val_loss = val
         state.evals_without_improvement = 0
-        if job.eval.early_stopping_patience is not None and run.is_main:
+        if job.eval.early_stopping_patience is not None:  # every rank: a sharded adapter is gathered
             _save_adapter_atomically(run, run.run_dir / "best_adapter")
     else:
         state.evals_without_improvement += 1
@@ -549,13 +566,18 @@ def _write_run_info(adapter_dir: Path, run: _Run) -> None:
     write_json(adapter_dir / RUN_INFO, {
         "base_model": run.model_name, "task": job.data.task, "task_args": job.data.task_args,
         "method": job.method, "step": run.state.step, "seed": job.train.seed, "max_length": job.data.max_length,
+        "dtype": job.model.dtype, "quantization": job.model.quantization, "compute_dtype": job.model.compute_dtype,
     })
 
 
 def _save_adapter_atomically(run: _Run, target: Path) -> None:
+    """Every rank calls this (a sharded adapter is gathered); rank 0 writes."""
+    tensors = adapter_tensors(run.unwrapped)
+    if not run.is_main:
+        return
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    save_adapter(run.unwrapped, staging)
+    write_adapter(tensors, config_of(run.unwrapped), staging)
     _write_run_info(staging, run)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
@@ -575,12 +597,16 @@ def save_checkpoint(run: _Run) -> Path:
     accelerator.wait_for_everyone()
     tmp = ckpt.temp_dir(run.checkpoints, state.step)
     ckpt.save_tensors(rng_state(), tmp / f"rng-rank{accelerator.process_index}.pt")
+    # Collective under sharding: every rank gathers, rank 0 keeps whole tensors (the checkpoint
+    # is the same for any world size and for DDP or FSDP).
+    tensors = adapter_tensors(run.unwrapped)
+    optimizer_state = distributed.gather_tensors(run.optimizer.state_dict(), rank0_only=True)
     if run.is_main:
-        adapter_dir = save_adapter(run.unwrapped, tmp / ckpt.ADAPTER_DIR)
+        adapter_dir = write_adapter(tensors, config_of(run.unwrapped), tmp / ckpt.ADAPTER_DIR)
         _write_run_info(adapter_dir, run)
         ckpt.save_tensors({
             "format_version": 1,
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": run.scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "data": run.stream.position.to_dict(),
@@ -590,6 +616,7 @@ def save_checkpoint(run: _Run) -> Path:
             "grad_accum": job.train.grad_accum,
             "seed": job.train.seed,
             "method": job.method,
+            "sharded": run.strategy.sharded,
         }, tmp / ckpt.TRAINER_STATE)
     accelerator.wait_for_everyone()
     final = run.checkpoints / ckpt.step_dir_name(state.step)
@@ -607,15 +634,16 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
     if job.eval.early_stopping_patience is not None and best_dir.is_dir():
         load_adapter(run.unwrapped, best_dir)  # end on the weights that validated best
     adapter_dir = run.run_dir / "adapter"
-    if run.is_main:
-        _save_adapter_atomically(run, adapter_dir)
+    _save_adapter_atomically(run, adapter_dir)
     if job.debug.save_rank_states:
         _dump_rank_state(run.unwrapped, run.run_dir, accelerator.process_index)
+    # The task metric (generation) runs on rank 0 alone; a sharded model is gathered there first.
+    scored = _gathered(run.unwrapped) if run.strategy.sharded and job.eval.after else run.unwrapped
     accelerator.wait_for_everyone()
     if run.is_main:
         if job.eval.after:
             _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
-            results["after"] = task_metrics(run.unwrapped, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
+            results["after"] = task_metrics(scored, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
             _write_predictions(run.run_dir / "predictions_after.jsonl", run.task, eval_examples)
         results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
                        best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now(),
@@ -636,6 +664,13 @@ def _write_predictions(path: Path, task: Any, examples: list) -> None:
     records = task.predictions(examples) if hasattr(task, "predictions") else []
     if records:
         write_predictions(path, records)
+
+
+def _gathered(model: Any) -> Any:
+    """A plain copy of a sharded model on rank 0 (``None`` elsewhere); collective."""
+    from ..fsdp import gather_model
+
+    return gather_model(model, rank0_only=True)
 
 
 def _read_results(run_dir: Path) -> dict[str, Any]:
@@ -661,7 +696,13 @@ def _check_compatible(saved: dict[str, Any], job: JobConfig, world_size: int) ->
         if saved.get(key) != now_value:
             problems.append(f"{key}: checkpoint {saved.get(key)!r}, now {now_value!r}")
     if problems:
-        raise ValueError("cannot resume exactly, the run's geometry changed: " + "; ".join(problems))
+        why = ""
+        if saved.get("world_size") != world_size:
+            why = (f" (the adapter and optimizer state are whole tensors and would load at any world size, but the "
+                   f"data position counts global batches of train.batch_size x {saved.get('world_size')} processes "
+                   f"and each rank's random state was saved per rank; resume with {saved.get('world_size')} processes)")
+        raise ValueError("cannot resume exactly, the run's geometry changed: " + "; ".join(problems) + why
+                         + "; the run dir is unchanged")
 
 
 def _warn_config_drift(run_dir: Path, job: JobConfig) -> None:
@@ -691,5 +732,6 @@ def _dump_rank_state(model: Any, run_dir: Path, rank: int) -> None:
 
     out = run_dir / "debug"
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in adapter_state_dict(model).items()}
-    save_file(state, str(out / f"rank{rank}.safetensors"))
+    # whole tensors on every rank (gathered when sharded): ranks can be compared value by value
+    state = distributed.gather_tensors(adapter_state_dict(model), rank0_only=False)
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))

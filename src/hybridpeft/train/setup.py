@@ -108,13 +108,30 @@ def describe_splits(job: JobConfig, task: Task, n_train: int, n_val: int, n_eval
     return out
 
 
-def load_model(name: str, task: Task, dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise."""
+def load_model(name: str, task: Task, dtype: str = "float32", empty: bool = False, quantization: str | None = None,
+               compute_dtype: str | None = None, device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): a causal LM for causal tasks, an encoder with a fresh head otherwise.
+
+    ``empty``: build the architecture with parameters on the ``meta`` device and read no
+    weights (the ranks of a RAM-efficient sharded run other than 0; see ``train/parallel.py``).
+    ``quantization`` (``nf4``/``fp4``/``int8``), ``compute_dtype``: a bitsandbytes base, loaded
+    onto ``device`` (see ``hybridpeft.models.quantization_kwargs``).
+    """
     from ..models import load_causal_lm, load_sequence_classifier
 
+    kwargs = dict(dtype=_DTYPES[dtype], empty=empty, quantization=quantization, device=device,
+                  compute_dtype=_DTYPES[compute_dtype] if compute_dtype else None)
     if task.kind == "classification":
-        return load_sequence_classifier(name, num_labels=task.num_labels, dtype=_DTYPES[dtype])
-    return load_causal_lm(name, dtype=_DTYPES[dtype])
+        return load_sequence_classifier(name, num_labels=task.num_labels, **kwargs)
+    return load_causal_lm(name, **kwargs)
+
+
+def load_job_model(job: JobConfig, name: str, task: Task, empty: bool = False,
+                   device: torch.device | str | None = None) -> tuple[nn.Module, Any]:
+    """``load_model`` with the job's ``model`` section (dtype, quantization)."""
+    m = job.model
+    return load_model(name, task, m.dtype, empty=empty, quantization=m.quantization, compute_dtype=m.compute_dtype,
+                      device=device)
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -136,19 +153,10 @@ def adapter_config_for(job: JobConfig, model: nn.Module, task: Task) -> AdapterC
     return config
 
 
-def prepare_model(model: nn.Module, job: JobConfig, task: Task) -> nn.Module:
-    """Gradient checkpointing (if asked) and adapter injection."""
-    if job.model.gradient_checkpointing:
-        # Non-reentrant checkpointing works with a frozen base (no input needs grad).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
-        if hasattr(model, "config"):
-            model.config.use_cache = False
+def prepare_model(model: nn.Module, job: JobConfig, task: Task, checkpointing: bool = False) -> nn.Module:
+    """Gradient checkpointing (if ``model.gradient_checkpointing`` or ``checkpointing``) and adapter injection."""
+    if job.model.gradient_checkpointing or checkpointing:
+        enable_activation_checkpointing(model)
     return inject(model, adapter_config_for(job, model, task))
 
 
@@ -188,6 +196,28 @@ def warm_up_head(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], s
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
     return losses
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """transformers' activation checkpointing per block, non-reentrant; returns ``model``.
+
+    Non-reentrant: with a frozen base no block input requires grad, and the reentrant
+    variant would then compute no gradient for the adapters inside the blocks. Every
+    method's custom autograd Function runs again in the recomputation (tests/test_checkpointing.py).
+
+    Raises:
+        ValueError: the model has no checkpointing support (named).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"model.gradient_checkpointing=True is invalid: {type(model).__name__} does not support it")
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return model
 
 
 def needs_lora_ga_init(model: nn.Module) -> bool:
