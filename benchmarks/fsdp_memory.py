@@ -98,7 +98,8 @@ def save_model(path: Path, hidden: int, layers: int, vocab: int) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hybridpeft.train.tiny import char_tokenizer
+    sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny character tokenizer is a test fixture
+    from tiny_models import char_tokenizer
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,

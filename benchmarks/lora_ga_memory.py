@@ -5,7 +5,7 @@ over the same batches of a random-init Llama:
 
 - ``plain``: the target weights require grad and ``loss.backward()`` accumulates
   into ``.grad`` — every target gradient is alive on the compute device at once.
-- ``hooks``: ``hybridpeft.lora_ga.estimate_gradients`` — each gradient is added
+- ``hooks``: ``hybridpeft.gradient_init.estimate_gradients`` — each gradient is added
   into a host (CPU, float32) accumulator and dropped as soon as autograd produces it.
 
 Measured per mode:
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import hybridpeft as hp
-from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets
+from hybridpeft.gradient_init import estimate_gradients, lora_ga_targets
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,

@@ -3,7 +3,7 @@
 Each ``Method`` turns a fresh base model into something trainable: the model
 to call, the optimizer (``None`` for the frozen floor), an optional per-step
 hook and ``info`` (effective settings, notes). A method of ours is listed only
-when its config class is registered in ``hybridpeft.config.known_methods()``,
+when its config class is registered in ``hybridpeft.adapters.config.known_methods()``,
 so the benchmark picks up adapters as they land.
 
 ``match`` in ``info`` is what pairs a method of ours with PEFT's at equal
@@ -113,7 +113,7 @@ def _always() -> str | None:
 
 def _our_config(method: str, **fields: Any):
     """Build our config for ``method``; a field the class lacks is an error, not a silent drop."""
-    from hybridpeft.config import config_class
+    from hybridpeft.adapters.config import config_class
 
     cls = config_class(method)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -125,7 +125,7 @@ def _our_config(method: str, **fields: Any):
 
 def _registered(method: str) -> Callable[[], str | None]:
     def missing() -> str | None:
-        from hybridpeft.config import known_methods
+        from hybridpeft.adapters.config import known_methods
 
         return None if method in known_methods() else f"hybridpeft has no method {method!r} yet"
 

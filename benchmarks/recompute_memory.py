@@ -2,7 +2,7 @@
 
 The output-side orthogonal branches (BOFT, Hybrid, unitary) rotate ``h = W x``;
 by default backward keeps ``h`` (N × d_out per adapted module). ``recompute_base``
-keeps the base input ``x`` instead and recomputes ``h`` in backward (DESIGN §4).
+keeps the base input ``x`` instead and recomputes ``h`` in backward (docs/perf/README.md).
 This script counts, with ``torch.autograd.graph.saved_tensors_hooks``, the bytes of
 the distinct storages one forward of a random-init Llama saves for backward
 (parameters and buffers aside), for each method, and optionally times fwd + bwd.

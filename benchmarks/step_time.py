@@ -218,7 +218,7 @@ def warm_up_process(device: str, dtype: torch.dtype) -> None:
     if (device, dtype) in _WARM:
         return
     import hybridpeft  # noqa: F401
-    import hybridpeft.lora_ga  # noqa: F401
+    import hybridpeft.gradient_init  # noqa: F401
     try:
         import peft  # noqa: F401
     except ImportError:

@@ -29,7 +29,7 @@ import transformers
 import hybridpeft as hp
 from hybridpeft import distributed, fsdp
 from hybridpeft.inject import adapted_layers
-from hybridpeft.lora_ga import lora_ga_targets
+from hybridpeft.gradient_init import lora_ga_targets
 
 WORLD = 2
 ROWS = 2  # rows per rank per step

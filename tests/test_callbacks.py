@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 import hybridpeft as hp
-import hybridpeft.lora_ga
+import hybridpeft.gradient_init
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import tiny_llama  # noqa: E402
@@ -42,14 +42,14 @@ def _args(tmp_path, **extra):
 def spy(monkeypatch):
     """Records every lora_ga_init call (the batches it got, the Trainer step it ran at) and runs it."""
     calls = []
-    original = hybridpeft.lora_ga.lora_ga_init
+    original = hybridpeft.gradient_init.lora_ga_init
 
     def recording(model, batches, **kwargs):
         batches = list(batches)
         calls.append({"batches": batches, "kwargs": kwargs})
         return original(model, batches, **kwargs)
 
-    monkeypatch.setattr(hybridpeft.lora_ga, "lora_ga_init", recording)
+    monkeypatch.setattr(hybridpeft.gradient_init, "lora_ga_init", recording)
     return calls
 
 
@@ -61,7 +61,7 @@ def test_lora_ga_start_from_the_trainers_data_and_adapter_checkpoints(tmp_path, 
     class FirstStep(transformers.TrainerCallback):  # runs after ours: the start must be set by then
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 0:
-                starts_seen.append([part.lora_B0.clone() for _, part in hybridpeft.lora_ga.lora_ga_targets(model).values()])
+                starts_seen.append([part.lora_B0.clone() for _, part in hybridpeft.gradient_init.lora_ga_targets(model).values()])
 
     data = Rows()
     trainer = transformers.Trainer(model=model, args=_args(tmp_path), train_dataset=data,
@@ -102,12 +102,12 @@ def test_no_second_estimate_on_resume_or_after_a_manual_init(tmp_path, spy):
 
     manual = hp.inject(tiny_llama(), hp.LoraGAConfig(target_modules=["q_proj"], r=2, num_batches=2))
     x = Rows().rows[0][None]
-    hybridpeft.lora_ga.lora_ga_init(manual, [{"input_ids": x, "labels": x}] * 2)  # through the spy too
-    start = [part.lora_B0.clone() for _, part in hybridpeft.lora_ga.lora_ga_targets(manual).values()]
+    hybridpeft.gradient_init.lora_ga_init(manual, [{"input_ids": x, "labels": x}] * 2)  # through the spy too
+    start = [part.lora_B0.clone() for _, part in hybridpeft.gradient_init.lora_ga_targets(manual).values()]
     transformers.Trainer(model=manual, args=_args(tmp_path / "manual"), train_dataset=Rows(),
                          callbacks=[HybridPeftCallback()]).train()
     assert len(spy) == 2  # only the manual call
-    assert all(torch.equal(a, part.lora_B0) for a, (_, part) in zip(start, hybridpeft.lora_ga.lora_ga_targets(manual).values()))
+    assert all(torch.equal(a, part.lora_B0) for a, (_, part) in zip(start, hybridpeft.gradient_init.lora_ga_targets(manual).values()))
 
 
 def test_methods_without_a_peft_form_get_our_checkpoints_only(tmp_path):
@@ -123,7 +123,7 @@ def test_trainer_example_runs(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from hybridpeft.train.tiny import save_tiny_causal_lm
+    from tiny_models import save_tiny_causal_lm
 
     model_dir = save_tiny_causal_lm(tmp_path / "model")
     path = Path(__file__).resolve().parents[1] / "examples" / "trainer_lora_ga.py"

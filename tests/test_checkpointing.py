@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import hybridpeft as hp
 import tiny_models
-from hybridpeft.lora_ga import lora_ga_targets
+from hybridpeft.gradient_init import lora_ga_targets
 from hybridpeft.train.setup import enable_activation_checkpointing
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

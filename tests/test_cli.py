@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from hybridpeft import cli
-from hybridpeft.config import known_methods
+from hybridpeft.adapters.config import known_methods
 from hybridpeft.train import load_config, train
 from hybridpeft.train.artifacts import load_adapted
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
+from tiny_models import save_tiny_causal_lm, smoke_overrides
 
 MERGE_CASES = [(m, extra) for m, extra in [
     ("lora", []), ("lora_ga", []), ("boft", []), ("hybrid", []), ("full", []), ("dora", []), ("ia3", []),

@@ -2,13 +2,13 @@
 
 Each method's ``AdaptedLinear`` forward (reshapes, gathers, batched small
 matmuls, FFTs, custom autograd functions) is compared with ``y = W' x + b``
-where ``W'`` is built here, densely, from the definition in DESIGN.md §1 and
+where ``W'`` is built here, densely, from the definition in the method's module docstring and
 the adapter's own tensors — never through the adapter's fast path. Outputs
 and gradients (w.r.t. the input and every trainable tensor) must agree to
 float64 rounding. Parameters are moved off their identity start first, so a
 path that ignored them could not pass.
 
-Methods are tested as they are registered in ``hybridpeft.config.known_methods()``.
+Methods are tested as they are registered in ``hybridpeft.adapters.config.known_methods()``.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from hybridpeft.adapters import adapter_class
 from hybridpeft.adapters.base import AdaptedLinear
-from hybridpeft.config import config_class, known_methods
+from hybridpeft.adapters.config import config_class, known_methods
 
 TOL = dict(rtol=1e-10, atol=1e-11)
 

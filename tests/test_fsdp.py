@@ -40,7 +40,7 @@ from hybridpeft.train import ConfigError, load_config, train
 from hybridpeft.train import checkpoint as ckpt
 from hybridpeft.train.lock import read_holder
 from hybridpeft.train.parallel import accelerate_fsdp_settings
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
+from tiny_models import save_tiny_causal_lm, smoke_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-12
@@ -174,7 +174,7 @@ def test_lora_ga_start_matches_one_process(method, sharded):
     single = worker.adapted(method)
     torch.manual_seed(2)  # the randomized SVD draws what the sharded run's rank 0 drew
     theirs = hp.lora_ga_init(single, [worker.global_batch(-1 - i) for i in range(2)], loss_fn=worker.lm_loss)
-    from hybridpeft.lora_ga import lora_ga_targets
+    from hybridpeft.gradient_init import lora_ga_targets
 
     targets = lora_ga_targets(single)
     assert len(targets) == 6

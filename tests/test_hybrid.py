@@ -13,7 +13,8 @@ from torch import nn
 
 import hybridpeft as hp
 from hybridpeft.adapters.hybrid import HybridAdapter
-from hybridpeft.mixing import MixingRule, mixing_target, set_anneal_steps
+from hybridpeft.adapters.mixing import MixingRule, mixing_target
+from hybridpeft.api import set_anneal_steps
 
 transformers = pytest.importorskip("transformers")
 import tiny_models
@@ -273,6 +274,9 @@ def test_positive_feedback_paper_literal_runs_to_bound_relative_does_not(record_
 def _rank_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
+    # A forked child must not start OpenMP threads: libgomp's team does not survive fork, and the
+    # child hung in a barrier (inside linalg's LU) whenever the parent had run a parallel region.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -335,6 +339,13 @@ def test_trainer_callback_updates_lambda_while_grads_exist(tmp_path):
     assert all(s["g_lora"] > 0 and s["g_boft"] > 0 for s in state.values())  # it saw gradients
     assert [step for step, _ in callback.history] == [1, 2, 3, 4]
     assert any("mixing/lambda_mean" in row for row in trainer.state.log_history)
+
+
+def test_branch_defaults_are_the_branch_configs_defaults():
+    hybrid = hp.HybridConfig()
+    assert hybrid.lora_ga_config() == hp.LoraGAConfig()
+    assert hybrid.boft_config() == hp.BoftConfig(side="output")
+    assert hybrid.mixing_rule() == MixingRule()
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -410,7 +421,7 @@ def test_smollm2_lora_ga_hybrid_gsm8k_loss_falls_and_lambda_differs():
 
 def _reference_lambda(adapter: HybridAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's next λ the slow way: a norm per branch from its own parameters, then the rule."""
-    from hybridpeft.mixing import grad_norm
+    from hybridpeft.adapters.mixing import grad_norm
 
     g_lora = grad_norm(list(adapter.lora.parameters())).double()
     g_boft = grad_norm(list(adapter.boft.parameters())).double()

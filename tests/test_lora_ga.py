@@ -10,7 +10,7 @@ from torch import nn
 
 import hybridpeft as hp
 from hybridpeft.adapters.lora_ga import LoraGAAdapter
-from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets, start_factors
+from hybridpeft.gradient_init import estimate_gradients, lora_ga_targets, start_factors
 
 transformers = pytest.importorskip("transformers")
 import tiny_models
@@ -362,6 +362,9 @@ def test_gradient_cache_skips_estimation(tmp_path):
 def _ddp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
+    # A forked child must not start OpenMP threads: libgomp's team does not survive fork, and the
+    # child hung in a barrier (inside linalg's LU) whenever the parent had run a parallel region.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = hp.inject(nn.Sequential(nn.Linear(6, 5, bias=False)).double(), hp.LoraGAConfig(target_modules=["0"], r=1))
@@ -389,6 +392,7 @@ def test_estimate_is_averaged_over_ranks(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("direction", "A2rB2r"), ("scale", "big"), ("init_form", "eq9"), ("offset", "weights"),
     ("stable_gamma", 0), ("num_batches", 0), ("svd_niter", -1), ("norm_bound", 0.1),
+    ("stable_gamma", "16"), ("num_batches", True), ("svd_niter", 2.0),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}="):

@@ -24,7 +24,7 @@ from hybridpeft.adapters.base import (  # noqa: E402
     weight_of,
 )
 from hybridpeft.adapters import base as base_module  # noqa: E402
-from hybridpeft.lora_ga import estimate_gradients, lora_ga_targets  # noqa: E402
+from hybridpeft.gradient_init import estimate_gradients, lora_ga_targets  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # d_out 32, 16, 32
 
@@ -322,7 +322,7 @@ def test_gradient_cache_works_on_4bit_base(tmp_path, monkeypatch):
     """The cache key fingerprints the packed codes; a fresh 4-bit model hits it."""
     first = hp.lora_ga_init(hp.inject(nf4_llama(), hp.LoraGAConfig(target_modules=TARGETS, r=2)),
                             [batch(5)], num_batches=1, cache_dir=tmp_path)
-    monkeypatch.setattr("hybridpeft.lora_ga.estimate_gradients", lambda *a, **k: pytest.fail("estimated again"))
+    monkeypatch.setattr("hybridpeft.gradient_init.estimate_gradients", lambda *a, **k: pytest.fail("estimated again"))
     again = hp.lora_ga_init(hp.inject(nf4_llama(), hp.LoraGAConfig(target_modules=TARGETS, r=2)),
                             [batch(5)], num_batches=1, cache_dir=tmp_path)
     assert set(again) == set(first) and all(torch.equal(again[n], g) for n, g in first.items())

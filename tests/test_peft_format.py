@@ -309,14 +309,14 @@ def test_load_peft_never_unpickles(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from hybridpeft.train.tiny import save_tiny_causal_lm
+    from tiny_models import save_tiny_causal_lm
 
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _train_run(model_dir: Path, run_dir: Path, method: str):
     from hybridpeft.train import load_config, train
-    from hybridpeft.train.tiny import smoke_overrides
+    from tiny_models import smoke_overrides
 
     job = load_config(overrides=smoke_overrides(model_dir, run_dir, 3) + [
         f"adapter.method={method}", "eval.before=false", "eval.after=false", "eval.every=0",

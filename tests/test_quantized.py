@@ -30,7 +30,7 @@ from hybridpeft.inject import adapted_layers  # noqa: E402
 from hybridpeft.models import dequantize_model, load_causal_lm  # noqa: E402
 from hybridpeft.train import ConfigError, load_config  # noqa: E402
 from hybridpeft.train.artifacts import load_adapted  # noqa: E402
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides  # noqa: E402
+from tiny_models import save_tiny_causal_lm, smoke_overrides  # noqa: E402
 
 QUANTS = [pytest.param(q, marks=() if q == "nf4" else pytest.mark.slow) for q in ("nf4", "fp4", "int8")]
 ADAPTER_METHODS = ("lora", "lora_ga", "boft", "unitary", "hybrid", "dora", "ia3")

@@ -29,7 +29,7 @@ from hybridpeft import cli
 from hybridpeft.adapters.base import AdaptedLinear
 from hybridpeft.train import TrainingAborted, load_config, train
 from hybridpeft.train import checkpoint as ckpt
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
+from tiny_models import save_tiny_causal_lm, smoke_overrides
 
 HOSTILE_REGEX = "re:([a-z_.0-9]+)+X"  # exponential backtracking in Python's re on any module name
 

@@ -23,15 +23,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hybridpeft.adapters.config import known_methods
 from hybridpeft.tasks import get_task
 from hybridpeft.tasks.synthetic import _bucket, extract_int
 from hybridpeft.train import ConfigError, TrainingAborted, load_config, train
 from hybridpeft.train import checkpoint as ckpt
-from hybridpeft.train.data import BatchStream, epoch_permutation
+from hybridpeft.train.batches import BatchStream, epoch_permutation
 from hybridpeft.train.presets import default_job
 from hybridpeft.train.seeding import rng_state, seed_everything, set_rng_state
 from hybridpeft.train.setup import lr_lambda
-from hybridpeft.train.tiny import save_tiny_causal_lm, smoke_overrides
+from tiny_models import char_tokenizer, save_tiny_causal_lm, smoke_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 LOGGED = ("step", "epoch", "data_index", "loss", "lr", "grad_norm")
@@ -332,7 +333,6 @@ class _FixedAnswerLM(torch.nn.Module):
 
 @pytest.mark.parametrize("text", [" 12 apples", "\n12\nQuestion 5", " 7 + 5 = 12\n"])
 def test_arith_scores_exact_match_of_the_first_number(text):
-    from hybridpeft.train.tiny import char_tokenizer
 
     task = get_task("arith")
     examples = task.load("test", limit=200)
@@ -350,7 +350,7 @@ RESUME_CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,extra", [c for c in RESUME_CASES if c[0] in __import__("hybridpeft").config.known_methods()],
+@pytest.mark.parametrize("method,extra", [c for c in RESUME_CASES if c[0] in known_methods()],
                          ids=lambda c: c if isinstance(c, str) else "-".join(x.split("=")[1] for x in c))
 def test_every_method_resumes_exactly_in_process(method, extra, tiny_model, tmp_path):
     """An in-process crash after step 4 and a resume reproduce an uninterrupted run bit for bit."""
@@ -402,7 +402,7 @@ def test_tensorboard_gets_scalars_and_lambda(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["grad_norm"] == "nan"
 
 
-@pytest.mark.skipif("hybrid" not in __import__("hybridpeft").config.known_methods(), reason="no hybrid method")
+@pytest.mark.skipif("hybrid" not in known_methods(), reason="no hybrid method")
 def test_hybrid_anneal_schedule_spans_the_run(tiny_model, tmp_path):
     """``anneal`` without explicit length gets the run's step count from the loop."""
     result = train(_job(tiny_model, tmp_path / "run", 4, ["adapter.method=hybrid", "adapter.hybrid.schedule=anneal"]))

@@ -1,9 +1,10 @@
-"""Model-level operations: merge, disable, count, save and load adapters."""
+"""Model-level operations: merge, disable, count, save and load adapters; per-step work; the Hybrid's λ per layer."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -11,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, distributed
-from .adapters.base import AdaptedLinear
-from .adapters.hybrid import HybridAdapter
-from .adapters.unitary import UnitaryAdapter, repair_drift
-from .config import AdapterConfig
+from . import distributed
+from ._version import __version__
+from .adapters.base import Adapter
+from .adapters.config import AdapterConfig
+from .adapters.mixing import MixingRule
+from .checks import check
 from .fsdp import gather_model, is_sharded_model
 from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject, undo_on_error
-from .mixing import update_lambdas
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -91,12 +92,11 @@ def after_optimizer_step(model: nn.Module) -> None:
     Call once after each ``optimizer.step()`` and before ``zero_grad()`` (the
     Hybrid reads the branch gradients).
     """
-    adapters = [layer.adapter for _, layer in adapted_layers(model)]
-    update_lambdas([a for a in adapters if isinstance(a, HybridAdapter)])  # all layers in one go
-    repair_drift([a for a in adapters if isinstance(a, UnitaryAdapter)])  # one host read for all layers
-    for adapter in adapters:
-        if not isinstance(adapter, (HybridAdapter, UnitaryAdapter)):
-            adapter.after_optimizer_step()
+    by_class: dict[type[Adapter], list[Adapter]] = {}
+    for _, layer in adapted_layers(model):
+        by_class.setdefault(type(layer.adapter), []).append(layer.adapter)
+    for cls, adapters in by_class.items():
+        cls.after_optimizer_step_all(adapters)  # e.g. every Hybrid layer's λ in one go
 
 
 update_mixing = after_optimizer_step
@@ -288,3 +288,47 @@ def merge_and_unload(model: nn.Module) -> nn.Module | None:
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
+
+
+# ---------------------------------------------------------------------------
+# Mixed layers (the Hybrid's λ)
+
+
+def _mixed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, adapter) of every adapted layer whose adapter mixes branches by a ``MixingRule``."""
+    return [(name, layer.adapter) for name, layer in adapted_layers(model)
+            if isinstance(getattr(layer.adapter, "rule", None), MixingRule)]
+
+
+def mixing_state(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per Hybrid layer: ``{"lambda", "g_lora", "g_boft", "step"}`` (norms are NaN before the first step).
+
+    One device→host transfer for the whole model.
+    """
+    layers = _mixed_layers(model)
+    if not layers:
+        return {}
+    device = layers[0][1].mix_lambda.device  # layers may sit on several devices (pipeline/model parallel)
+    rows = torch.stack([
+        torch.stack([a.mix_lambda.float(), a.grad_norm_lora.float(), a.grad_norm_boft.float(), a.mix_step.float()]).to(device)
+        for _, a in layers
+    ]).tolist()
+    return {
+        name: {"lambda": lam, "g_lora": gl, "g_boft": gb, "step": int(step)}
+        for (name, _), (lam, gl, gb, step) in zip(layers, rows)
+    }
+
+
+def set_anneal_steps(model: nn.Module, steps: int) -> None:
+    """Give every Hybrid layer the length of the ``"anneal"`` schedule (in optimizer steps)."""
+    check(isinstance(steps, int) and steps > 0, "steps", steps, "a positive integer")
+    for _, adapter in _mixed_layers(model):
+        adapter.rule = replace(adapter.rule, anneal_steps=steps)
+    config = config_of(model)
+    if hasattr(config, "anneal_steps"):
+        config.anneal_steps = steps  # so a saved adapter_config.json carries it
+
+
+def needs_anneal_steps(model: nn.Module) -> bool:
+    """Whether some Hybrid layer runs the ``"anneal"`` schedule without a length yet."""
+    return any(a.rule.schedule == "anneal" and a.rule.anneal_steps is None for _, a in _mixed_layers(model))

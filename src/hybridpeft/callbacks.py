@@ -21,9 +21,8 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from .api import after_optimizer_step, save_adapter
+from .api import after_optimizer_step, mixing_state, needs_anneal_steps, save_adapter, set_anneal_steps
 from .inject import config_of
-from .mixing import mixing_state, needs_anneal_steps, set_anneal_steps
 
 logger = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # our format, beside the Trainer's own checkpoint files
@@ -84,7 +83,7 @@ class HybridPeftCallback(TrainerCallback):
             self._lora_ga_start(model, train_dataloader)
 
     def _lora_ga_start(self, model: Any, train_dataloader: Any) -> None:
-        from .lora_ga import default_loss, lora_ga_init, lora_ga_targets
+        from .gradient_init import default_loss, lora_ga_init, lora_ga_targets
 
         targets = lora_ga_targets(model)
         if not targets:

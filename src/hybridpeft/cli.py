@@ -7,10 +7,10 @@
     hybridpeft merge runs/default/adapter merged-model/
     hybridpeft info  runs/default
 
-Each subcommand is one row of ``COMMANDS``: (help, add_arguments, run). ``run``
-receives the parsed namespace and returns an exit status; the work itself is
-done by functions in ``hybridpeft.train`` that take ordinary typed arguments.
-Later subcommands (``bench``, ``report``) register with ``register_command``.
+Each subcommand is one row of ``COMMANDS``: (help, add_arguments, run), added with
+``register_command``. ``run`` receives the parsed namespace and returns an exit
+status; the work itself is done by functions in ``hybridpeft.train`` and
+``hybridpeft.bench`` that take ordinary typed arguments.
 
 Exit status: 0 success, 1 a runtime error, 2 an invalid configuration or
 arguments (every problem listed), 3 training aborted on non-finite steps,
@@ -47,7 +47,7 @@ COMMANDS: dict[str, Command] = {}
 
 
 def register_command(name: str, command: Command) -> None:
-    """Add a subcommand (later issues: ``bench``, ``report``)."""
+    """Add a subcommand: one row of ``COMMANDS``."""
     COMMANDS[name] = command
 
 
@@ -99,7 +99,7 @@ def _job_overrides(args: argparse.Namespace) -> list[str]:
 
 def resolve_job(config: str | None, overrides: list[str]):
     """The validated ``JobConfig`` for a config file (or the embedded default) plus overrides."""
-    from .train.config import load_config
+    from .train.job_config import load_config
     from .train.presets import default_job
 
     if config is None:
@@ -109,7 +109,7 @@ def resolve_job(config: str | None, overrides: list[str]):
 
 def _run_train(args: argparse.Namespace) -> int:
     from .train import train
-    from .train.config import dump_yaml
+    from .train.job_config import dump_yaml
 
     job = resolve_job(args.config, _job_overrides(args))
     if args.print_config:
@@ -162,7 +162,7 @@ def _positive_int(text: str) -> int:
 
 
 def _key_values(items: list[str], flag: str) -> dict[str, Any]:
-    from .train.config import ConfigError, parse_value
+    from .train.job_config import ConfigError, parse_value
 
     out, errors = {}, []
     for item in items:
@@ -317,7 +317,7 @@ register_command("report", Command("render a benchmark report (Markdown, HTML, P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="hybridpeft",
@@ -365,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     from .tasks.sandbox import SandboxUnavailable
-    from .train.config import ConfigError
     from .train.failures import TrainingInterrupted
+    from .train.job_config import ConfigError
     from .train.lock import RunDirBusy
     from .train.loop import TrainingAborted
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters import adapter_class
 from .adapters.base import AdaptedLinear, is_supported_layer, keep_trainable_layout, layer_shape
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 from .patterns import select
 
 CONFIG_ATTR = "hybridpeft_config"

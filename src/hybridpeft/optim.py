@@ -22,10 +22,9 @@ from torch import Tensor, nn
 from torch.optim import AdamW, Optimizer
 
 from . import distributed
-from .config import check
+from .adapters.unitary import RETRACTIONS
+from .checks import check
 from .inject import adapted_layers
-
-RETRACTIONS = ("cayley", "exp")
 
 
 def skew_direction(grad: Tensor, u: Tensor) -> Tensor:

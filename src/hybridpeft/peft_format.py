@@ -55,7 +55,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters.base import is_supported_layer, layer_shape
-from .config import AdapterConfig
+from .adapters.config import AdapterConfig
 from .inject import CONFIG_ATTR, _trainable_module_names, adapted_layers, config_of, find_targets, inject
 from .patterns import select
 
@@ -494,7 +494,7 @@ def _unsupported_features(meta: dict[str, Any], peft_type: str) -> list[str]:
 
 def _our_config(model: nn.Module, parsed: _Parsed, path: Path) -> AdapterConfig:
     """Our config for the parsed adapter, after checking every tensor against ``model``."""
-    from .config import config_class
+    from .adapters.config import config_class
 
     meta = parsed.config
     modules = dict(model.named_modules())

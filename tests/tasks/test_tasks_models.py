@@ -5,6 +5,7 @@ it: in a fresh CI cache the first ``resolve`` de-quantizes the GGUF once, ~40 s)
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -205,9 +206,50 @@ def test_validation_loss_is_token_weighted_mean(tiny_lm, tokenizer):
         reference = tiny_lm(**batch).loss.item()  # HF: mean over every supervised token of the batch
     one_batch = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=3)
     pooled = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=1)
-    assert one_batch["val_loss"] == pytest.approx(reference, rel=1e-6)  # HF computes its loss in float32
-    assert pooled["val_loss"] == pytest.approx(one_batch["val_loss"], rel=1e-12)  # pooled over tokens, not per batch
-    assert one_batch["val_ppl"] == pytest.approx(math.exp(reference))
+    assert one_batch == pytest.approx(reference, rel=1e-6)  # HF computes its loss in float32
+    assert pooled == pytest.approx(one_batch, rel=1e-12)  # pooled over tokens, not per batch
+    metrics = task.loss_metrics(tiny_lm, tokenizer, examples, batch_size=3)  # what evaluate() reports
+    assert metrics["val_loss"] == one_batch and metrics["val_ppl"] == pytest.approx(math.exp(reference))
+
+
+class _TwoRanks:
+    """Stands in for a 2-process ``accelerate.Accelerator``: the ranks run one after the other in
+    this process, and ``reduce`` adds the sums the other rank reduced (rank 1 must run first)."""
+
+    sums: dict[int, torch.Tensor] = {}
+
+    def __init__(self, rank: int) -> None:
+        self.process_index, self.num_processes = rank, 2
+        self.autocast_entered = 0
+
+    def autocast(self):
+        self.autocast_entered += 1
+        return contextlib.nullcontext()
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        self.sums[self.process_index] = tensor.clone()
+        return tensor + self.sums.get(1 - self.process_index, torch.zeros_like(tensor))
+
+
+def test_validation_loss_sharded_over_ranks_pools_the_same_tokens(tiny_lm, tokenizer):
+    """Each rank scores every second example under the accelerator's autocast; the all-reduced
+    sums give every rank the single-process loss."""
+    task = get_task("translate-en-es", use_chat_template=False)
+    examples = [Example(prompt=f"English: {text}\nSpanish:", target=target) for text, target in
+                [("Hi.", "Hola."), ("The cat sleeps on the sofa all day.", "El gato duerme en el sofá todo el día."),
+                 ("Yes.", "Sí."), ("Thank you very much.", "Muchas gracias."), ("Good night.", "Buenas noches.")]]
+    whole = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=2)
+    _TwoRanks.sums = {}
+    second = _TwoRanks(1)
+    rank1_only = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=2, accelerator=second)
+    first = _TwoRanks(0)
+    pooled = validation_loss(tiny_lm, tokenizer, task, examples, batch_size=2, accelerator=first)
+    assert pooled == pytest.approx(whole, rel=1e-12)  # float64 sums, added in another order
+    assert rank1_only != pytest.approx(whole, rel=1e-6)  # rank 1 alone saw other tokens
+    assert first.autocast_entered == 2 and second.autocast_entered == 1  # batches of examples 0,2,4 and 1,3
+    assert _TwoRanks.sums[1][1] + _TwoRanks.sums[0][1] == sum(
+        int((task.encode(tokenizer, [ex], 256)["labels"][:, 1:] != -100).sum()) for ex in examples)
 
 
 # --------------------------------------------------------------------------- every task end to end

@@ -1,17 +1,25 @@
-"""One module per method; each registers its config and adapter in one line below."""
+"""One module per method; each is registered below, one line per method (config class, adapter class)."""
 from __future__ import annotations
 
-from ..config import AdapterConfig
 from .base import AdaptedLinear, Adapter
+from .boft import BoftAdapter, BoftConfig
+from .config import AdapterConfig, register_config
+from .dora import DoraAdapter, DoraConfig
+from .full import FullConfig
+from .hybrid import HybridAdapter, HybridConfig
+from .ia3 import IA3Adapter, IA3Config
+from .lora import LoraAdapter, LoraConfig
+from .lora_ga import LoraGAAdapter, LoraGAConfig
+from .unitary import UnitaryAdapter, UnitaryConfig
 
 _ADAPTERS: dict[str, type[Adapter]] = {}
 
 
-def register(config_cls: type[AdapterConfig], adapter_cls: type[Adapter]) -> None:
-    from ..config import register_config
-
+def register(config_cls: type[AdapterConfig], adapter_cls: type[Adapter] | None) -> None:
+    """Make ``config_cls.method`` loadable and injectable (``None``: the method adapts no layer)."""
     register_config(config_cls)
-    _ADAPTERS[config_cls.method] = adapter_cls
+    if adapter_cls is not None:
+        _ADAPTERS[config_cls.method] = adapter_cls
 
 
 def adapter_class(method: str) -> type[Adapter]:
@@ -20,18 +28,16 @@ def adapter_class(method: str) -> type[Adapter]:
     return _ADAPTERS[method]
 
 
-from .lora import LoraAdapter, LoraConfig  # noqa: E402
+def adapter_methods() -> list[str]:
+    """The registered methods that adapt layers (all but ``full``, which trains the model itself)."""
+    return sorted(_ADAPTERS)
+
 
 register(LoraConfig, LoraAdapter)
-from .boft import BoftAdapter, BoftConfig  # noqa: E402
 register(BoftConfig, BoftAdapter)
-from .unitary import UnitaryAdapter, UnitaryConfig  # noqa: E402
 register(UnitaryConfig, UnitaryAdapter)
-from .lora_ga import LoraGAAdapter, LoraGAConfig  # noqa: E402
 register(LoraGAConfig, LoraGAAdapter)
-from .hybrid import HybridAdapter, HybridConfig  # noqa: E402
 register(HybridConfig, HybridAdapter)
-from .dora import DoraAdapter, DoraConfig  # noqa: E402
 register(DoraConfig, DoraAdapter)
-from .ia3 import IA3Adapter, IA3Config  # noqa: E402
 register(IA3Config, IA3Adapter)
+register(FullConfig, None)

@@ -17,7 +17,7 @@ dequantized.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +37,10 @@ class Adapter(nn.Module):
     Subclasses set ``method`` and implement ``forward``, ``merged_weight`` and
     ``unmerged_weight``. Hooks with defaults: ``manifold_parameters`` (tensors
     that a Riemannian optimizer must update instead of AdamW),
-    ``after_optimizer_step`` (called once per optimizer step, e.g. to update a
-    mixing coefficient or enforce a norm bound), ``merged_bias`` /
+    ``after_optimizer_step`` (once per optimizer step, e.g. to update a mixing
+    coefficient or enforce a norm bound) and its class-level form
+    ``after_optimizer_step_all``, which receives every adapter of the class in a
+    model at once so a method can batch the work across layers; ``merged_bias`` /
     ``unmerged_bias`` (for a method that also changes the bias, e.g. IA³ scaling
     a layer's whole output) and ``for_layer`` (for a method whose form depends on
     which module it adapts).
@@ -96,6 +98,18 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         return None
+
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["Adapter"]) -> None:
+        """The per-step work of every adapter of this class in a model, in one call.
+
+        ``hybridpeft.after_optimizer_step(model)`` calls it once per adapter class.
+        Default: each adapter's ``after_optimizer_step``. Override to batch across
+        layers (one fused kernel, one host read or one collective for all of them).
+        """
+        for adapter in adapters:
+            adapter.after_optimizer_step()
 
 
 def weight_of(layer: nn.Module) -> Tensor:

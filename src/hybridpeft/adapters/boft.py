@@ -27,7 +27,7 @@ Nothing ``d × d`` is built in ``forward``: per factor, one gather along ``d``
 and one batched ``b × b`` matmul over the ``k`` blocks — ``O(N · d · b · m)``.
 A custom autograd function keeps only the branch input and the ``(m, k, b, b)``
 blocks for backward and recomputes the ``m`` stage inputs there, instead of
-autograd holding ``m × N × d`` activations per module (DESIGN §4). On the output
+autograd holding ``m × N × d`` activations per module (docs/perf/README.md). On the output
 side, ``recompute_base`` goes one step further: it keeps the base input ``x``
 instead of ``h = W x`` and recomputes ``h`` in backward (one more base matmul).
 """
@@ -39,14 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..config import AdapterConfig, check
+from ..checks import check, is_int
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 SIDES = ("output", "input")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -79,8 +76,8 @@ class BoftConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(_is_int(self.block_size) and self.block_size >= 2, "block_size", self.block_size, "an integer >= 2")
-        check(_is_int(self.n_factors) and self.n_factors >= 1, "n_factors", self.n_factors, "a positive integer")
+        check(is_int(self.block_size) and self.block_size >= 2, "block_size", self.block_size, "an integer >= 2")
+        check(is_int(self.n_factors) and self.n_factors >= 1, "n_factors", self.n_factors, "a positive integer")
         check(self.side in SIDES, "side", self.side, f"one of {list(SIDES)}")
         check(isinstance(self.recompute_base, bool), "recompute_base", self.recompute_base, "True or False")
         check(not (self.recompute_base and self.side == "input"), "recompute_base", self.recompute_base,
@@ -289,7 +286,7 @@ class ButterflyFunction(torch.autograd.Function):
 class RecomputedBaseButterflyFunction(torch.autograd.Function):
     """``y = butterfly(h; blocks)`` for ``h = base(x)``, saving ``x`` instead of ``h``.
 
-    The output-side ``recompute_base`` option (DESIGN §4). Forward is
+    The output-side ``recompute_base`` option (docs/perf/README.md). Forward is
     ``ButterflyFunction``'s on the given ``h``; but ``h`` is not kept: backward first
     recomputes ``h = base(x)`` under ``no_grad`` — one more base matmul, run under
     the autocast state the forward ran in so it yields the forward's dtype and

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import check
+from ..checks import check
 from .base import BaseMatmul
 from .lora import LoraAdapter, LoraConfig
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AdapterConfig, register_config
+from .config import AdapterConfig
 
 
-@register_config
 @dataclass
 class FullConfig(AdapterConfig):
     """Every parameter trains; ``target_modules`` is ignored. Saved as the whole state."""

@@ -9,19 +9,19 @@ i.e. ``W' = W + λ ΔW_LoRA + (1 − λ)(R − I) W`` (the paper's Algorithm 2 w
 start point cancelled). ``R = I`` and ``ΔW_LoRA = 0`` at initialization, so the
 output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
 ``BoftAdapter`` (composed, not copied); λ is a persistent buffer (at least float32) moved by
-``after_optimizer_step`` according to ``hybridpeft.mixing``.
+``after_optimizer_step`` according to ``hybridpeft.adapters.mixing``.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..config import AdapterConfig
-from ..mixing import MixingRule, update_lambdas
+from .config import AdapterConfig
+from .mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
 from .boft import BoftAdapter, BoftConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
@@ -44,7 +44,7 @@ class HybridConfig(AdapterConfig):
             per module (``lora_dropout=0``; with dropout the LoRA branch keeps the dropped-out
             ``x``, so the BOFT branch's ``x`` is one more ``N × d_in``). Time: one more base
             matmul per module in backward.
-        schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.mixing``.
+        schedule: ``"adaptive"`` (default), ``"fixed"`` or ``"anneal"``; see ``hybridpeft.adapters.mixing``.
         lam_init: λ at the start of ``"adaptive"``.
         lam_fixed: λ of ``"fixed"``.
         anneal_start, anneal_end, anneal_steps: the ``"anneal"`` line, over ``anneal_steps``
@@ -56,19 +56,20 @@ class HybridConfig(AdapterConfig):
     """
 
     method = "hybrid"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_rslora: bool = False
-    ga_direction: str = "ArB2r"
-    ga_scale: str = "stable"
-    ga_stable_gamma: float = 16.0
-    ga_init_form: str = "lora_ga"
-    ga_num_batches: int = 8
-    ga_svd_niter: int = 4
-    boft_block_size: int = 8
-    boft_n_factors: int = 3
-    recompute_base: bool = False
+    # Branch fields: the defaults of the branch configs, which validate them (see _LORA_GA_FIELDS, _BOFT_FIELDS).
+    lora_r: int = LoraGAConfig.r
+    lora_alpha: float = LoraGAConfig.alpha
+    lora_dropout: float = LoraGAConfig.dropout
+    lora_rslora: bool = LoraGAConfig.rslora
+    ga_direction: str = LoraGAConfig.direction
+    ga_scale: str = LoraGAConfig.scale
+    ga_stable_gamma: float = LoraGAConfig.stable_gamma
+    ga_init_form: str = LoraGAConfig.init_form
+    ga_num_batches: int = LoraGAConfig.num_batches
+    ga_svd_niter: int = LoraGAConfig.svd_niter
+    boft_block_size: int = BoftConfig.block_size
+    boft_n_factors: int = BoftConfig.n_factors
+    recompute_base: bool = BoftConfig.recompute_base
     # λ: the names and defaults of MixingRule, which validates them (one source for both).
     schedule: str = MixingRule.schedule
     lam_init: float = MixingRule.lam_init
@@ -199,10 +200,14 @@ class HybridAdapter(Adapter):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step.
-
-        ``hybridpeft.after_optimizer_step(model)`` does this for all layers at once."""
+        """Read both branches' gradient norms (all-reduced across ranks) and move λ one step."""
         update_lambdas([self])
+
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["HybridAdapter"]) -> None:
+        """Move λ of every layer at once: one fused norm, one all-reduce, one vectorized rule step."""
+        update_lambdas(adapters)
 
     def extra_repr(self) -> str:
         return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check
+from ..checks import check
 from ..patterns import select
 from .base import Adapter, BaseMatmul
+from .config import AdapterConfig
 
 IA3_TARGETS = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)

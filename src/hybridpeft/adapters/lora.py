@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..config import AdapterConfig, check
+from ..checks import check, is_int, is_number
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 
@@ -33,10 +34,11 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(isinstance(self.r, int) and self.r > 0, "r", self.r, "a positive integer")
-        check(self.alpha > 0, "alpha", self.alpha, "a positive number")
-        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
-        check(self.norm_bound is None or self.norm_bound > 0, "norm_bound", self.norm_bound, "None or a positive number")
+        check(is_int(self.r) and self.r > 0, "r", self.r, "a positive integer")
+        check(is_number(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a positive number")
+        check(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        check(self.norm_bound is None or (is_number(self.norm_bound) and self.norm_bound > 0), "norm_bound",
+              self.norm_bound, "None or a positive number")
 
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -69,14 +71,22 @@ class LoraAdapter(Adapter):
         if self.norm_bound is not None:
             self.base_norm.fill_(weight.float().norm())
 
+    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(A, B)``, shapes (r, d_in) and (d_out, r), in ``dtype``: the branch is ``s · B (A x)``.
+
+        The hook through which a subclass widens the branch (LoRA-GA appends its frozen
+        start); the small factors are cast, never the N × d activations.
+        """
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
+
     def branch(self, x: Tensor) -> Tensor:
         """The low-rank term ``s · B A x`` alone. x: (..., d_in) -> (..., d_out)."""
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # cast r×d factors, not N×d activations
+        A, B = self.factors(x.dtype)
         return (self.dropout(x) @ A.t() * self.scaling) @ B.t()  # (..., r) -> (..., d_out)
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        A, B = self.factors(x.dtype)
         u = self.dropout(x) @ A.t() * self.scaling  # (..., r); scaling the rank-r side is cheaper
         # addmm fuses "h +" into the second GEMM: one less pass over the (N, d_out) output.
         return torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), B.t()).view_as(h)

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..config import check
-from .base import BaseMatmul
+from ..checks import check, is_int, is_number
 from .lora import LoraAdapter, LoraConfig
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -80,11 +79,11 @@ class LoraGAConfig(LoraConfig):
         check(self.norm_bound is None, "norm_bound", self.norm_bound, "None for LoRA-GA (ΔW = s(BA − B0A0) does not scale with A, B)")
         check(self.direction in DIRECTIONS, "direction", self.direction, f"one of {list(DIRECTIONS)}")
         check(self.scale in SCALES, "scale", self.scale, f"one of {list(SCALES)}")
-        check(self.stable_gamma > 0, "stable_gamma", self.stable_gamma, "a positive number")
+        check(is_number(self.stable_gamma) and self.stable_gamma > 0, "stable_gamma", self.stable_gamma, "a positive number")
         check(self.init_form in INIT_FORMS, "init_form", self.init_form, f"one of {list(INIT_FORMS)}")
         check(self.offset in OFFSETS, "offset", self.offset, f"one of {list(OFFSETS)}")
-        check(isinstance(self.num_batches, int) and self.num_batches > 0, "num_batches", self.num_batches, "a positive integer")
-        check(isinstance(self.svd_niter, int) and self.svd_niter >= 0, "svd_niter", self.svd_niter, "a non-negative integer")
+        check(is_int(self.num_batches) and self.num_batches > 0, "num_batches", self.num_batches, "a positive integer")
+        check(is_int(self.svd_niter) and self.svd_niter >= 0, "svd_niter", self.svd_niter, "a non-negative integer")
 
     def lora_ga_config(self) -> "LoraGAConfig":
         """The LoRA-GA options of this config (the Hybrid returns its sub-config here)."""
@@ -98,8 +97,9 @@ class LoraGAConfig(LoraConfig):
 class LoraGAAdapter(LoraAdapter):
     """``W' x = W x + s · [B, −B0] ([A; A0] x)``, i.e. ``ΔW = s (B A − B0 A0)``.
 
-    ``LoraAdapter`` supplies the parameters, dropout and merge/unmerge (through
-    ``delta_weight``); this class adds the frozen start and the rank-2r forward.
+    ``LoraAdapter`` supplies the parameters, dropout, the forward (through ``factors``,
+    here the rank-2r pair) and merge/unmerge (through ``delta_weight``); this class adds
+    the frozen start.
 
     ``offset_in_base`` is ``True`` only in this process after ``lora_ga_init`` with
     ``offset="subtract"`` shifted the host's ``W`` by ``−s B0 A0``; then the branch is
@@ -137,18 +137,6 @@ class LoraGAAdapter(LoraAdapter):
             a = torch.cat([self.lora_A, self.lora_A0])  # (2r, d_in)
             b = torch.cat([self.lora_B, -self.lora_B0], dim=1)  # (d_out, 2r)
         return a.to(dtype), b.to(dtype)
-
-    def branch(self, x: Tensor) -> Tensor:
-        """``s (B A − B0 A0) x`` as one rank-2r product. x: (..., d_in) -> (..., d_out)."""
-        a, b = self.factors(x.dtype)
-        return (self.dropout(x) @ a.t() * self.scaling) @ b.t()  # (..., 2r) -> (..., d_out)
-
-    def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
-        h = base(x)  # (..., d_out)
-        a, b = self.factors(x.dtype)
-        u = self.dropout(x) @ a.t() * self.scaling  # (..., 2r)
-        # addmm fuses "h +" into the second GEMM, as LoraAdapter does
-        return torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), b.t()).view_as(h)
 
     def start_delta(self) -> Tensor:
         """``s B0 A0`` (d_out, d_in): the frozen start point that the branch cancels."""

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import distributed
-from ..config import AdapterConfig, check
+from ..checks import check, is_int, is_number
+from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
 
 PARAMETERIZATIONS = ("structured", "full")
@@ -76,10 +78,10 @@ class UnitaryConfig(AdapterConfig):
         super().__post_init__()
         check(self.parameterization in PARAMETERIZATIONS, "parameterization", self.parameterization,
               " or ".join(repr(p) for p in PARAMETERIZATIONS))
-        check(isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0,
+        check(is_int(self.block_size) and self.block_size > 0,
               "block_size", self.block_size, "a positive integer")
         check(self.retraction in RETRACTIONS, "retraction", self.retraction, " or ".join(repr(r) for r in RETRACTIONS))
-        check(isinstance(self.drift_tolerance, (int, float)) and self.drift_tolerance > 0,
+        check(is_number(self.drift_tolerance) and self.drift_tolerance > 0,
               "drift_tolerance", self.drift_tolerance, "a positive number")
         check(isinstance(self.recompute, bool), "recompute", self.recompute, "True or False")
         check(isinstance(self.recompute_base, bool), "recompute_base", self.recompute_base, "True or False")
@@ -319,10 +321,8 @@ class BlockOrthogonal(nn.Module):
 
     def __init__(self, d: int, block_size: int) -> None:
         super().__init__()
-        if d % block_size:
-            divisors = [c for c in range(1, min(d, 1024) + 1) if d % c == 0]
-            raise ValueError(f"block_size={block_size!r} is invalid: expected a divisor of d_out={d}, "
-                             f"e.g. one of {divisors}")
+        divisors = [c for c in range(1, min(d, 1024) + 1) if d % c == 0]
+        check(d % block_size == 0, "block_size", block_size, f"a divisor of d_out={d}, e.g. one of {divisors}")
         self.d, self.c, self.k = d, block_size, d // block_size
         self.blocks = nn.Parameter(torch.eye(block_size).repeat(self.k, 1, 1))  # (k, c, c)
         self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
@@ -427,9 +427,15 @@ class UnitaryAdapter(Adapter):
     def after_optimizer_step(self) -> None:
         repair_drift([self])
 
+    @classmethod
+    @torch.no_grad()
+    def after_optimizer_step_all(cls, adapters: Sequence["UnitaryAdapter"]) -> None:
+        """Repair every layer's drift with one host read of all drifts."""
+        repair_drift(adapters)
+
 
 @torch.no_grad()
-def repair_drift(adapters: list[UnitaryAdapter]) -> None:
+def repair_drift(adapters: Sequence[UnitaryAdapter]) -> None:
     """Re-orthonormalize the full-capacity blocks whose drift exceeds their tolerance.
 
     All drifts are read in one host transfer (one device sync per step, not one per layer).

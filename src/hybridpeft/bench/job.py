@@ -2,7 +2,7 @@
 
 A run's resolved benchmark config carries the training job's own sections
 (``model``, ``data``, ``adapter``, ``train``, ``fsdp``, ``eval``, ``output``, ``debug``; see
-``hybridpeft.train.config``) plus ``run: {model, task, method, seed}``. The job
+``hybridpeft.train.job_config``) plus ``run: {model, task, method, seed}``. The job
 fills ``model.name``, ``data.task`` and ``train.seed`` from ``run``, trains in
 ``<run_dir>/train`` (fresh each attempt: a retry must not inherit a half-run),
 and reads back what the loop logged:

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import check
-from ..train.config import read_yaml, set_dotted
+from ..checks import check
+from ..train.job_config import read_yaml, set_dotted
 
 ROLES = ("main", "ablation", "extra")
 DEFAULT_JOB = "hybridpeft.bench.job:run_training_job"
@@ -52,7 +52,7 @@ class MethodSpec:
 
     Args:
         name: the label shown in tables and figures (unique in a benchmark).
-        method: the adapter method (``hybridpeft.config.known_methods()``);
+        method: the adapter method (``hybridpeft.adapters.config.known_methods()``);
             defaults to ``name``.
         adapter: adapter config fields for this row (e.g. ``{"r": 8}``).
         train: training settings that differ for this row (e.g. full FT's lr);

@@ -46,7 +46,7 @@ def utc_now() -> str:
 
 def versions() -> dict[str, str]:
     """Library versions and platform, recorded with every run."""
-    from .. import __version__
+    from .._version import __version__
 
     out = {"python": platform.python_version(), "platform": platform.platform(), "hybridpeft": __version__}
     for name in ("torch", "transformers", "accelerate", "numpy"):

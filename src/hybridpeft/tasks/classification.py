@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import check
+from ..checks import check
 from .base import Example, encode_classification, register_task
 from .common import CausalTask, DataTask
 from .data import (

@@ -1,11 +1,12 @@
 """Behaviour shared by the concrete tasks: constructor options, sampling, prompt rendering."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 
-from ..config import check
+from ..checks import check
 from .base import Example, Task, encode_causal
 from .data import finalize, k_shot, parse_split
 from .lm import bos_text, chat_prompt, has_chat_template, validation_loss
@@ -83,7 +84,11 @@ class DataTask(Task):
     def loss_metrics(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
         if not self.report_loss or not examples:
             return {}
-        return validation_loss(model, tokenizer, self, examples, batch_size, self.max_length, progress=False)
+        loss = validation_loss(model, tokenizer, self, examples, batch_size, self.max_length)
+        out = {"val_loss": loss}
+        if self.kind != "classification":
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+        return out
 
 
 class CausalTask(DataTask):

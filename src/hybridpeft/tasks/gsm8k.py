@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..config import check
+from ..checks import check
 from .base import Example, register_task
 from .common import CausalTask
 from .data import DataFormatError, load_hub_rows, locate, parse_split, read_jsonl, require_text, where

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..config import check
+from ..checks import check
 from .base import Example, register_task
 from .common import CausalTask
 from .data import DataFormatError, load_hub_rows, parse_split, read_jsonl

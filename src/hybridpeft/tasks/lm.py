@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .base import IGNORE_INDEX, Example
 
 if TYPE_CHECKING:
@@ -36,12 +37,13 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 @contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the duration; the training flag is restored."""
+def evaluating(model: torch.nn.Module, inference: bool = True) -> Iterator[None]:
+    """Eval mode and no autograd for the duration (``inference_mode``, or ``no_grad`` with
+    ``inference=False``); the training flag is restored."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode() if inference else torch.no_grad():
             yield
     finally:
         model.train(was_training)
@@ -86,34 +88,54 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 def validation_loss(
     model: torch.nn.Module, tokenizer: Any, task: "Task", examples: Sequence[Example],
-    batch_size: int = 8, max_length: int = 512, progress: bool = False,
-) -> dict[str, float]:
+    batch_size: int = 8, max_length: int = 512, *, progress: bool = False, accelerator: Any | None = None,
+) -> float:
     """Mean loss over every supervised token (causal) or example (classification).
 
     ``L = Σ_tokens −log p(y_t | y_<t, prompt) / #tokens`` over the batches of
     ``task.encode`` (prompt tokens and padding carry IGNORE_INDEX), pooled over the
-    whole set rather than averaged per batch. Causal tasks also report the
-    perplexity ``exp(L)``.
+    whole set rather than averaged per batch; NaN if that is not finite.
+
+    With an ``accelerate.Accelerator`` of ``world`` processes (the training loop's),
+    rank ``k`` scores examples ``k, k + world, …`` under the accelerator's autocast
+    and the two sums are all-reduced, so every rank returns the same value. Runs
+    under ``no_grad`` rather than inference mode: it is called between training
+    steps, and inference tensors must not reach a sharded model's parameters. A sharded
+    (FSDP) model gathers its weights in every forward, so there each rank runs as many
+    forwards as the busiest one (the extra ones on a throwaway batch).
     """
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
     device = model_device(model)
-    total, count = 0.0, 0
-    with evaluating(model):
-        for chunk in tqdm(list(chunks(examples, batch_size)), desc=f"{task.name} loss", disable=not progress):
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (Σ loss, Σ count)
+    mine = list(chunks(examples[rank::world], batch_size))
+    with evaluating(model, inference=False):
+        for chunk in tqdm(mine, desc=f"{task.name} loss", disable=not progress):
             batch = to_device(task.encode(tokenizer, list(chunk), max_length), device)
             labels = batch.pop("labels")
-            logits = at_least_float32(model(**batch).logits)
+            with autocast():
+                logits = at_least_float32(model(**batch).logits)
             if task.kind == "classification":
-                total += F.cross_entropy(logits, labels, reduction="sum").item()  # logits: (B, C)
-                count += labels.numel()
+                loss = F.cross_entropy(logits, labels, reduction="sum")  # logits: (B, C)
+                count = labels.numel()
             else:
                 shifted = labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
-                total += F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum").item()
-                count += int((shifted != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
-    out = {"val_loss": loss}
-    if task.kind != "classification":
-        out["val_ppl"] = math.exp(min(loss, 50.0))
-    return out
+                loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX, reduction="sum")
+                count = int((shifted != IGNORE_INDEX).sum())
+            total += torch.stack([loss.double(), torch.tensor(float(count), dtype=torch.float64, device=device)])
+        if distributed.any_sharded(model.parameters()) and examples:
+            # A sharded model all-gathers in every forward: each rank must run as many as the busiest one.
+            busiest = math.ceil(math.ceil(len(examples) / world) / batch_size)
+            for _ in range(busiest - len(mine)):
+                batch = to_device(task.encode(tokenizer, list(examples[:1]), max_length), device)
+                batch.pop("labels")
+                with autocast():
+                    model(**batch)
+    if world > 1:
+        total = accelerator.reduce(total, "sum")
+    value = (total[0] / total[1].clamp_min(1)).item()
+    return value if math.isfinite(value) else float("nan")
 
 
 def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ from typing import IO, Sequence
 
 from tqdm.auto import tqdm
 
-from ..config import check
+from ..checks import check
 from . import _bwrap, _seccomp
 
 RUNNER = Path(__file__).with_name("_sandbox_runner.py")

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import check
+from ..checks import check
 from .base import Example, register_task
 from .common import CausalTask
 from .data import load_hub_rows, locate, parse_split, read_delimited, require_columns, require_text

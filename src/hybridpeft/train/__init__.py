@@ -4,7 +4,7 @@
     job = load_config("configs/default.yaml", ["adapter.method=lora", "train.max_steps=50"])
     result = train(job)            # or train(job, resume=True)
 """
-from .config import ConfigError, JobConfig, build_config, load_config, resolve_mapping  # noqa: F401
 from .failures import DiskFull, ResumeError, RunDirNotWritable, TrainingInterrupted  # noqa: F401
+from .job_config import ConfigError, JobConfig, build_config, load_config, resolve_mapping  # noqa: F401
 from .lock import RunDirBusy  # noqa: F401
 from .loop import SimulatedCrash, TrainingAborted, TrainResult, train  # noqa: F401

@@ -38,23 +38,24 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..api import adapter_tensors, after_optimizer_step, load_adapter, write_adapter
+from ..api import adapter_tensors, after_optimizer_step, load_adapter, mixing_state, write_adapter
+from ..gradient_init import lora_ga_init, lora_ga_targets
 from ..inject import config_of
 from ..tasks.base import write_predictions
+from ..tasks.lm import validation_loss
 from . import checkpoint as ckpt
 from . import parallel as par
-from .config import JobConfig, dump_yaml, read_yaml
-from .data import BatchStream
-from .evaluation import task_metrics, validation_loss
+from .batches import BatchStream
+from .evaluation import task_metrics
 from .failures import ResumeError, explain_failures
 from .health import non_finite_names
+from .job_config import JobConfig, dump_yaml, read_yaml
 from .lock import RunDirBusy, RunDirLock
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
-    build_optimizer, build_scheduler, build_task, load_job_model, load_splits, lora_ga_batch_count,
-    needs_lora_ga_init, prepare_model, run_lora_ga_init, set_schedule_length, split_name, describe_splits,
-    warm_up_head,
+    build_optimizer, build_scheduler, build_task, describe_splits, load_job_model, load_splits, prepare_model,
+    set_schedule_length, split_name, warm_up_head,
 )
 
 RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
@@ -152,15 +153,6 @@ def _make_accelerator(job: JobConfig):
     # accelerate only forms a multi-process CPU group (gloo) when told it runs on the CPU.
     return Accelerator(mixed_precision=_mixed_precision(job.train.mixed_precision), kwargs_handlers=[ddp],
                        cpu=not _has_accelerator())
-
-
-def mixing_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Per-layer mixing state (the Hybrid's λ and branch gradient norms); empty for other methods."""
-    try:
-        from ..mixing import mixing_state
-    except ImportError:
-        return {}
-    return mixing_state(model)
 
 
 def _say(accelerator: Any, message: str) -> None:
@@ -370,16 +362,16 @@ def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Modul
         losses = warm_up_head(model, stream.warmup_batches(job.train.head_warmup_steps), job.train.head_warmup_steps,
                               job.train.lr, tuple(job.train.betas), job.train.eps)
         _say(accelerator, f"head warm-up: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    if not needs_lora_ga_init(model):
+    if not lora_ga_targets(model):
         return
-    n = lora_ga_batch_count(model)
+    n = config_of(model).lora_ga_config().num_batches
     _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
     cache = None
     if job.train.lora_ga_cache:
         from ..models import cache_dir
 
         cache = str(cache_dir() / "lora_ga")
-    run_lora_ga_init(model, stream.warmup_batches(n), cache_dir=cache)
+    lora_ga_init(model, stream.warmup_batches(n), cache_dir=cache)
 
 
 def _restore_trainer(source: Path, job: JobConfig, accelerator: Any, optimizer: Any, scheduler: Any,
@@ -519,7 +511,7 @@ def _train_step(run: _Run) -> dict[str, Any]:
         if not getattr(run.optimizer, "step_was_skipped", False):
             after_optimizer_step(run.unwrapped)  # before zero_grad: the Hybrid reads the branch gradients
         state.consecutive_bad = 0
-        mixing = mixing_stats(run.unwrapped)
+        mixing = mixing_state(run.unwrapped)  # the Hybrid's λ per layer; {} for other methods
         if mixing:
             record["mixing"] = mixing
     else:
@@ -547,7 +539,7 @@ def _validate(run: _Run, val_examples: list) -> bool:
     if not val_examples:
         return False
     val = validation_loss(run.unwrapped, run.tokenizer, run.task, val_examples, job.eval.batch_size,
-                          job.data.max_length, run.accelerator)
+                          job.data.max_length, accelerator=run.accelerator)
     if state.best_val_loss is None or val < state.best_val_loss - job.eval.early_stopping_min_delta:
         state.best_val_loss = val
         state.evals_without_improvement = 0

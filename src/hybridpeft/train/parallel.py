@@ -30,7 +30,7 @@ from torch import nn
 from .. import distributed
 from ..fsdp import detach_for_sharding, materialize_from_rank0, shard_model
 from ..models import is_quantized_model
-from .config import ConfigError, FsdpSection, JobConfig
+from .job_config import ConfigError, FsdpSection, JobConfig, sharding_problems
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -79,24 +79,6 @@ def accelerate_fsdp_settings(environ: dict[str, str] | None = None) -> tuple[Fsd
     section = FsdpSection(enabled=True, layer_classes=layers or None, reshard_after_forward=reshard.lower() in _TRUE,
                           ram_efficient_loading=flag("cpu_ram_efficient_loading", True))
     return section, flag("activation_checkpointing", False), problems
-
-
-def sharding_problems(job: JobConfig, prefix: str = "fsdp.enabled=true") -> list[str]:
-    """Settings of ``job`` that cannot run sharded, one line each (empty if none)."""
-    problems = []
-    quantization = getattr(job.model, "quantization", None)
-    if quantization is not None:
-        problems.append(f"model.quantization={quantization!r} is not supported with {prefix}: bitsandbytes' packed "
-                        "weights cannot be sharded by FSDP2 here; train the quantized base on one process per "
-                        "model copy (DDP) or shard a float base")
-    if job.train.mixed_precision == "fp16":
-        problems.append(f"train.mixed_precision='fp16' is not supported with {prefix}: the fp16 gradient scaler "
-                        "does not handle sharded gradients; use 'bf16' or 'no'")
-    lora_ga = getattr(job.adapter, "lora_ga_config", None)
-    if callable(lora_ga) and lora_ga().offset == "subtract":
-        problems.append(f"adapter offset='subtract' is not supported with {prefix}: it writes B0 A0 into the sharded "
-                        "base weight; use offset='adapter' (the default)")
-    return problems
 
 
 def for_job(job: JobConfig, accelerator: Any) -> "Replicated":

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
+
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"
 
@@ -122,8 +124,6 @@ def versions() -> dict[str, str]:
     import accelerate
     import numpy
     import transformers
-
-    from .. import __version__
 
     return {
         "hybridpeft": __version__, "python": platform.python_version(), "torch": torch.__version__,

@@ -1,10 +1,9 @@
 """Building the pieces of a run from a ``JobConfig``: task data, model, adapters, optimizer, schedule.
 
 Everything here is method-agnostic: the adapter config object comes from the
-registry, initializers run when the injected model asks for them (a LoRA-GA
-part ⇒ ``lora_ga_init``), and the optimizer comes from
-``hybridpeft.optim.build_optimizer`` (AdamW plus Riemannian groups for manifold
-tensors), falling back to plain AdamW where that module is absent.
+registry and the optimizer from ``hybridpeft.optim.build_optimizer`` (AdamW plus
+Riemannian groups for manifold tensors). The loop itself starts LoRA-GA parts
+with ``hybridpeft.gradient_init.lora_ga_init``.
 """
 from __future__ import annotations
 
@@ -13,16 +12,18 @@ import dataclasses
 import itertools
 import math
 import random
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..adapters.config import AdapterConfig
+from ..api import needs_anneal_steps, set_anneal_steps
 from ..inject import inject
+from ..optim import build_optimizer as build_adapter_optimizer
 from ..tasks import Example, Task, get_task
 from ..tasks.data import finalize, subsample
-from .config import JobConfig
+from .job_config import JobConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -220,50 +221,19 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def needs_lora_ga_init(model: nn.Module) -> bool:
-    """True when the injected model carries LoRA-GA parts (``lora_ga``, ``hybrid``)."""
-    try:
-        from ..lora_ga import lora_ga_targets
-    except ImportError:
-        return False
-    return bool(lora_ga_targets(model))
-
-
-def run_lora_ga_init(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], cache_dir: str | None = None) -> None:
-    from ..lora_ga import lora_ga_init
-
-    lora_ga_init(model, batches, cache_dir=cache_dir)
-
-
-def lora_ga_batch_count(model: nn.Module) -> int:
-    from ..inject import config_of
-
-    config = config_of(model)
-    getter = getattr(config, "lora_ga_config", None)
-    return int(getter().num_batches) if callable(getter) else 8
-
-
 def set_schedule_length(model: nn.Module, total_steps: int) -> None:
     """Tell step-based adapter schedules (the Hybrid's ``anneal``) how long the run is,
     unless the adapter config fixed it."""
-    try:
-        from ..mixing import needs_anneal_steps, set_anneal_steps
-    except ImportError:
-        return
     if needs_anneal_steps(model):
         set_anneal_steps(model, total_steps)
 
 
 def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
+    """``hybridpeft.optim.build_optimizer`` with the job's hyperparameters."""
     t = job.train
-    try:
-        from ..optim import build_optimizer as build
-    except ImportError:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    return build(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
-                 riemannian=t.riemannian, riemannian_lr=t.riemannian_lr,
-                 branch_lr={"lora": t.lr_lora, "boft": t.lr_boft})
+    return build_adapter_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
+                                   riemannian=t.riemannian, riemannian_lr=t.riemannian_lr,
+                                   branch_lr={"lora": t.lr_lora, "boft": t.lr_boft})
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

@@ -104,11 +104,3 @@ class BatchStream:
             index = i % self.batches_per_epoch
             yield self.task.encode(self.tokenizer, self.examples_at(-1 - i // self.batches_per_epoch, index),
                                    self.max_length)
-
-
-def eval_batches(task: Task, tokenizer: Any, examples: list[Example], batch_size: int, max_length: int,
-                 rank: int = 0, world_size: int = 1) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's share (every ``world_size``-th example) of ``examples``, encoded in batches."""
-    mine = examples[rank::world_size]
-    for start in range(0, len(mine), batch_size):
-        yield task.encode(tokenizer, mine[start:start + batch_size], max_length)

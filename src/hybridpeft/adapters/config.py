@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .patterns import compile_entry
+from ..checks import check
+from ..patterns import compile_entry
 
 FORMAT_VERSION = 1
 
@@ -31,12 +32,6 @@ def config_class(method: str) -> type["AdapterConfig"]:
 
 def known_methods() -> list[str]:
     return sorted(_CONFIGS)
-
-
-def check(condition: bool, field_name: str, value: Any, expected: str) -> None:
-    """Raise a ValueError that names the field, the value and what was expected."""
-    if not condition:
-        raise ValueError(f"{field_name}={value!r} is invalid: expected {expected}")
 
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

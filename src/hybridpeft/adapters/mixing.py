@@ -1,4 +1,4 @@
-"""The Hybrid's mixing coefficient λ: schedules, the gradient-norm rule, logging.
+"""The Hybrid's mixing coefficient λ per layer: schedules and the gradient-norm rule.
 
 Per adapted layer, ``y = λ h + (1 − λ) R h + λ · lora(x)``; λ is a buffer that
 ``hybridpeft.after_optimizer_step(model)`` moves once per optimizer step:
@@ -26,20 +26,22 @@ Everything stays in tensors (no host sync per layer per step), and
 ``update_lambdas`` moves all layers of a model together: one fused norm over every
 branch gradient, one all-reduce and one vectorized rule step, instead of a dozen
 small kernels and a collective per layer.
+
+The model-level views (``mixing_state``, ``set_anneal_steps``) are in ``hybridpeft.api``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .config import check
+from .. import distributed
+from ..checks import check, is_int, is_number
 
 if TYPE_CHECKING:
-    from .adapters.hybrid import HybridAdapter
+    from .hybrid import HybridAdapter
 
 SCHEDULES = ("adaptive", "fixed", "anneal")
 NORM_RULES = ("relative", "paper_literal")
@@ -47,7 +49,7 @@ _EPS = 1e-12
 
 
 def _unit(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    return is_number(value) and 0.0 <= value <= 1.0
 
 
 @dataclass(frozen=True)
@@ -82,10 +84,9 @@ class MixingRule:
         check(_unit(self.lam_fixed), "lam_fixed", self.lam_fixed, "a number in [0, 1]")
         check(_unit(self.anneal_start), "anneal_start", self.anneal_start, "a number in [0, 1]")
         check(_unit(self.anneal_end), "anneal_end", self.anneal_end, "a number in [0, 1]")
-        check(self.anneal_steps is None or (isinstance(self.anneal_steps, int) and not isinstance(self.anneal_steps, bool)
-                                            and self.anneal_steps > 0),
+        check(self.anneal_steps is None or (is_int(self.anneal_steps) and self.anneal_steps > 0),
               "anneal_steps", self.anneal_steps, "None or a positive integer")
-        check(isinstance(self.ema, (int, float)) and not isinstance(self.ema, bool) and 0.0 <= self.ema < 1.0,
+        check(is_number(self.ema) and 0.0 <= self.ema < 1.0,
               "ema", self.ema, "a number in [0, 1)")
 
     def initial(self) -> float:
@@ -106,7 +107,7 @@ class MixingRule:
             if self.anneal_steps is None:
                 raise ValueError(
                     "anneal_steps=None is invalid for schedule='anneal': set HybridConfig.anneal_steps, "
-                    "call hybridpeft.mixing.set_anneal_steps(model, n) or train with HybridPeftCallback"
+                    "call hybridpeft.api.set_anneal_steps(model, n) or train with HybridPeftCallback"
                 )
             frac = (step.to(lam.dtype) / self.anneal_steps).clamp(max=1.0)
             return self.anneal_start + (self.anneal_end - self.anneal_start) * frac
@@ -193,48 +194,3 @@ def update_lambdas(adapters: Sequence["HybridAdapter"]) -> None:
             adapter.boft.after_optimizer_step()
 
 
-# ---------------------------------------------------------------------------
-# Model-level helpers
-
-
-def _hybrid_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .adapters.hybrid import HybridAdapter
-    from .inject import adapted_layers
-
-    return [(name, layer.adapter) for name, layer in adapted_layers(model) if isinstance(layer.adapter, HybridAdapter)]
-
-
-def mixing_state(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per Hybrid layer: ``{"lambda", "g_lora", "g_boft", "step"}`` (norms are NaN before the first step).
-
-    One device→host transfer for the whole model.
-    """
-    layers = _hybrid_layers(model)
-    if not layers:
-        return {}
-    device = layers[0][1].mix_lambda.device  # layers may sit on several devices (pipeline/model parallel)
-    rows = torch.stack([
-        torch.stack([a.mix_lambda.float(), a.grad_norm_lora.float(), a.grad_norm_boft.float(), a.mix_step.float()]).to(device)
-        for _, a in layers
-    ]).tolist()
-    return {
-        name: {"lambda": lam, "g_lora": gl, "g_boft": gb, "step": int(step)}
-        for (name, _), (lam, gl, gb, step) in zip(layers, rows)
-    }
-
-
-def set_anneal_steps(model: nn.Module, steps: int) -> None:
-    """Give every Hybrid layer the length of the ``"anneal"`` schedule (in optimizer steps)."""
-    if not (isinstance(steps, int) and steps > 0):
-        raise ValueError(f"steps={steps!r} is invalid: expected a positive integer")
-    from .inject import config_of
-
-    for _, adapter in _hybrid_layers(model):
-        adapter.rule = replace(adapter.rule, anneal_steps=steps)
-    config = config_of(model)
-    if hasattr(config, "anneal_steps"):
-        config.anneal_steps = steps  # so a saved adapter_config.json carries it
-
-
-def needs_anneal_steps(model: nn.Module) -> bool:
-    return any(a.rule.schedule == "anneal" and a.rule.anneal_steps is None for _, a in _hybrid_layers(model))

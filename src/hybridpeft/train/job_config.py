@@ -11,7 +11,7 @@ at once, each as ``section.field=value is invalid: expected ...`` — one
 ``ConfigError`` listing all of them.
 
 The ``adapter`` section is generic over methods: ``method`` picks a config
-class from the registry (``hybridpeft.config.config_class``); the fields shared
+class from the registry (``hybridpeft.adapters.config.config_class``); the fields shared
 by all methods (``target_modules``, ``adapter_dtype``, ``trainable_modules``)
 sit beside it; method-specific fields go either flat (``adapter.r``) or in a
 sub-mapping named after the method (``adapter.lora.r``). Sub-mappings for other
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ..config import AdapterConfig, config_class, known_methods
+from ..adapters.config import AdapterConfig, config_class, known_methods
 from ..models import looks_like_path
 
 SECTIONS = ("model", "data", "adapter", "train", "fsdp", "eval", "output", "debug")
@@ -667,6 +667,28 @@ def build_config(data: dict[str, Any]) -> JobConfig:
     return job
 
 
+def sharding_problems(job: JobConfig, prefix: str = "fsdp.enabled=true") -> list[str]:
+    """Settings of ``job`` that cannot run sharded, one line each (empty if none).
+
+    Here rather than in ``parallel.py`` (which applies them to a launch) so the config
+    checks need nothing from the training side.
+    """
+    problems = []
+    quantization = getattr(job.model, "quantization", None)
+    if quantization is not None:
+        problems.append(f"model.quantization={quantization!r} is not supported with {prefix}: bitsandbytes' packed "
+                        "weights cannot be sharded by FSDP2 here; train the quantized base on one process per "
+                        "model copy (DDP) or shard a float base")
+    if job.train.mixed_precision == "fp16":
+        problems.append(f"train.mixed_precision='fp16' is not supported with {prefix}: the fp16 gradient scaler "
+                        "does not handle sharded gradients; use 'bf16' or 'no'")
+    lora_ga = getattr(job.adapter, "lora_ga_config", None)
+    if callable(lora_ga) and lora_ga().offset == "subtract":
+        problems.append(f"adapter offset='subtract' is not supported with {prefix}: it writes B0 A0 into the sharded "
+                        "base weight; use offset='adapter' (the default)")
+    return problems
+
+
 def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     """Checks that span sections (the task's kind against the model, task arguments)."""
     from ..tasks import get_task, known_tasks
@@ -681,8 +703,6 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
         errors.append(f"adapter.method='full' is invalid with model.quantization={job.model.quantization!r}: "
                       "quantized weights cannot be trained; use an adapter method or a float base")
     if job.fsdp.enabled:
-        from .parallel import sharding_problems
-
         errors.extend(sharding_problems(job))
     if job.data.task in known_tasks():
         try:

@@ -1,4 +1,7 @@
-"""LoRA-GA initialization: estimate the full-weight gradients, then start A, B on their SVD.
+"""LoRA-GA's start for a whole model: estimate the full-weight gradients, then start A, B on their SVD.
+
+The per-layer adapter (``ΔW = s (B A − B0 A0)``) is ``hybridpeft.adapters.lora_ga``; this module
+runs the model-level part.
 
 ``lora_ga_init(model, batches)`` runs on a model injected with ``LoraGAConfig`` or
 ``HybridConfig``:
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from . import distributed
 from .adapters.base import AdaptedLinear, layer_shape
 from .adapters.lora_ga import LoraGAAdapter, LoraGAConfig
+from .checks import check, is_int
 from .inject import adapted_layers, config_of
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -363,10 +367,8 @@ def lora_ga_init(
         raise ValueError(f"model carries method={config_of(model).method!r}; lora_ga_init needs LoraGAConfig or HybridConfig adapters")
     ga_config = config_of(model).lora_ga_config()
     n = ga_config.num_batches if num_batches is None else num_batches
-    if not (isinstance(n, int) and n > 0):
-        raise ValueError(f"num_batches={n!r} is invalid: expected a positive integer")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is invalid: expected one of {list(ESTIMATORS)}")
+    check(is_int(n) and n > 0, "num_batches", n, "a positive integer")
+    check(estimator in ESTIMATORS, "estimator", estimator, f"one of {list(ESTIMATORS)}")
     for name, (layer, part) in targets.items():
         if layer.quantized and part.ga_config.offset == "subtract":
             raise ValueError(f"offset='subtract' cannot shift the 4-bit base weight of {name!r}; "
