@@ -8,10 +8,14 @@
 # every method, so a part cut short still leaves what it measured):
 #   0. environment: a python with CUDA torch (else a venv with torch==2.13.0, needs PyPI)
 #   1. build PEFT's BOFT CUDA extension (without it PEFT silently runs BOFT with m=1)
-#   2. 1B shapes, 4×1024 tokens: every method, ours and PEFT's, floor and full FT
-#   3. 8B shapes, 2×1024 tokens: floor, our LoRA/BOFT/Hybrid, PEFT LoRA/BOFT (PEFT BOFT
-#      is cut to fit --budget-s: ~9 s/step there)
-#   4. if bitsandbytes is importable and time is left: 1B with an NF4 base
+#   2. per-module forms at the 8B widths, bf16: BOFT composed vs factored butterfly per (b, m)
+#      (butterfly_forms.py: is the composed rule, c = b·2^(m−1) ≤ 64, right on the GPU?) and
+#      LoRA's forward forms (lora_forms.py: in-place addmm_ vs addmm vs mm+add vs PEFT's order)
+#   3. 1B shapes, 4×1024 tokens: every method, ours and PEFT's, floor and full FT
+#   4. 8B shapes, 2×1024 tokens: floor, our LoRA/BOFT/Hybrid, PEFT LoRA/BOFT (PEFT BOFT
+#      is cut to fit --budget-s: ~9 s/step there), our BOFT's factored form (the path before
+#      the composed blocks, for the before/after ratio at 8B)
+#   5. if bitsandbytes is importable and time is left: 1B with an NF4 base
 # Results land in $OUT (default /tmp/gpu_check_out) as cuda-*.json / cuda-*.md plus
 # gpu_check.log; copy them to docs/perf/ and commit with the date and card.
 #
@@ -39,10 +43,12 @@ allow() {
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   DEVICE=cpu; DTYPE=float32; SIZE1=tiny; SIZE8=tiny; STEPS1="--warmup 1 --steps 1"; STEPS8="--warmup 1 --steps 1"
   TAG_DRY="--tag dry-"  # the tiny stand-ins of 1B and 8B would write the same file names
+  FORMS_BOFT="--d 64 --tokens 32 --reps 1 --settings 8x3 4x5"; FORMS_LORA="--size cpu-small --tokens 32 --reps 1"
   log "DRY RUN on the CPU with the tiny model"
 else
   DEVICE=cuda; DTYPE=bfloat16; SIZE1=1b; SIZE8=8b; STEPS1="--warmup 3 --steps 10"; STEPS8="--warmup 2 --steps 6"
   TAG_DRY=""
+  FORMS_BOFT="--d 4096 --tokens 2048 --reps 10"; FORMS_LORA="--size 8b --tokens 2048 --reps 10"
 fi
 
 # ---------------------------------------------------------------- 0. environment
@@ -90,16 +96,30 @@ sys.exit(0 if get_fbd_cuda() else 1)" >>"$LOG" 2>&1; then
   fi
 fi
 
-# ---------------------------------------------------------------- 2. 1B, every method
+# ---------------------------------------------------------------- 2. per-module forms (seconds of work; first, because they write only at the end)
+run_script() {  # name, cap seconds, script args...
+  local name=$1 cap; cap=$(allow "$2"); shift 2
+  if [ "$cap" -lt 20 ]; then log "SKIP $name: budget spent"; return 1; fi
+  log "START $name (timeout ${cap}s)"
+  timeout --kill-after=5 "$cap" "$PY" "$@" 2>&1 | grep -v -e "^  warnings.warn" -e "UserWarning" | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then log "TIMEOUT $name after ${cap}s (nothing written: these write at the end)"; fi
+  log "END $name rc=$rc"
+}
+run_script "butterfly-forms" 45 benchmarks/butterfly_forms.py --device "$DEVICE" --dtype "$DTYPE" $FORMS_BOFT --out "$OUT"
+run_script "lora-forms" 30 benchmarks/lora_forms.py --device "$DEVICE" --dtype "$DTYPE" $FORMS_LORA \
+  --tag "${TAG_DRY:+dry-}$DEVICE" --out "$OUT"
+
+# ---------------------------------------------------------------- 3. 1B, every method
 # most important first: a part cut short by its timeout loses the tail
-ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd boft-factored hybrid-factored hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
-# ---------------------------------------------------------------- 3. 8B, the large-shape subset
-ALL8="floor lora boft hybrid peft-lora peft-boft hybrid-recompute"
+# ---------------------------------------------------------------- 4. 8B, the large-shape subset
+ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute hybrid-factored"
 run_part "8b" 150 --size "$SIZE8" $STEPS8 --methods $ALL8 --peft-boft-ext "$BOFT_EXT" --budget-s 40 --no-ga-init
 
-# ---------------------------------------------------------------- 4. NF4 base (optional)
+# ---------------------------------------------------------------- 5. NF4 base (optional)
 if [ "$HAVE_BNB" = 1 ]; then
   run_part "1b-nf4" 90 --size "$SIZE1" $STEPS1 --quant nf4 --methods floor lora boft unitary hybrid peft-lora \
     --budget-s 10 --no-ga-init
@@ -112,5 +132,5 @@ log "done in $((SECONDS - START))s; files in $OUT:"
 ls -l "$OUT" | tee -a "$LOG"
 for f in "$OUT"/*.md; do
   [ -e "$f" ] || continue
-  echo; echo "==== $(basename "$f")"; sed -n '/^| method/,$p' "$f"
+  echo; echo "==== $(basename "$f")"; sed -n '/^|/,$p' "$f"  # from each file's first table row
 done

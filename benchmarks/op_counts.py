@@ -55,7 +55,9 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+def _ours(method: str, butterfly: str | None = None, **fields: Any) -> Callable[[int], tuple[nn.Module, Callable[[], None]]]:
+    """``butterfly``: force BOFT's form (``"composed"`` / ``"factored"``), in a Hybrid too."""
+
     def make(d: int):
         from hybridpeft.adapters import adapter_class
         from hybridpeft.adapters.base import AdaptedLinear
@@ -63,6 +65,8 @@ def _ours(method: str, **fields: Any) -> Callable[[int], tuple[nn.Module, Callab
 
         config = config_class(method)(**fields)
         layer = AdaptedLinear(nn.Linear(d, d, bias=False), adapter_class(method)(d, d, config))
+        if butterfly is not None:
+            getattr(layer.adapter, "boft", layer.adapter).form = butterfly
         _off_start(layer.adapter)
         return layer, layer.adapter.after_optimizer_step
 
@@ -108,10 +112,13 @@ MODULES: dict[str, Callable[[int], tuple[nn.Module, Callable[[], None]]]] = {
     "lora": _ours("lora", r=16, alpha=32.0),
     "lora_ga": _ours("lora_ga", r=16, alpha=32.0),
     "boft": _ours("boft", block_size=8, n_factors=3),
+    "boft-factored": _ours("boft", butterfly="factored", block_size=8, n_factors=3),
     "boft-m1": _ours("boft", block_size=8, n_factors=1),
     "unitary": _ours("unitary", parameterization="structured"),
     "unitary-full": _ours("unitary", parameterization="full", block_size=32),
     "hybrid": _ours("hybrid", lora_r=16, lora_alpha=32.0, boft_block_size=8, boft_n_factors=3),
+    "hybrid-factored": _ours("hybrid", butterfly="factored", lora_r=16, lora_alpha=32.0, boft_block_size=8,
+                             boft_n_factors=3),
     "dora": _ours("dora", r=16, alpha=32.0),
     "ia3": _ours("ia3", feedforward_modules=[]),
     "frozen linear": lambda d: (nn.Linear(d, d, bias=False).requires_grad_(False), lambda: None),
@@ -144,6 +151,19 @@ def count_passes(module: nn.Module, after_step: Callable[[], None], x: Tensor) -
         out[name] = {"kernels": sum(counter.kernels.values()), "views": sum(counter.views.values()),
                      "ops": dict(counter.kernels.most_common())}
     return out
+
+
+def count_passes_as_on_gpu(module: nn.Module, after_step: Callable[[], None], x: Tensor) -> dict[str, Any]:
+    """``count_passes`` with the Cayley blocks solved as on CUDA (one ``solve_ex``), not by the CPU's
+    8-step elimination (32 small kernels that a GPU never runs); times below use the CPU path."""
+    from hybridpeft.adapters import boft
+
+    saved = set(boft.ELIMINATION_DEVICES)
+    boft.ELIMINATION_DEVICES.clear()
+    try:
+        return count_passes(module, after_step, x)
+    finally:
+        boft.ELIMINATION_DEVICES.update(saved)
 
 
 def saved_bytes(module: nn.Module, x: Tensor) -> int:
@@ -193,7 +213,7 @@ def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str],
     for name, make in MODULES.items():
         if names is not None and name not in names:
             continue
-        base = name.replace("-m1", "").replace("-full", "")
+        base = name.replace("-m1", "").replace("-full", "").replace("-factored", "")
         if base in ("lora", "lora_ga", "boft", "unitary", "hybrid", "dora", "ia3") and base not in known_methods():
             continue
         torch.manual_seed(0)
@@ -203,7 +223,7 @@ def run(d: int, tokens: tuple[int, int], reps: int, compile_methods: list[str],
             results[name] = {"error": f"{type(err).__name__}: {err}"}
             continue
         x = torch.randn(*tokens, d, requires_grad=True)
-        row = count_passes(module, after_step, x)
+        row = count_passes_as_on_gpu(module, after_step, x)
         timed[name] = (module, x)
         if name in compile_methods:
             try:
@@ -223,7 +243,8 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
         "",
         f"- date: {meta['date']}; torch {meta['torch']}; {meta['machine']}",
         f"- one frozen {meta['d']}×{meta['d']} linear + adapter; activations {tuple(meta['tokens'])} × {meta['d']}, "
-        "requiring grad; ATen ops counted below autograd with a TorchDispatchMode (≈ kernel launches on a GPU)",
+        "requiring grad; ATen ops counted below autograd with a TorchDispatchMode (≈ kernel launches on a GPU); "
+        "BOFT's Cayley blocks counted as solved on a GPU (one `solve_ex`; the CPU eliminates in 32 small kernels)",
         "- views and metadata-only ops (view/t/permute/_unsafe_view/…) are counted apart: they launch nothing",
         *([f"- command: `{meta['command']}`"] if meta.get("command") else []),
         f"- `fwd+bwd ms`: median of {meta['reps']} eager forward+backward passes of this one module on the CPU, "

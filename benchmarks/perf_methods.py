@@ -151,19 +151,35 @@ def _call_with_known_kwargs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
 
 
 def _ours(method: str, fields: Callable[[Settings], dict[str, Any]], match: Callable[[Settings], str],
-          init: Callable[[nn.Module, Settings, Tensor], dict[str, Any]] | None = None):
+          init: Callable[[nn.Module, Settings, Tensor], dict[str, Any]] | None = None, butterfly: str | None = None):
+    """``butterfly``: force BOFT's form (``"composed"`` / ``"factored"``) in every BOFT or Hybrid layer."""
+
     def prepare(model: nn.Module, settings: Settings, batch: Tensor) -> Prepared:
         import hybridpeft
 
         config = _our_config(method, **fields(settings))
         hybridpeft.inject(model, config)
         info: dict[str, Any] = {"match": match(settings), "config": config.to_dict()}
+        if butterfly is not None:
+            info["butterfly_form"] = _force_butterfly_form(model, butterfly)
         if init is not None:
             info.update(init(model, settings, batch))
         optimizer = _optimizer_for(model, settings.lr)
         return Prepared(model, optimizer, lambda: hybridpeft.after_optimizer_step(model), info)
 
     return prepare
+
+
+def _force_butterfly_form(model: nn.Module, form: str) -> str:
+    from hybridpeft.inject import adapted_layers
+
+    layers = [layer.adapter for _, layer in adapted_layers(model)]
+    bofts = [getattr(a, "boft", a) for a in layers if hasattr(a, "boft") or hasattr(a, "form")]
+    if not bofts:
+        raise ValueError("no BOFT layer to set the butterfly form of")
+    for boft in bofts:
+        boft.form = form
+    return form
 
 
 def _gradient_init(model: nn.Module, settings: Settings, batch: Tensor) -> dict[str, Any]:
@@ -200,6 +216,12 @@ OURS: tuple[Method, ...] = (
         _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output",
                                  "recompute_base": True},
               lambda s: f"boft b{s.boft_block} m{s.boft_factors}"),
+        _registered("boft"),
+    ),
+    Method(
+        "boft-factored", "ours", "b8 m3, output side, factored butterfly (m gathers + b×b matmuls; before the composed form)",
+        _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output"},
+              lambda s: f"boft b{s.boft_block} m{s.boft_factors}", butterfly="factored"),
         _registered("boft"),
     ),
     Method(
@@ -257,6 +279,13 @@ OURS: tuple[Method, ...] = (
         _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
                                    "boft_n_factors": s.boft_factors},
               lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init),
+        _registered("hybrid"),
+    ),
+    Method(
+        "hybrid-factored", "ours", "LoRA-GA r16 + BOFT b8 m3, adaptive λ, factored butterfly and lerp (before the composed form)",
+        _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
+                                   "boft_n_factors": s.boft_factors},
+              lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init, butterfly="factored"),
         _registered("hybrid"),
     ),
     Method(

@@ -52,6 +52,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
             "memory_vs_our_lora": _ratio(row, lora, "peak_bytes") if row["family"] != "reference" else None,
             "time_vs_peft": _ratio(row, pair, "median_s"),
             "memory_vs_peft": _ratio(row, pair, "peak_bytes"),
+            "cpu_vs_our_lora": _ratio(row, lora, "cpu_median_s") if row["family"] != "reference" else None,
+            "cpu_vs_peft": _ratio(row, pair, "cpu_median_s"),
             "peft_pair": pair["method"] if pair else None,
         }
     return out
@@ -65,9 +67,12 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
     def verdict(good: bool) -> str:
         return "met" if good else "MISSED"
 
+    def cpu(value: float | None) -> str:
+        return "" if value is None else f" (CPU time {value:.2f}×)"
+
     if "lora" in r and r["lora"]["time_vs_peft"] is not None:
         t = r["lora"]["time_vs_peft"]
-        lines.append(f"our LoRA ≤ 1.0× PEFT LoRA step time: {t:.2f}× — {verdict(t <= 1.0)}")
+        lines.append(f"our LoRA ≤ 1.0× PEFT LoRA step time: {t:.2f}× — {verdict(t <= 1.0)}{cpu(r['lora'].get('cpu_vs_peft'))}")
     else:
         lines.append("our LoRA vs PEFT LoRA: not measured")
     boft_rows = [n for n in ("boft", "boft-m1") if n in r and r[n]["time_vs_peft"] is not None]
@@ -87,7 +92,8 @@ def target_checks(rows: list[dict[str, Any]]) -> list[str]:
         memory = ("not measured (our LoRA's peak read 0)" if m is None
                   else f"{m:.2f}× — {verdict(m <= TARGET_VS_LORA_MEMORY)}")
         lines.append(f"{name} ≤ {TARGET_VS_LORA_TIME}× our LoRA time / ≤ {TARGET_VS_LORA_MEMORY}× memory: "
-                     f"time {t:.2f}× — {verdict(t <= TARGET_VS_LORA_TIME)}; memory {memory}")
+                     f"time {t:.2f}× — {verdict(t <= TARGET_VS_LORA_TIME)}{cpu(r[name].get('cpu_vs_our_lora'))}; "
+                     f"memory {memory}")
     for name in ("lora_ga", "hybrid"):
         if name in ok and "full-bwd" in ok and ok["full-bwd"].get("peak_bytes"):
             est = ok[name]["prepare_peak_bytes"] / ok["full-bwd"]["peak_bytes"]
@@ -150,21 +156,25 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         "Ratios are this row ÷ the reference: × floor (frozen fwd+bwd), × our LoRA, × PEFT at equal settings. "
         "`kernels/step`: ATen ops one step dispatches, views excluded (≈ kernel launches on a GPU); "
-        "`syncs/step`: host waits for the device in one step (CUDA only).",
+        "`syncs/step`: host waits for the device in one step (CUDA only). `CPU s`: this process's CPU "
+        "seconds per step (median; the lowest round's), which other processes' load inflates far less than the "
+        "wall time on a shared machine (with one thread ≈ the step time on a quiet one).",
         "",
-        "| method | family | settings | step s | min s | × floor | × our LoRA | × PEFT | peak mem | × floor | × our LoRA | × PEFT | tunable | kernels/step | syncs/step |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | family | settings | step s | min s | × floor | × our LoRA | × PEFT | CPU s | CPU × our LoRA | CPU × PEFT | peak mem | × floor | × our LoRA | × PEFT | tunable | kernels/step | syncs/step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row.get("status") != "ok":
             lines.append(f"| {row['method']} | {row['family']} | {row['summary']} | {row.get('status')}: "
-                         f"{row.get('reason', '')[:120]} |  |  |  |  |  |  |  |  |  |  |  |")
+                         f"{row.get('reason', '')[:120]} |  |  |  |  |  |  |  |  |  |  |  |  |  |  |")
             continue
         q = r[row["method"]]
         settings = row["summary"] + (f" (ran as {row['match']})" if "note_effective" in row else "")
+        cpu_s = f"{row['cpu_median_s']:.4f}" if row.get("cpu_median_s") is not None else "—"
         lines.append(
             f"| {row['method']} | {row['family']} | {settings} | {row['median_s']:.4f} | {row['min_s']:.4f} | {_x(q['time_vs_floor'])} | "
-            f"{_x(q['time_vs_our_lora'])} | {_x(q['time_vs_peft'])} | {_bytes(row['peak_bytes'])} | "
+            f"{_x(q['time_vs_our_lora'])} | {_x(q['time_vs_peft'])} | {cpu_s} | "
+            f"{_x(q.get('cpu_vs_our_lora'))} | {_x(q.get('cpu_vs_peft'))} | {_bytes(row['peak_bytes'])} | "
             f"{_x(q['memory_vs_floor'])} | {_x(q['memory_vs_our_lora'])} | {_x(q['memory_vs_peft'])} | "
             f"{_count(row['tunable_params'])} | {row.get('kernels_per_step', '—')} | {row.get('host_syncs_per_step', '—')} |"
         )

@@ -269,18 +269,20 @@ def measure(name: str, spec: RunSpec) -> dict[str, Any]:
     step_model = torch.compile(prepared.model) if spec.compile else prepared.model
 
     times: list[float] = []
+    cpu_times: list[float] = []  # this process's CPU seconds per step: on a shared machine, what load does not inflate
     losses: list[float] = []
     started = time.perf_counter()
     for i in range(spec.warmup + spec.steps):
         _sync(spec.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = train_step(step_model, batch, prepared.optimizer, prepared.after_step)
         _sync(spec.device)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(loss))
         if i < spec.warmup:
             continue
         times.append(elapsed)
+        cpu_times.append(cpu)
         remaining = spec.warmup + spec.steps - 1 - i
         spent = time.perf_counter() - started
         if spec.budget_s is not None and remaining and spent + remaining * statistics.median(times) > spec.budget_s:
@@ -294,6 +296,7 @@ def measure(name: str, spec: RunSpec) -> dict[str, Any]:
         median_s=statistics.median(times),
         min_s=min(times),
         times_s=times,
+        cpu_median_s=statistics.median(cpu_times),
         steps_timed=len(times),
         peak_bytes=meter.peak(),
         memory_method=meter.method,
@@ -369,7 +372,7 @@ def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from a method's rounds: the round with the lowest median step is kept
     (other load only ever adds time, so the quietest round is the best estimate;
     on a shared machine rounds differed 3× in one run), with every round's median
-    and the largest peak memory recorded beside it."""
+    and the largest peak memory recorded beside it; the CPU time is the lowest round's median."""
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         return rows[-1]
@@ -380,6 +383,8 @@ def merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
         round_medians_s=[r["median_s"] for r in ok],
         peak_bytes=max(r["peak_bytes"] for r in ok),
     )
+    if all("cpu_median_s" in r for r in ok):
+        merged["cpu_median_s"] = min(r["cpu_median_s"] for r in ok)
     return merged
 
 

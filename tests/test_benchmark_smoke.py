@@ -50,6 +50,9 @@ def test_tiny_run_measures_and_writes_tables(tmp_path):
     assert r["lora"]["peft_pair"] == "peft-lora"
     assert r["lora"]["time_vs_peft"] == pytest.approx(by["lora"]["median_s"] / by["peft-lora"]["median_s"])
     assert r["floor"]["time_vs_floor"] == pytest.approx(1.0)
+    assert all(by[name]["cpu_median_s"] > 0 for name in methods)  # CPU seconds, the load-robust reading
+    assert r["lora"]["cpu_vs_peft"] == pytest.approx(by["lora"]["cpu_median_s"] / by["peft-lora"]["cpu_median_s"])
+    assert r["boft"]["cpu_vs_our_lora"] == pytest.approx(by["boft"]["cpu_median_s"] / by["lora"]["cpu_median_s"])
 
     meta = {"date": "today", "command": "test", "machine": step_time.machine_description("cpu"),
             "spec": step_time.dataclasses.asdict(_spec()), "tokens_per_step": 32,
@@ -58,7 +61,7 @@ def test_tiny_run_measures_and_writes_tables(tmp_path):
     saved = json.loads(json_path.read_text())
     assert {row["method"] for row in saved["results"]} == set(methods)
     table = md_path.read_text()
-    assert "| lora | ours |" in table and "× PEFT" in table and "Targets" in table
+    assert "| lora | ours |" in table and "× PEFT" in table and "Targets" in table and "CPU × our LoRA" in table
 
 
 def test_unknown_method_is_refused():
@@ -75,12 +78,21 @@ def test_isolated_subprocess_worker_round_trip():
 
 def test_rounds_keep_the_quietest_round():
     merged = step_time.merge_rounds([
-        {"status": "ok", "times_s": [3.0, 5.0], "median_s": 4.0, "peak_bytes": 5},
-        {"status": "ok", "times_s": [1.0, 2.0], "median_s": 1.5, "peak_bytes": 7},
+        {"status": "ok", "times_s": [3.0, 5.0], "median_s": 4.0, "peak_bytes": 5, "cpu_median_s": 0.9},
+        {"status": "ok", "times_s": [1.0, 2.0], "median_s": 1.5, "peak_bytes": 7, "cpu_median_s": 1.1},
         {"status": "error", "reason": "x"},
     ])
     assert merged["times_s"] == [1.0, 2.0] and merged["median_s"] == 1.5
     assert merged["peak_bytes"] == 7 and merged["rounds"] == 2 and merged["round_medians_s"] == [4.0, 1.5]
+    assert merged["cpu_median_s"] == 0.9  # the lowest round's CPU time, whichever round had the lowest wall time
+
+
+def test_factored_variants_force_the_butterfly_form():
+    """boft-factored / hybrid-factored measure the pre-composed path beside the default in one run."""
+    rows = step_time.run_benchmark(_spec(steps=1, size="tiny"), ["boft-factored", "hybrid-factored"])
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["butterfly_form"] == "factored"
 
 
 def test_budget_stops_the_timed_loop_early():
@@ -180,3 +192,22 @@ def test_target_lines_survive_a_zero_memory_reading():
     rows[1]["peak_bytes"] = 100
     boft_line = next(line for line in perf_report.target_checks(rows) if line.startswith("boft"))
     assert "memory 0.50× — met" in boft_line
+
+
+@pytest.mark.parametrize("script, args, stem", [
+    ("butterfly_forms", ["--d", "128", "--tokens", "16", "--reps", "1", "--settings", "8x3", "4x6", "8x1"],
+     "butterfly-forms"),
+    ("lora_forms", ["--tokens", "16", "--reps", "1", "--tag", "t"], "lora-forms-t"),
+])
+def test_form_benchmarks_take_device_and_dtype(tmp_path, script, args, stem):
+    """The per-module form benchmarks that gpu_check.sh runs on CUDA in bf16: same flags, tables written."""
+    import importlib
+
+    main = importlib.import_module(script).main
+    assert main(args + ["--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert data["meta"]["dtype"] == "bfloat16" and data["meta"]["device"] == "cpu"
+    assert (tmp_path / f"{stem}.md").read_text().count("\n| ") >= 3
+    if script == "butterfly_forms":  # only the settings asked for, each with its rule
+        assert [(r["b"], r["m"], r["rule"]) for r in data["rows"]] == [(8, 3, "composed"), (4, 6, "factored"),
+                                                                         (8, 1, "composed")]

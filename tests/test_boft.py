@@ -61,8 +61,9 @@ def perturb(model, scale=0.3):
             p.add_(torch.randn_like(p) * scale)
 
 
-def random_adapter(d, b, m, side="output", dtype=torch.float64, scale=0.5, seed=0):
+def random_adapter(d, b, m, side="output", dtype=torch.float64, scale=0.5, seed=0, form=None):
     adapter = BoftAdapter(d, d, BoftConfig(block_size=b, n_factors=m, side=side)).to(dtype)
+    adapter.form = form or adapter.form
     torch.manual_seed(seed)
     with torch.no_grad():
         adapter.boft_Q.normal_(0, scale)
@@ -201,7 +202,7 @@ def test_zero_q_gives_identity_rotation():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_recomputing_function_matches_plain_autograd_in_float64(transposed):
-    adapter = random_adapter(32, 4, 3)
+    adapter = random_adapter(32, 4, 3, form="factored")
     h = torch.randn(3, 5, 32, dtype=torch.float64)
     weights = torch.randn(3, 5, 32, dtype=torch.float64)
     results = []
@@ -233,7 +234,7 @@ def saved_activation_elements(adapter, h):
 
 
 def test_function_saves_only_the_branch_input():
-    adapter = random_adapter(64, 2, 3)  # 32 blocks: a block tensor (m·k·b² = 384) is far below N·d
+    adapter = random_adapter(64, 2, 3, form="factored")  # 32 blocks: a block tensor (m·k·b² = 384) is far below N·d
     h = torch.randn(50, 64, dtype=torch.float64, requires_grad=True)
     assert saved_activation_elements(adapter, h) == h.numel()  # the stages are recomputed in backward
     adapter.recompute_stages = False
@@ -254,7 +255,7 @@ def test_gradcheck_butterfly_function():
 
 
 def test_gradient_only_for_blocks_when_input_is_frozen():
-    adapter = random_adapter(16, 4, 3)
+    adapter = random_adapter(16, 4, 3, form="factored")
     h = torch.randn(4, 16, dtype=torch.float64)
     adapter.rotate(h).square().sum().backward()
     reference = adapter.boft_Q.grad.clone()

@@ -105,6 +105,27 @@ def test_lora_fast_path_matches_dense():
     _compare(layer, lambda: layer.weight + a.scaling * a.lora_B @ a.lora_A, 12)
 
 
+@needs("lora")
+@pytest.mark.parametrize("method", ["lora", "lora_ga"])
+def test_lora_adds_into_the_base_output_in_place_unless_a_hook_observes_it(method):
+    """One N × d_out buffer per layer, not two (addmm would copy h first); a base hook's h stays intact."""
+    layer = _host(method, 12, 20, r=3, alpha=6.0)
+    layer.base_layer.bias = None  # the bias add would make the output a new tensor either way
+    made = []
+    original = layer._base_matmul
+    layer._base_matmul = lambda t: made.append(original(t)) or made[-1]
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    assert y.untyped_storage().data_ptr() == made[-1].untyped_storage().data_ptr()
+    del layer._base_matmul
+    seen = []
+    layer.register_base_hook(lambda x_, h: seen.append((h, h.detach().clone())))
+    y = layer(x)
+    h, copy = seen[-1]
+    assert y.untyped_storage().data_ptr() != h.untyped_storage().data_ptr()
+    assert torch.equal(h, copy)  # the hook's tensor was not written into
+
+
 @needs("lora_ga")
 def test_lora_ga_rank_2r_branch_matches_dense():
     layer = _host("lora_ga", 12, 20, r=3, alpha=6.0)
@@ -153,9 +174,11 @@ def test_ia3_matches_dense(feedforward):
         (2, 4, "input", 16, 5),  # m = 1 + log2(k): R is dense
     ],
 )
-def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out):
+@pytest.mark.parametrize("form", ["composed", "factored"])
+def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out, form):
     layer = _host("boft", d_in, d_out, block_size=block_size, n_factors=n_factors, side=side)
     a = layer.adapter
+    a.form = form
     if side == "output":
         _compare(layer, lambda: _boft_dense(a) @ layer.weight, d_in)
     else:
@@ -166,6 +189,7 @@ def test_boft_butterfly_matches_dense(block_size, n_factors, side, d_in, d_out):
 def test_boft_recomputing_backward_equals_plain_autograd():
     """The stage-recomputing autograd function and the plain-autograd path give identical gradients."""
     layer = _host("boft", 8, 32, block_size=4, n_factors=3, side="output")
+    layer.adapter.form = "factored"
     x = torch.randn(3, 4, 8, dtype=torch.float64)
     probe = torch.randn(3, 4, 32, dtype=torch.float64)
     grads = []

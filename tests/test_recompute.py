@@ -1,9 +1,10 @@
-"""``recompute_base``: output-side orthogonal branches keep ``x`` instead of ``h = W x`` for backward.
+"""``recompute_base``: output-side orthogonal branches keep ``x`` for backward and recompute ``h = W x``.
 
 Same outputs and gradients with and without the option (float64; bf16 autocast;
 a 4-bit base), the recomputing autograd function under gradcheck, the base matmul
-really re-run in backward, and the saved activations really smaller by
-``N × d_out`` per module in the Hybrid.
+really re-run in backward, and the saved activations: without the option the composed
+BOFT, the Hybrid and the full unitary keep their output (``h`` is rebuilt from it), so the
+option saves only the outputs that the next op would not have kept anyway.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 import hybridpeft as hp
 import tiny_models
+from numerics import assert_close_ulps
 from hybridpeft.adapters.base import AdaptedLinear
 from hybridpeft.adapters.boft import BoftAdapter, BoftConfig, RecomputedBaseButterflyFunction
 from hybridpeft.adapters.hybrid import HybridAdapter
@@ -162,6 +164,7 @@ def test_bf16_autocast_recomputes_h_in_the_forwards_dtype():
     # Backward runs outside the caller's autocast; recomputing h in float32 would change ∂L/∂Q.
     torch.manual_seed(0)
     adapter = BoftAdapter(16, 32, BoftConfig(block_size=4, n_factors=2))
+    adapter.form = "factored"  # keeps h without the option; the composed form is in test_blockdiag.py
     with torch.no_grad():
         adapter.boft_Q.normal_()
     layer = AdaptedLinear(nn.Linear(16, 32, bias=False), adapter)
@@ -204,14 +207,24 @@ def test_hybrid_on_a_4bit_base_gives_the_same_gradients():
         y = layer(x)
         (y * torch.arange(32.0)).sum().backward()
         results.append((y.detach(), x.grad, *[p.grad.clone() for p in adapter.parameters()]))
+    # Without the option h is rebuilt from the float32 output (M⁻¹ (y − u vᵀ)): equal up to rounding.
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert_close_ulps(a, b, ulps=64)
 
 
 # --- memory -------------------------------------------------------------------------------
 
 
-def test_hybrid_frees_h_exactly_n_times_d_out_per_module():
+# The Llama projections whose output the next op does not keep: RoPE's products keep cos/sin
+# (not q, k) and o/down feed a residual add; gate (SiLU) and up (the product) are kept. v is kept by
+# attention unless transformers repeats it for grouped-query attention first (it then keeps the copy).
+NOT_KEPT_DOWNSTREAM = ("q_proj", "k_proj", "o_proj", "down_proj")
+MAYBE_KEPT = ("v_proj",)
+
+
+def test_hybrid_keeps_its_output_where_recompute_base_keeps_nothing_new():
+    """Neither keeps h. Default: the output (rebuilt to h in backward), which costs memory only where
+    the next op does not keep it anyway; recompute_base: x, which the LoRA branch keeps anyway."""
     model = adapted_llama("hybrid", torch.float32)
     tokens = ids()
     n = tokens.numel()
@@ -219,21 +232,22 @@ def test_hybrid_frees_h_exactly_n_times_d_out_per_module():
     for on in (False, True):
         set_recompute(model, on)
         per_module[on] = saved_bytes(model, lambda: model(input_ids=tokens).logits)
-    # LoRA keeps x anyway, so dropping every h is the whole difference: Σ N · d_out · 4 bytes.
-    expected = sum(n * layer.adapter.d_out * 4 for _, layer in hp.adapted_layers(model))
-    assert per_module[False] - per_module[True] == expected
+    at_least = sum(n * layer.adapter.d_out * 4 for name, layer in hp.adapted_layers(model)
+                   if name.endswith(NOT_KEPT_DOWNSTREAM))
+    maybe = sum(n * layer.adapter.d_out * 4 for name, layer in hp.adapted_layers(model) if name.endswith(MAYBE_KEPT))
+    assert per_module[False] - per_module[True] in (at_least, at_least + maybe)
 
 
 @pytest.mark.parametrize("method", ["boft", "unitary-full"])
-def test_boft_and_unitary_keep_fewer_bytes_in_a_llama(method):
-    # Alone they keep x instead of h: a win here because q/k/v and gate/up share their x.
+def test_boft_and_unitary_keep_no_more_bytes_with_recompute_base(method):
+    # Alone they keep x instead of the output: q/k/v and gate/up share their x.
     model = adapted_llama(method, torch.float32)
     tokens = ids()
     saved = {}
     for on in (False, True):
         set_recompute(model, on)
         saved[on] = saved_bytes(model, lambda: model(input_ids=tokens).logits)
-    assert saved[True] < saved[False]
+    assert saved[True] <= saved[False]
 
 
 def test_memory_benchmark_script_counts_the_dropped_h(tmp_path):
@@ -245,5 +259,6 @@ def test_memory_benchmark_script_counts_the_dropped_h(tmp_path):
                         "--methods", "hybrid", "hybrid-recompute", "--out", str(tmp_path)]) == 0
     rows = {r["method"]: r for r in json.loads((tmp_path / "recompute-memory.json").read_text())["results"]}
     dropped = rows["hybrid"]["saved_bytes"] - rows["hybrid-recompute"]["saved_bytes"]
-    assert dropped == 4 * rows["hybrid"]["sum_d_out"] * 4  # N = 4 tokens, float32
+    # the Hybrid's outputs that no later op keeps: q (576), k (192), o, down (576), perhaps v (192); N = 4, float32
+    assert dropped in (4 * (576 + 192 + 576 + 576) * 4, 4 * (576 + 192 + 192 + 576 + 576) * 4)
     assert "| hybrid | " in (tmp_path / "recompute-memory.md").read_text()

@@ -31,6 +31,23 @@ BaseMatmul = Callable[[Tensor], Tensor]  # x (..., d_in) -> W x (..., d_out), no
 BaseHook = Callable[[Tensor, Tensor], None]  # (x (..., d_in), h = W x (..., d_out)) -> None
 
 
+class OwnedBaseMatmul:
+    """A ``BaseMatmul`` whose every call returns a new tensor that nothing else refers to.
+
+    An adapter may then add its branch into that tensor in place (``LoraAdapter``: one
+    pass over ``N × d_out`` less than ``torch.addmm``, which first copies ``h``).
+    ``AdaptedLinear`` passes one unless a base hook observes ``h``.
+    """
+
+    __slots__ = ("matmul",)
+
+    def __init__(self, matmul: BaseMatmul) -> None:
+        self.matmul = matmul
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.matmul(x)
+
+
 class Adapter(nn.Module):
     """Base class of every method's per-layer strategy.
 
@@ -305,7 +322,8 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        y = self.adapter(x, self._base_matmul)  # (..., d_out)
+        base = OwnedBaseMatmul(self._base_matmul) if not self._base_hooks else self._base_matmul  # hooks may hold h
+        y = self.adapter(x, base)  # (..., d_out)
         return y if self.bias is None else y + self.adapter.merged_bias(self.bias).to(y.dtype)
 
     @torch.no_grad()

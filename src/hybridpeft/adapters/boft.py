@@ -23,13 +23,25 @@ permuted block then holds coordinates of both partners. By induction, after ``i`
 factors every output depends on a whole group of ``2^(i−1)`` blocks, so with
 ``m = 1 + log2(k)`` the product is dense. Realisable when ``2^(m−1)`` divides ``k``.
 
-Nothing ``d × d`` is built in ``forward``: per factor, one gather along ``d``
-and one batched ``b × b`` matmul over the ``k`` blocks — ``O(N · d · b · m)``.
-A custom autograd function keeps only the branch input and the ``(m, k, b, b)``
-blocks for backward and recomputes the ``m`` stage inputs there, instead of
-autograd holding ``m × N × d`` activations per module (docs/perf/README.md). On the output
-side, ``recompute_base`` goes one step further: it keeps the base input ``x``
-instead of ``h = W x`` and recomputes ``h`` in backward (one more base matmul).
+Every permutation stays inside groups of ``2^(i−1)`` consecutive blocks, so ``R`` is
+block-diagonal with blocks of ``c = b · 2^(m−1)`` consecutive features (no outer
+permutation), dense inside each block. Two ways to apply it, both without a
+``d × d`` matrix (``butterfly_form`` picks one per ``(b, m)``):
+
+- ``"composed"``: compose the ``d / c`` blocks of size ``c × c`` once per call
+  (``ComposedButterflyFunction``, the factors applied to a tiled ``c × d`` identity)
+  and apply them as one batched matmul — ``O(N · d · c)``, one pass over the
+  activations. On the output side the backward keeps only the output and rebuilds
+  ``h = Rᵀ y`` (``blockdiag.BlockDiagonalFunction``, ``R⁻¹ = Rᵀ``), so no ``N × d``
+  tensor of its own outlives the forward.
+- ``"factored"``: per factor, one gather along ``d`` and one batched ``b × b``
+  matmul over the ``k`` blocks — ``O(N · d · b · m)`` but ``m`` passes and ``m + 1``
+  gathers. ``ButterflyFunction`` keeps only the branch input and the blocks and
+  recomputes the ``m`` stage inputs in backward, instead of autograd holding
+  ``m × N × d`` activations per module (docs/perf/README.md).
+
+On the output side ``recompute_base`` keeps the base input ``x`` instead (of ``h``
+or the output) and recomputes ``h = W x`` in backward (one more base matmul).
 """
 from __future__ import annotations
 
@@ -42,6 +54,7 @@ from torch.autograd.function import once_differentiable
 from ..checks import check, is_int
 from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
+from .blockdiag import BlockDiagonalFunction, Keep
 
 SIDES = ("output", "input")
 
@@ -126,6 +139,26 @@ def _check_fits(d: int, block_size: int, n_factors: int, side: str) -> None:
         f"block sizes that work with n_factors={n_factors}: {sizes}; "
         f"n_factors that work with block_size={block_size}: {counts}"
     )
+
+
+FORMS = ("composed", "factored")
+COMPOSED_MAX = 64  # largest composed block applied as one batched matmul; see butterfly_form
+
+
+def composed_size(block_size: int, n_factors: int) -> int:
+    """``c = b · 2^(m−1)``: the size of the diagonal blocks of ``R = B_m ⋯ B_1``."""
+    return block_size * 2 ** (n_factors - 1)
+
+
+def butterfly_form(block_size: int, n_factors: int) -> str:
+    """``"composed"`` when ``R``'s blocks are at most ``COMPOSED_MAX`` wide, else ``"factored"``.
+
+    Composed costs ``c = b · 2^(m−1)`` multiply-adds per feature and token in one pass,
+    factored ``b · m`` in ``m`` passes plus ``m + 1`` gathers; the rule is fixed by shape
+    (so a run and its resumption compute alike) and set by ``benchmarks/butterfly_forms.py``
+    (numbers in ``docs/perf/README.md``).
+    """
+    return "composed" if n_factors == 1 or composed_size(block_size, n_factors) <= COMPOSED_MAX else "factored"
 
 
 def butterfly_permutation(level: int, n_blocks: int, block_size: int) -> Tensor:
@@ -332,6 +365,130 @@ class RecomputedBaseButterflyFunction(torch.autograd.Function):
         return grad_h, None, grad_blocks, None, None, None
 
 
+# Device types whose Cayley forward runs the float64 elimination (see CayleyFunction); the
+# others (CUDA) run one batched solve_ex. benchmarks/op_counts.py empties it to count the GPU path.
+ELIMINATION_DEVICES: set[str] = {"cpu"}
+
+
+def skew_index(b: int) -> Tensor:
+    """(2, b(b−1)/2): flat positions ``i b + j`` of the strict upper triangle (row 0) and of their mirror ``j b + i``."""
+    rows, cols = torch.triu_indices(b, b, offset=1)
+    return torch.stack([rows * b + cols, cols * b + rows])
+
+
+class CayleyFunction(torch.autograd.Function):
+    """``R = (I + S)(I − S)⁻¹`` for skew ``S`` given by its strict upper triangle ``q``.
+
+    Forward: on CUDA ``torch.linalg.solve_ex`` (batched LU, no host sync); on the CPU
+    (``ELIMINATION_DEVICES``) Gauss–Jordan elimination over the whole batch at once, in float64 (``_gauss_jordan``),
+    because LAPACK's per-matrix calls cost ~2 µs each for these 8 × 8 systems (measured
+    2.5–4× slower for 192–576 blocks) and float64 keeps the result correct to float32's
+    last bit without pivoting.
+
+    Backward needs no second solve: with ``Z = (I − S)⁻¹ = (R + I) / 2``, ``dR = 2 Z dS Z``,
+    so ``∂L/∂S = 2 Zᵀ G Zᵀ = ½ (R + I)ᵀ G (R + I)ᵀ`` and, as ``S`` holds ``q`` above the
+    diagonal and ``−q`` below, ``∂L/∂q = (∂L/∂S − ∂L/∂Sᵀ)`` at the upper-triangle positions.
+
+    Inputs: ``q`` (..., b(b−1)/2) in float32 or wider; ``index`` from ``skew_index(b)``; ``b``.
+    Output: (..., b, b) in ``q``'s dtype. Only ``R`` is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, index: Tensor, b: int) -> Tensor:  # type: ignore[override]
+        with torch.autocast(q.device.type, enabled=False):
+            skew = q.new_zeros(*q.shape[:-1], b * b)
+            skew.index_copy_(-1, index[0], q)
+            skew.index_copy_(-1, index[1], -q)
+            skew = skew.view(*q.shape[:-1], b, b)  # (..., b, b), S = −Sᵀ
+            eye = torch.eye(b, dtype=q.dtype, device=q.device)
+            if q.device.type in ELIMINATION_DEVICES:
+                r = _gauss_jordan(eye - skew, eye + skew).to(q.dtype)
+            else:
+                # solve_ex skips solve's invertibility check, which waits on the device once per call;
+                # I − S is always invertible for skew S (its eigenvalues are 1 − iθ).
+                r = torch.linalg.solve_ex(eye - skew, eye + skew)[0]
+        ctx.save_for_backward(r, index)
+        return r
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_r: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        r, index = ctx.saved_tensors
+        b = r.shape[-1]
+        with torch.autocast(r.device.type, enabled=False):
+            z2 = (r + torch.eye(b, dtype=r.dtype, device=r.device)).transpose(-1, -2)  # 2 Zᵀ
+            grad_skew = 0.5 * (z2 @ grad_r.to(r.dtype) @ z2)  # (..., b, b)
+            flat = grad_skew.reshape(*grad_skew.shape[:-2], b * b)
+            grad_q = flat.index_select(-1, index[0]) - flat.index_select(-1, index[1])
+        return grad_q, None, None
+
+
+def _gauss_jordan(a: Tensor, rhs: Tensor) -> Tensor:
+    """``a⁻¹ rhs`` for a batch of small systems (..., b, b), by elimination without pivoting, in float64.
+
+    Safe for ``a = I − S`` with ``S`` skew: its symmetric part is ``I``, and every Schur
+    complement ``I + S₂₂ + s s ᵀ`` keeps a symmetric part ``≥ I``, so every pivot is ``≥ 1``.
+    ``b`` steps, each three batched kernels.
+    """
+    b = a.shape[-1]
+    m = torch.cat([a, rhs], dim=-1).to(torch.float64).flatten(0, -3)  # (batch, b, 2b)
+    for p in range(b):
+        row = m[:, p] / m[:, p, p:p + 1]  # (batch, 2b), pivot 1
+        m.addcmul_(m[:, :, p:p + 1].clone(), row[:, None, :], value=-1)  # eliminate column p
+        m[:, p] = row
+    return m[..., b:].reshape(rhs.shape)
+
+
+_TILED_IDENTITIES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _tiled_identity(c: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(c, d): row ``r`` holds a one at feature ``r`` of every group of ``c`` consecutive features.
+
+    Read-only and shared: one per (c, d, dtype, device) for the whole process (a model has a
+    handful of widths), instead of a new ``c × d`` tensor per module and pass.
+    """
+    key = (c, d, dtype, torch.device(device))
+    eye = _TILED_IDENTITIES.get(key)
+    if eye is None:
+        with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
+            eye = _TILED_IDENTITIES[key] = torch.eye(c, dtype=dtype, device=device).repeat(1, d // c)
+    return eye
+
+
+class ComposedButterflyFunction(torch.autograd.Function):
+    """The diagonal blocks of ``R = B_m ⋯ B_1``: (d / c, c, c), ``c = b · 2^(m−1)``.
+
+    ``R`` acts on each group of ``c`` consecutive features alike, so applying the factors
+    to a tiled ``c × d`` identity (row ``r`` = the unit vector ``e_r`` in every group) gives
+    column ``r`` of every block at once: ``c`` "tokens" through the factored path
+    instead of ``d``. Backward runs ``_butterfly_backward`` on the same identity, rebuilt
+    rather than kept.
+
+    Inputs: ``blocks`` (m, k, b, b), ``plan`` from ``_gather_plan``, ``c``.
+    """
+
+    @staticmethod
+    def forward(ctx, blocks: Tensor, plan: Tensor, c: int) -> Tensor:  # type: ignore[override]
+        d = blocks.shape[1] * blocks.shape[2]
+        with torch.autocast(blocks.device.type, enabled=False):
+            cols = _butterfly(_tiled_identity(c, d, blocks.dtype, blocks.device), blocks, plan[0], True)  # (c, d)
+        ctx.save_for_backward(blocks, plan)
+        ctx.c = c
+        return cols.view(c, d // c, c).permute(1, 2, 0).contiguous()  # [g, i, r] = (R e_r)[g c + i]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        blocks, plan = ctx.saved_tensors
+        c, d = ctx.c, blocks.shape[1] * blocks.shape[2]
+        grad_cols = grad_out.permute(2, 0, 1).reshape(c, d)  # back to the (c, d) rows
+        with torch.autocast(blocks.device.type, enabled=False):
+            eye = _tiled_identity(c, d, blocks.dtype, blocks.device)
+            _, grad_blocks = _butterfly_backward(eye, blocks, plan, True, grad_cols, need_h=False, need_blocks=True)
+        return grad_blocks, None, None
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -339,16 +496,18 @@ class BoftAdapter(Adapter):
     """Output side ``W' x = R (W x)``; input side ``W' x = W (R x)``; ``R`` orthogonal, ``R = I`` at start.
 
     Parameters: ``boft_Q`` of shape ``(m, k, b(b−1)/2)`` — ``m · k · b(b−1)/2`` per layer.
-    The Cayley blocks are computed in the parameter dtype (at least float32, as
-    ``torch.linalg.solve`` needs) once per call and cast to the activations'
-    dtype for the matmuls; activations are never upcast.
+    The Cayley blocks (and, composed, ``R``'s blocks) are computed in the parameter dtype
+    (at least float32, as ``torch.linalg.solve`` needs) once per call and cast to the
+    activations' dtype for the matmuls; activations are never upcast.
 
     Attributes:
-        recompute_stages: ``True`` (default) uses ``ButterflyFunction``;
+        form: ``"composed"`` or ``"factored"`` (see the module docstring), from
+            ``butterfly_form(b, m)``; either may be set by hand (same values up to rounding).
+        recompute_stages: factored form only: ``True`` (default) uses ``ButterflyFunction``;
             ``False`` the plain-autograd reference (same values, more memory).
         recompute_base: from the config (output side): ``rotate_base_output`` keeps
-            ``x`` and recomputes ``h = W x`` in backward (``RecomputedBaseButterflyFunction``);
-            only with ``recompute_stages``.
+            ``x`` and recomputes ``h = W x`` in backward. Composed: instead of the output;
+            factored: instead of ``h`` (``RecomputedBaseButterflyFunction``, with ``recompute_stages``).
 
     Raises:
         ValueError: ``d`` (``d_out`` or ``d_in`` by side) does not fit
@@ -364,11 +523,13 @@ class BoftAdapter(Adapter):
         b, m = config.block_size, config.n_factors
         _check_fits(d, b, m, config.side)
         self.dim, self.block_size, self.n_factors, self.n_blocks = d, b, m, d // b
+        self.composed_size = composed_size(b, m)
+        self.form = butterfly_form(b, m)
         self.recompute_stages = True
         self.recompute_base = config.recompute_base
         self.boft_Q = nn.Parameter(torch.zeros(m, self.n_blocks, b * (b - 1) // 2))
         # Derived from the config, so not saved with the adapter.
-        self.register_buffer("triu", torch.triu_indices(b, b, offset=1), persistent=False)  # (2, b(b-1)/2)
+        self.register_buffer("skew_positions", skew_index(b), persistent=False)  # (2, b(b-1)/2) flat, upper / mirror
         perms = [butterfly_permutation(i + 1, self.n_blocks, b) for i in range(m)]
         self.register_buffer("permutations", torch.stack(perms), persistent=False)  # (m, d)
         self.register_buffer("plan", _gather_plan(perms), persistent=False)  # (2, m + 1, d)
@@ -378,20 +539,26 @@ class BoftAdapter(Adapter):
         """The ``(m, k, b, b)`` blocks ``(I + Q)(I − Q)⁻¹ = solve(I − Q, I + Q)`` (the factors commute)."""
         q = self.boft_Q
         q = q.to(torch.promote_types(q.dtype, torch.float32))
-        m, k, b = self.n_factors, self.n_blocks, self.block_size
-        skew = q.new_zeros(m, k, b, b)
-        skew[..., self.triu[0], self.triu[1]] = q
-        skew = skew - skew.transpose(-1, -2)  # (m, k, b, b)
-        eye = torch.eye(b, dtype=q.dtype, device=q.device)
-        # solve_ex skips solve's invertibility check, which waits on the device once per call;
-        # I − Q is always invertible for skew Q (its eigenvalues are 1 − iθ).
-        return torch.linalg.solve_ex(eye - skew, eye + skew)[0]
+        return CayleyFunction.apply(q, self.skew_positions, self.block_size)
+
+    def composed_blocks(self) -> Tensor:
+        """``R`` as ``(d / c, c, c)`` diagonal blocks, ``c = b · 2^(m−1)``, in the Cayley blocks' dtype.
+
+        Block ``g`` maps features ``g c … g c + c − 1`` to themselves; differentiable in ``boft_Q``.
+        """
+        blocks = self.cayley_blocks()  # (m, k, b, b)
+        if self.n_factors == 1:  # P_1 = I: the Cayley blocks are R's blocks
+            return blocks[0]
+        return ComposedButterflyFunction.apply(blocks, self.plan, self.composed_size)
+
+    def _check_dim(self, h: Tensor) -> None:
+        if h.shape[-1] != self.dim:
+            raise ValueError(f"expected activations with last dimension {self.dim}, got shape {tuple(h.shape)}")
 
     def _run(self, h: Tensor, blocks: Tensor, plan: Tensor, lead_identity: bool,
              source: tuple[Tensor, BaseMatmul] | None = None) -> Tensor:
-        """``source = (x, base)`` with ``h = base(x)``: keep ``x`` for backward instead of ``h``."""
-        if h.shape[-1] != self.dim:
-            raise ValueError(f"expected activations with last dimension {self.dim}, got shape {tuple(h.shape)}")
+        """Factored form. ``source = (x, base)`` with ``h = base(x)``: keep ``x`` for backward instead of ``h``."""
+        self._check_dim(h)
         flat = h.reshape(-1, self.dim)  # (N, d)
         if self.recompute_stages and source is not None:
             x, base = source
@@ -402,21 +569,36 @@ class BoftAdapter(Adapter):
             out = butterfly_reference(flat, blocks, plan[0], lead_identity)
         return out.reshape(h.shape)
 
+    def _run_composed(self, h: Tensor, blocks: Tensor, keep: Keep, x: Tensor | None = None) -> Tensor:
+        """Composed form: ``blockdiag(blocks) h`` keeping what ``keep`` says. h: (..., d) -> (..., d)."""
+        self._check_dim(h)
+        out = BlockDiagonalFunction.apply(h.reshape(-1, self.dim), blocks, None, None,
+                                          None if x is None else x.detach(), keep)
+        return out.view(h.shape)
+
     def rotate(self, h: Tensor) -> Tensor:
-        """``R h`` along the last dimension. h: (..., d) -> (..., d), h's dtype."""
+        """``R h`` along the last dimension. h: (..., d) -> (..., d), h's dtype; backward keeps ``h``."""
+        if self.form == "composed":
+            return self._run_composed(h, self.composed_blocks().to(h.dtype), Keep("input"))
         return self._run(h, self.cayley_blocks().to(h.dtype), self.plan, lead_identity=True)  # P_1 = I
 
     def rotate_base_output(self, x: Tensor, h: Tensor, base: BaseMatmul) -> Tensor:
-        """``R h`` for ``h = base(x)`` (output side): as ``rotate(h)``, but with
-        ``recompute_base`` backward keeps ``x`` (detached) and recomputes ``h`` instead of keeping it.
+        """``R h`` for ``h = base(x)`` (output side), keeping for backward: composed, the output
+        (``h = Rᵀ y`` is rebuilt there); factored, ``h``; with ``recompute_base``, ``x`` (detached,
+        ``h`` recomputed).
 
         x: (..., d_in), h: (..., d_out) -> (..., d_out), h's dtype.
         """
+        if self.form == "composed":
+            keep = Keep("base", base=base) if self.recompute_base else Keep("output", inverse="transpose")
+            return self._run_composed(h, self.composed_blocks().to(h.dtype), keep, x)
         source = (x, base) if self.recompute_base else None
         return self._run(h, self.cayley_blocks().to(h.dtype), self.plan, lead_identity=True, source=source)
 
     def rotate_transposed(self, h: Tensor) -> Tensor:
         """``Rᵀ h = B_1ᵀ ⋯ B_mᵀ h`` along the last dimension. h: (..., d) -> (..., d)."""
+        if self.form == "composed":
+            return self._run_composed(h, self.composed_blocks().to(h.dtype).transpose(1, 2), Keep("input"))
         blocks = self.cayley_blocks().to(h.dtype).flip(0).transpose(-1, -2)  # factors reversed, blocks transposed
         return self._run(h, blocks, self.plan_transposed, lead_identity=self.n_factors == 1)  # leads with P_m
 
@@ -444,4 +626,5 @@ class BoftAdapter(Adapter):
 
     def extra_repr(self) -> str:
         extra = ", recompute_base=True" if self.recompute_base else ""
-        return f"side={self.side}, d={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}{extra}"
+        return (f"side={self.side}, d={self.dim}, block_size={self.block_size}, n_factors={self.n_factors}, "
+                f"form={self.form}{extra}")

@@ -10,6 +10,19 @@ start point cancelled). ``R = I`` and ``ΔW_LoRA = 0`` at initialization, so the
 output is unchanged for any λ. The two branches are a ``LoraGAAdapter`` and a
 ``BoftAdapter`` (composed, not copied); λ is a persistent buffer (at least float32) moved by
 ``after_optimizer_step`` according to ``hybridpeft.adapters.mixing``.
+
+When the BOFT branch uses its composed form (``R`` block-diagonal with ``c × c`` blocks),
+the whole layer is one block-diagonal map plus the low-rank term,
+
+    y = blockdiag(M) h + u vᵀ,   M_g = λ I + (1 − λ) R_g,   u = A' x,   v = λ s B',
+
+(``A' = [A; A0]``, ``B' = [B, −B0]``), run by ``blockdiag.BlockDiagonalFunction``: one
+batched matmul and one GEMM accumulating into its output, no ``N × d_out`` lerp or λ
+scaling. Backward keeps the output and ``x`` (which the LoRA branch keeps anyway) and
+rebuilds ``h = M⁻¹ (y − u vᵀ)``. ``M`` is normal with eigenvalues ``λ + (1 − λ) e^{iφ}``, so
+``σ_min(M)² = 1 − λ(1 − λ) max|e^{iφ} − 1|² ≥ 1 − λ(1 − λ) max_g ‖R_g − I‖_F²``, and also
+``≥ (2λ − 1)²``; where neither bound reaches ``¼`` (``cond(M) > 2``: a rotation near 180°
+at λ near ½) backward recomputes ``h = W x`` instead (exact, one more base matmul).
 """
 from __future__ import annotations
 
@@ -23,6 +36,7 @@ from torch import Tensor
 from .config import AdapterConfig
 from .mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
+from .blockdiag import BlockDiagonalFunction, Keep, LateFlag
 from .boft import BoftAdapter, BoftConfig
 from .lora_ga import LoraGAAdapter, LoraGAConfig
 
@@ -178,8 +192,28 @@ class HybridAdapter(Adapter):
 
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out), the only base matmul
+        if self.boft.form != "composed":
+            return self._forward_factored(x, h, base)
+        lora, dtype = self.lora, h.dtype
+        a, b = lora.factors(dtype)  # (2r, d_in), (d_out, 2r)
+        u = lora.dropout(x.reshape(-1, self.d_in)) @ a.t()  # (N, 2r)
+        lam = self.mix_lambda  # float32 or wider, no grad
+        r = self.boft.composed_blocks()  # (d_out / c, c, c), float32 or wider
+        m = torch.lerp(r, torch.eye(r.shape[-1], dtype=r.dtype, device=r.device), lam.to(r.dtype))  # λ I + (1 − λ) R
+        v = b * (lam * lora.scaling).to(dtype)  # (d_out, 2r)
+        if self.boft.recompute_base or not torch.is_grad_enabled():
+            keep = Keep("base", base=base)  # (without grad nothing is kept: no guard to compute)
+        else:
+            keep = Keep("output", inverse="solve", base=base, guard=LateFlag(rebuild_is_accurate(r, lam)))
+        y = BlockDiagonalFunction.apply(h.reshape(-1, self.d_out), m.to(dtype), u.to(dtype), v, x.detach(), keep)
+        return y.view(h.shape)
+
+    def _forward_factored(self, x: Tensor, h: Tensor, base: BaseMatmul) -> Tensor:
+        """``lerp(R h, h + lora(x), λ)`` with the butterfly's factored form (large composed blocks)."""
         rh = self.boft.rotate_base_output(x, h, base)  # (..., d_out); keeps h, or x with recompute_base
-        h_lora = self.lora(x, lambda _: h)  # h + lora(x), the add fused into the branch's last GEMM
+        a, b = self.lora.factors(x.dtype)
+        u = self.lora.dropout(x) @ a.t() * self.lora.scaling  # (..., 2r)
+        h_lora = torch.addmm(h.reshape(-1, self.d_out), u.reshape(-1, u.shape[-1]), b.t()).view_as(h)  # h + lora(x)
         # Neither addmm (saves u and B) nor lerp with a grad-free weight (saves only λ) keeps h,
         # so with recompute_base no N × d_out tensor of this module outlives the forward.
         return torch.lerp(rh, h_lora.to(h.dtype), self.mix_lambda.to(h.dtype))  # R h + λ (h + lora − R h)
@@ -211,3 +245,17 @@ class HybridAdapter(Adapter):
 
     def extra_repr(self) -> str:
         return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"
+
+
+@torch.no_grad()
+def rebuild_is_accurate(rotation: Tensor, lam: Tensor) -> Tensor:
+    """Whether ``M = λ I + (1 − λ) R`` has ``σ_min ≥ ½`` by the bounds in the module docstring.
+
+    With ``t = λ(1 − λ)`` and ``D = max_g ‖R_g − I‖_F² = 2c − 2 min_g tr R_g`` (R_g orthogonal),
+    ``σ_min² ≥ max(1 − t D, 1 − 4t) = 1 − t min(D, 4)``, so the rebuild is accepted when
+    ``t min(D, 4) ≤ ¾``. rotation: (g, c, c); returns a 0-dim bool tensor on its device (no host sync).
+    """
+    c = rotation.shape[-1]
+    distance2 = (2 * c - 2 * rotation.diagonal(dim1=-2, dim2=-1).sum(-1).min()).clamp(max=4.0)  # min(D, 4)
+    lam = lam.to(rotation.dtype)
+    return (lam - lam.square()) * distance2 <= 0.75

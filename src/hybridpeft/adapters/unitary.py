@@ -27,6 +27,7 @@ from .. import distributed
 from ..checks import check, is_int, is_number
 from .config import AdapterConfig
 from .base import Adapter, BaseMatmul
+from .blockdiag import BlockDiagonalFunction, Keep
 
 PARAMETERIZATIONS = ("structured", "full")
 RETRACTIONS = ("cayley", "exp")
@@ -283,7 +284,12 @@ def _reflect_twice_from(z: Tensor, basis: Tensor, coeff: Tensor, scale: Tensor) 
     first, second = basis
     c_first = coeff[..., 0] * scale[0]
     c_second = (coeff[..., 1] - c_first * (first.conj() @ second).conj()) * scale[1]  # secondᴴ H(first) z, scaled
-    return z - torch.stack((c_first, c_second), dim=-1) @ basis
+    coeffs = torch.stack((c_first, c_second), dim=-1)  # (..., 2)
+    if z.dim() == 2:  # the subtraction fused into the GEMM: one pass over z less
+        return torch.addmm(z, coeffs, basis, alpha=-1)
+    if z.dim() == 3:
+        return torch.baddbmm(z, coeffs, basis.expand(z.shape[0], 2, -1), alpha=-1)
+    return z - coeffs @ basis
 
 
 def _reflection_backward(pair: Tensor, v: Tensor, v0: Tensor) -> tuple[Tensor, Tensor]:
@@ -302,7 +308,7 @@ def _reflection_backward(pair: Tensor, v: Tensor, v0: Tensor) -> tuple[Tensor, T
 def _phase_backward(pair: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂θ, the pair one factor earlier) for ``z' = z · phase``; pair: (2, M, n)."""
     z_out, g_out = pair[0], pair[1]
-    grad = (g_out * z_out.conj()).imag.sum(0)  # (n,)
+    grad = torch.linalg.vecdot(z_out, g_out, dim=0).imag  # Σ_tokens Im(conj(z') g'), (n,), no M × n product kept
     return grad, pair * phase.conj()
 
 
@@ -328,8 +334,16 @@ class BlockOrthogonal(nn.Module):
         self.reorthonormalizations = 0  # how often drift exceeded the tolerance; for monitoring
 
     def apply(self, h: Tensor) -> Tensor:
-        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype)."""
+        """``U h`` for h: (..., d), returned in ``h``'s dtype (see ``_operands`` for the compute dtype).
+
+        With autograd on, backward keeps only the output and rebuilds ``h = U⁻¹ y`` there
+        (``blockdiag.BlockDiagonalFunction``; ``U⁻¹`` solved per block rather than taken as
+        ``Uᵀ``, because the blocks are orthogonal only up to the drift the optimizer allows).
+        """
         hb, u = self._operands(h)
+        if torch.is_grad_enabled() and (hb.requires_grad or u.requires_grad):
+            y = BlockDiagonalFunction.apply(hb.reshape(-1, self.d), u, None, None, None, Keep("output", inverse="solve"))
+            return y.view(h.shape).to(h.dtype)
         y = torch.einsum("...kj,kij->...ki", hb, u)  # (..., k, c)
         return y.reshape(h.shape).to(h.dtype)
 
