@@ -19,6 +19,7 @@ import pytest
 from hybridpeft.bench import (ResultStore, expand_grid, load_bench, parse_bench, read_records, run_bench, run_key,
                               summarize, welch, write_report)
 from hybridpeft.bench.runner import check_result
+from hybridpeft.bench.spec import expand_search
 from hybridpeft.bench.store import finished
 from hybridpeft.bench.tables import build_cells, main_tables
 
@@ -27,7 +28,9 @@ TESTS = Path(__file__).resolve().parent
 
 # Per-method accuracy by seed: hybrid is clearly above lora, boft is not.
 _ACC = {"lora": [0.80, 0.81, 0.79], "boft": [0.805, 0.795, 0.81], "hybrid": [0.90, 0.91, 0.89],
+        "lora_ga": [0.85, 0.86, 0.84], "unitary": [0.60, 0.62, 0.61],
         "hybrid-fixed-0.5": [0.84, 0.86, 0.85], "dora": [0.95, 0.96, 0.94], "hybrid@2e-3": [0.70, 0.71, 0.69], "hybrid-anneal": [0.87, 0.88, 0.86], "full": [0.92, 0.93, 0.91]}
+_BEST_LR = {"lora": 1e-3, "hybrid": 1e-2, "full": 1e-5}
 _LAYERS = ["model.layers.0.q_proj", "model.layers.0.v_proj", "model.layers.1.q_proj", "model.layers.1.v_proj"]
 
 
@@ -53,7 +56,8 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
             time.sleep(0.05)
         (run_dir / "env.json").write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"), "start": start,
                                                        "saw_peer": bool(peers()), "end": time.time()}))
-    acc = _ACC[run["method"]][run["seed"] % 3]
+    method = run["method"].split("@")[0]  # lr-search runs are labelled <method>@<lr>
+    acc = _ACC[method][run["seed"] % 3]
     steps = list(range(1, 21))
     scale = 1.0 + 0.1 * len(run["method"])
     curves = {"train": [{"step": s, "loss": 2.0 / s, "grad_norm": scale * 5.0 / math.sqrt(s)} for s in steps],
@@ -62,7 +66,9 @@ def synthetic_job(config: dict, run_dir: Path) -> dict:
     if config["adapter"]["method"] == "hybrid":
         lam = {"layers": _LAYERS, "steps": steps,
                "values": [[0.5 + 0.02 * i * (k % 2 * 2 - 1) for i in range(len(_LAYERS))] for k in steps]}
-    metrics = {"accuracy": acc, "val_loss": 1.0 - acc}
+    metrics = {"accuracy": acc, "val_loss": 1.0 - acc,
+               # lowest at the method's best lr (_BEST_LR), so an lr search has a known answer
+               "heldout_loss": 0.5 + abs(math.log10(config["train"]["lr"] / _BEST_LR.get(method, 1e-3))) + 0.01 * run["seed"]}
     if config.get("nan_metric"):
         metrics[config["nan_metric"]] = float("nan")
     if "majority" in config:
@@ -260,7 +266,7 @@ def test_every_shipped_preset_parses_and_validates():
     benches = [load_bench(p) for p in presets if "grid:" in p.read_text()]
     assert {b.name for b in benches} >= {"quick", "paper-small", "paper"}
     for bench in benches:
-        runs = expand_grid(bench)
+        runs = expand_grid(bench) + expand_search(bench)  # an lr-searched cell has only search runs until selected
         assert runs, bench.name
         validate_runs(load_job(bench.job), runs)
 
@@ -354,12 +360,42 @@ def test_claims_below_the_majority_class_are_not_evidence(tmp_path):
 
     said = claims(cells)
     rte = next(c for c in said if c.startswith("tiny/rte-cls — Hybrid beats lora"))
-    assert rte.startswith("tiny/rte-cls — Hybrid beats lora: not evidence: hybrid's mean does not clear the "
+    assert rte.startswith("tiny/rte-cls — Hybrid beats lora: not evidence: neither hybrid's mean nor lora's clears the "
                           "majority-class baseline (95.00%)"), rte
     sst = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora"))
     assert "Hybrid beats lora: supported" in sst  # 90 % against a 50 % floor stands
     table = next(t for t in main_tables(cells) if t.title.startswith("rte-cls"))
     assert table.rows[-1][:3] == ["majority class (constant prediction)", "—", "95.00"]
+
+
+def test_every_claim_applies_the_floor_and_the_baseline_order_gets_a_verdict(tmp_path):
+    """The floor used to guard only claims about the Hybrid, and only its side; LoRA-GA > BOFT > LoRA
+    and the unitary adapter's deficit got no verdict at all."""
+    from hybridpeft.bench.report import claims
+
+    data = _bench(tmp_path, methods=["lora", "lora_ga", "boft", "unitary", "hybrid", "full"])
+    data["grid"] = [{"model": "tiny", "tasks": ["sst2-cls", "rte-cls", "xnli-cls"]}]
+    data["overrides"] = [{"where": {"task": "sst2-cls"}, "set": {"majority": 0.5}},
+                         {"where": {"task": "rte-cls"}, "set": {"majority": 0.83}},   # lora_ga above; boft, lora below
+                         {"where": {"task": "xnli-cls"}, "set": {"majority": 0.905}}]  # hybrid below; full above
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    said = claims(build_cells(finished(read_records(bench.output_dir))))
+
+    def claim(where: str, what: str) -> str:
+        return next(c for c in said if c.startswith(f"tiny/{where} — {what}:"))
+
+    order = "LoRA-GA > BOFT > LoRA (the paper's baseline order, Table I)"
+    assert claim("sst2-cls", order).split(": ", 1)[1].startswith("same direction, not significant (lora_ga vs boft: supported")
+    rte_order = claim("rte-cls", order)
+    assert ": not evidence (lora_ga vs boft: supported" in rte_order and "boft's mean does not clear" in rte_order
+    assert "boft vs lora: not evidence — neither boft's mean nor lora's clears the majority-class baseline (83.00%)" in rte_order
+    urnn = "the unitary (uRNN) adapter trails LoRA (Table I, GLUE)"
+    assert claim("sst2-cls", urnn).split(": ", 1)[1].startswith("supported (Δ = +19.00 percentage points")
+    assert claim("rte-cls", urnn).split(": ", 1)[1].startswith("not evidence: neither lora's mean nor unitary's")
+    assert claim("xnli-cls", "Hybrid beats full").split(": ", 1)[1].startswith(
+        "not supported: hybrid's mean does not clear the majority-class baseline (90.50%) while full's does")
+    assert claim("xnli-cls", "Hybrid beats lora").split(": ", 1)[1].startswith("not evidence: neither")
 
 
 def test_a_second_adaptive_hybrid_row_is_not_taken_for_a_lambda_variant(tmp_path):
@@ -435,7 +471,7 @@ def test_report_names_a_nan_metric_and_skipped_lines_and_goes_on(tmp_path, capsy
     assert f"| {good[('hybrid', 2)]['key']} | metric failed | 1 | val_loss = nan; left out of that metric's mean |" in md
     assert "| lora | 80.00 / 81.00 / — | 80.50 ± 0.71 |" in md  # the other seeds still count
     assert "| hybrid | 90.00 / 91.00 / 89.00 | 90.00 ± 1.00† |" in md  # its primary metric is fine ...
-    assert "| tiny | sst2-cls | hybrid | 3 | 0.9000 | 0.0950 |" in md  # ... and val_loss is the mean of seeds 0 and 1
+    assert "| tiny | sst2-cls | hybrid | 3 | 0.9000 | 1.5100 | 0.0950 |" in md  # ... and val_loss is the mean of seeds 0 and 1
     assert "## Skipped lines of the results file" in md
     assert f"`results.jsonl` line {lines - 2}: a JSON list, not a record object" in md
     assert f"`results.jsonl` line {lines - 1}: finished record" in md and "['seed']" in md
@@ -535,6 +571,203 @@ def test_one_seed_verdicts_say_untested(tmp_path):
     beats_lora = next(c for c in said if c.startswith("tiny/sst2-cls — Hybrid beats lora:"))
     assert "same direction, untested (a t-test needs two or more seeds per side)" in beats_lora
     assert "p = n/a, n = 1 vs 1" in beats_lora
+
+
+def test_speed_verdicts_are_withheld_when_the_footprint_is_not_comparable(tmp_path):
+    """paper-small-2e-3's report printed speed verdicts from timings its own notes called unusable."""
+    from hybridpeft.bench.report import claims
+    from hybridpeft.bench.runner import comparability
+    from hybridpeft.bench.tables import footprint_table
+
+    data = _bench(tmp_path, seeds=[0, 1], methods=["lora", "hybrid", "full"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}])
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    records = finished(read_records(bench.output_dir))
+    assert all(isinstance(r["footprint"]["comparable"], bool) and "load_avg_1m_mean" in r["footprint"] for r in records)
+    for r in records:  # whatever this machine's load was, these are comparable for the first half of the test
+        r["footprint"].update(comparable=True)
+    speed = [c for c in claims(build_cells(records)) if "faster per step than full FT" in c or "half the peak memory" in c
+             or "overhead over lora is small" in c]
+    assert len(speed) == 3 and not any("withheld" in c for c in speed)
+    full = next(r for r in records if r["method"] == "full")
+    full["footprint"].update(comparable=False, not_comparable_reason="a test said so")
+    withheld = [c for c in claims(build_cells(records)) if "withheld" in c]
+    assert len(withheld) == 2 and not any("overhead over lora" in c for c in withheld)  # LoRA vs Hybrid still stands
+    next(r for r in records if r["method"] == "hybrid")["footprint"].update(comparable=False, not_comparable_reason="a test said so")
+    cells = build_cells(records)
+    withheld = [c for c in claims(cells) if "withheld" in c]
+    assert len(withheld) == 3 and all("withheld: the footprint data is marked not comparable (a test said so)." in c for c in withheld)
+    assert "**Not comparable:** a test said so (2 of 6 runs)" in footprint_table(cells).note
+
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_not_comparable": "found out later"}))
+    write_report(bench.output_dir, tmp_path / "annotated")
+    md = (tmp_path / "annotated" / "report.md").read_text()
+    assert md.count("withheld: the footprint data is marked not comparable (found out later).") == 3
+    assert "**Not comparable:** found out later (6 of 6 runs)" in md
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_comparable": False}))
+    with pytest.raises(ValueError, match="keys among"):
+        write_report(bench.output_dir, tmp_path / "bad")
+
+    quiet, reason = comparability(bench, 1.2, 2)
+    busy, why = comparability(bench, 3.1, 2)
+    assert quiet and reason is None and not busy and why == "the machine's load average was 3.1 on 2 cores during the run"
+    shared = parse_bench({**data, "footprint_comparable": False, "output": str(tmp_path / "shared")})
+    run_bench(shared, progress=False)
+    assert all(r["footprint"]["comparable"] is False and "footprint_comparable: false" in r["footprint"]["not_comparable_reason"]
+               for r in finished(read_records(shared.output_dir)))
+
+
+def test_lr_search_selects_on_heldout_loss_then_runs_every_seed_at_the_choice(tmp_path):
+    from hybridpeft.bench.selection import select_lrs
+    from hybridpeft.bench.spec import expand_search
+
+    data = _bench(tmp_path, methods=["lora", "hybrid", {"name": "full", "train": {"lr": 1e-5}},
+                                     {"name": "hybrid-fixed-0.5", "method": "hybrid", "role": "ablation",
+                                      "adapter": {"schedule": "fixed", "lam_fixed": 0.5}}],
+                  lr_search={"candidates": {"default": [1e-4, 1e-3, 1e-2], "full": [1e-5, 1e-4]}, "seeds": [0]})
+    bench = parse_bench(data)
+    search = expand_search(bench)
+    assert len(search) == 2 * (3 + 3 + 2) and {r.role for r in search} == {"lr-search"}
+    assert sorted({r.method for r in search if r.task == "sst2-cls"}) == [
+        "full@1e-4", "full@1e-5", "hybrid@1e-2", "hybrid@1e-3", "hybrid@1e-4", "lora@1e-2", "lora@1e-3", "lora@1e-4"]
+    assert {r.method for r in expand_grid(bench)} == {"hybrid-fixed-0.5"}  # searched cells wait for their selection
+    out = run_bench(bench, progress=False)
+    assert out.total == 16 + 24 and len(out.reused) == 6 and len(out.ok) == 34 and not out.failed and not out.waiting
+    records = finished(read_records(bench.output_dir))
+    final = {(r["task"], r["method"], r["seed"]): r for r in records if r["role"] != "lr-search"}
+    assert {m: final[("sst2-cls", m, 1)]["config"]["train"]["lr"] for m in ("lora", "hybrid", "full", "hybrid-fixed-0.5")} == \
+        {"lora": 1e-3, "hybrid": 1e-2, "full": 1e-5, "hybrid-fixed-0.5": 1e-3}  # the ablation row keeps its configured lr
+    chosen = final[("rte-cls", "hybrid", 2)]["lr_selected"]
+    assert chosen["lr"] == 1e-2 and chosen["metric"] == "heldout_loss" and chosen["scores"]["0.01"] == pytest.approx(0.5)
+    reused = final[("sst2-cls", "lora", 0)]
+    assert reused["reused_from"].startswith("tiny/sst2-cls/lora@1e-3/seed0#") and reused["key"].startswith("tiny/sst2-cls/lora/seed0#")
+    calls = sum(len(f.read_text().splitlines()) for f in (bench.output_dir / "runs").glob("*/calls"))
+    assert calls == 34  # the 6 reused runs were not trained again
+    again = run_bench(bench, progress=False)
+    assert again.total == 40 and again.skipped == 40 and not again.ok
+    selected, waiting = select_lrs(bench, ResultStore(bench.output_dir).states())
+    assert not waiting and selected[("tiny", "sst2-cls", "full")]["lr"] == 1e-5
+
+    elsewhere = dict(data, output=str(tmp_path / "elsewhere"), seeds=[0, 1],
+                     reuse_from=[str(bench.output_dir / "results.jsonl")])
+    (bench.output_dir / "annotations.json").write_text(json.dumps({"footprint_not_comparable": "busy then"}))
+    out = run_bench(parse_bench(elsewhere), progress=False)
+    assert out.total == 16 + 16 and len(out.reused) == 32 and not out.ok  # nothing trained: every run has a twin
+    copied = finished(read_records(tmp_path / "elsewhere"))
+    own = {r["key"] for r in copied}
+    assert all(r["reused_from"].startswith(str(bench.output_dir / "results.jsonl") + ":tiny/") or r["reused_from"] in own
+               for r in copied)  # a final seed-0 run may reuse this store's own copy of its search run
+    assert sum(r["reused_from"].startswith(str(bench.output_dir)) for r in copied) >= 16 + 8
+    assert all(r["footprint"]["comparable"] is False and r["footprint"]["not_comparable_reason"] == "busy then"
+               for r in copied)  # a footprint marked in the source store stays marked in the copy
+    assert {r["seed"] for r in copied} == {0, 1} and sum(len(f.read_text().splitlines())
+                                                       for f in (bench.output_dir / "runs").glob("*/calls")) == 34
+    with pytest.raises(FileNotFoundError, match="reuse_from entry"):
+        run_bench(parse_bench(dict(elsewhere, reuse_from=["nowhere.jsonl"])), progress=False)
+    # A relative entry resolves against the benchmark file's directory and is recorded as written:
+    # a committed store must not carry this machine's absolute paths.
+    relative = dict(elsewhere, output=str(tmp_path / "relative"), reuse_from=[f"{bench.output_dir.name}/results.jsonl"])
+    run_bench(parse_bench(relative, base_dir=bench.output_dir.parent), progress=False)
+    sources = {r["reused_from"].split(":")[0] for r in finished(read_records(tmp_path / "relative"))
+               if ":" in r["reused_from"]}
+    assert sources == {f"{bench.output_dir.name}/results.jsonl"}
+
+    broken = dict(data, output=str(tmp_path / "broken"), max_attempts=1,
+                  overrides=[{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"fail": {"always": True}}}])
+    out = run_bench(parse_bench(broken), progress=False)
+    assert out.waiting and out.waiting[0].startswith("tiny/rte-cls/hybrid (lr search unfinished: tiny/rte-cls/hybrid@1e-4/seed0")
+    assert len(out.failed) == 3  # the three search runs; no final run of that cell was started
+
+
+def _record(model, task, method, seed, metrics, primary="accuracy", before=None, **extra):
+    return {"key": f"{model}/{task}/{method}/seed{seed}#x", "status": "ok", "model": model, "task": task, "method": method,
+            "adapter_method": extra.pop("adapter_method", method), "seed": seed, "role": extra.pop("role", "main"),
+            "metrics": metrics, "primary_metric": primary, "before": before, "footprint": {},
+            "config": extra.pop("config", {}), **extra}
+
+
+def test_multilingual_layouts_say_no_data_and_average_the_directions():
+    """Tables III/V: per-language accuracy with the macro only when every asked language has data;
+    BLEU per direction with the per-seed average, which also gets claim verdicts."""
+    from hybridpeft.bench.layouts import direction_average_cells, direction_tables, language_tables
+    from hybridpeft.bench.report import claims
+
+    xnli = {"data": {"task_args": {"languages": ["en", "zh", "hi"]}}}
+    skipped = {"skipped_languages": {"zh": "no file, no hub", "hi": "no file, no hub"}}
+    records = []
+    for seed in (0, 1, 2):
+        for method, acc, es, zh in (("lora", 0.50, 20.0, 10.0), ("hybrid", 0.60, 24.0, 13.0)):
+            records.append(_record("m", "xnli", method, seed, {"accuracy": acc + 0.01 * seed, "accuracy_en": acc + 0.01 * seed,
+                                                               "majority_class_accuracy": 0.34}, config=xnli,
+                                   before={"accuracy": 0.40, "accuracy_en": 0.40}, data=skipped))
+            records.append(_record("m", "translate-en-es", method, seed, {"bleu": es + seed}, "bleu", before={"bleu": 5.0}))
+            records.append(_record("m", "translate-en-zh", method, seed, {"bleu": zh + 0.5 * seed}, "bleu", before={"bleu": 3.0}))
+    cells = build_cells(records)
+    (langs,) = language_tables(cells)
+    assert langs.header == ["Method", "English (en)", "Chinese (zh)", "Hindi (hi)", "Macro"]
+    assert langs.rows[0] == ["lora", "51.00 ± 1.00", "no data", "no data", "no data"]
+    assert langs.rows[-1] == ["base model, before training", "40.00 ± 0.00", "no data", "no data", "no data"]
+    assert "No data for Chinese, Hindi" in langs.note
+    (dirs,) = direction_tables(cells)
+    assert dirs.header == ["Method", "en→es", "en→zh", "Average"]
+    assert dirs.rows[1] == ["hybrid", "25.00 ± 1.00", "13.50 ± 0.50", "19.25 ± 0.75"]
+    assert dirs.rows[-1] == ["base model, before training", "5.00 ± 0.00", "3.00 ± 0.00", "4.00 ± 0.00"]
+    averaged = direction_average_cells(cells)
+    assert [r["metrics"]["bleu"] for r in averaged[("m", "translation (mean over en→es, en→zh)", "hybrid")].records] == [18.5, 19.25, 20.0]
+    said = claims({**cells, **averaged})
+    assert any(c.startswith("m/translation (mean over en→es, en→zh) — Hybrid beats lora: supported (Δ = +3.50 bleu") for c in said)
+    assert any(c.startswith("m/xnli (en only: no data for hi, zh) — Hybrid beats lora: supported") for c in said)
+    full_macro = build_cells([_record("m", "xnli", "lora", s, {"accuracy": 0.5, "accuracy_en": 0.6, "accuracy_zh": 0.4},
+                                      config={"data": {"task_args": {"languages": "en,zh"}}}) for s in (0, 1)])
+    assert language_tables(full_macro)[0].rows[0] == ["lora", "60.00 ± 0.00", "40.00 ± 0.00", "50.00 ± 0.00"]
+
+
+def test_clipping_lambda_and_lr_selection_tables():
+    from hybridpeft.bench.diagnostics import clipping_table, lambda_table, lr_selection_table
+
+    curves = lambda norms: {"train": [{"step": i + 1, "grad_norm": n} for i, n in enumerate(norms)], "eval": []}  # noqa: E731
+    hist = {"layers": ["m.layers.0.q", "m.layers.0.v", "m.layers.1.q", "m.layers.1.v"], "steps": [1, 2],
+            "values": [[0.5, 0.5, 0.5, 0.5], [0.40, 0.80, 0.46, 0.70]]}
+    records = [
+        _record("m", "t", "lora", 0, {"accuracy": 0.8}, curves=curves([0.5, 2.0, 3.0, 0.9]), config={"train": {"max_grad_norm": 1.0}}),
+        _record("m", "t", "lora", 1, {"accuracy": 0.8}, curves=curves([0.5, 0.5, 3.0, 0.9]), config={"train": {"max_grad_norm": 1.0}}),
+        _record("m", "t", "hybrid", 0, {"accuracy": 0.8}, curves=curves([5.0, 6.0]), lambda_history=hist,
+                config={"train": {"max_grad_norm": None}}),
+    ]
+    cells = build_cells(records)
+    clip = clipping_table(cells)
+    assert clip.rows[0] == ["m", "t", "lora", "1.00", "38 (25–50)", "0.90"]
+    assert clip.rows[1][3:5] == ["none", "0"]
+    lam = lambda_table(cells)
+    assert [r[3:6] for r in lam.rows] == [["q", "0.40–0.46", "0.43"], ["v", "0.70–0.80", "0.75"]]
+    assert lr_selection_table(cells) is None
+    search = [_record("m", "t", f"lora@{lr}", 0, {"accuracy": acc, "heldout_loss": loss}, role="lr-search", adapter_method="lora",
+                      lr_search={"method": "lora", "lr": float(lr), "metric": "heldout_loss", "candidates": [1e-3, 2e-3], "seeds": [0]})
+              for lr, acc, loss in (("1e-3", 0.70, 0.60), ("2e-3", 0.80, 0.50))]
+    final = [dict(r, lr_selected={"lr": 2e-3, "metric": "heldout_loss", "scores": {}}) for r in records[:2]]
+    table = lr_selection_table(build_cells(search + final))
+    assert table.rows == [["m", "t", "lora", "1e-3: 0.600 (70.0) · **2e-3**: 0.500 (80.0)", "2e-3"]]
+
+
+def test_a_run_finished_by_another_invocation_meanwhile_is_not_run_again(tmp_path):
+    """Two `hybridpeft bench` processes on one store (e.g. a second one started for one seed) must
+    not train the same run twice: each checks the store again right before a run starts."""
+    bench = parse_bench(_bench(tmp_path, seeds=[0, 1], methods=["lora"], grid=[{"model": "tiny", "tasks": ["sst2-cls"]}]))
+    runs = expand_grid(bench)
+    called = []
+
+    def job(config, run_dir):
+        called.append(config["run"]["seed"])
+        result = synthetic_job(config, run_dir)
+        if config["run"]["seed"] == 0:  # meanwhile, "another process" finishes seed 1
+            other = runs[1]
+            ResultStore(bench.output_dir).append({"key": other.key, "status": "ok", "model": "tiny", "task": "sst2-cls",
+                                                  "method": "lora", "adapter_method": "lora", "seed": 1, "role": "main",
+                                                  "config": other.config, **synthetic_job(other.config, run_dir)})
+        return result
+
+    out = run_bench(bench, job=job, progress=False)
+    assert called == [0] and out.skipped == 1 and len(out.ok) == 1
 
 
 def test_extra_baselines_are_labelled_and_kept_out_of_the_papers_claims(tmp_path):

@@ -105,11 +105,21 @@ def test_merge_output_loads_with_plain_transformers_and_matches(method, extra, t
 
 def test_eval_and_info_read_a_trained_adapter(tiny_model, tmp_path, capsys):
     method = "hybrid" if "hybrid" in known_methods() else "lora"
-    result = _trained(tiny_model, tmp_path / "run", method, steps=4)
+    result = _trained(tiny_model, tmp_path / "run", method, steps=4, extra=["eval.after=true", "eval.limit=3"])
     capsys.readouterr()
     assert cli.main(["eval", str(result.adapter_dir), "--limit", "5", "--batch-size", "5"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["task"] == "arith" and scores["n"] == 5 and 0.0 <= scores["exact_match"] <= 1.0
+    out_dir = result.run_dir / "eval-arith-test"  # beside the adapter, in the run dir
+    assert scores["output_dir"] == str(out_dir)
+    assert json.loads((out_dir / "metrics.json").read_text())["exact_match"] == scores["exact_match"]
+    rows = [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5)) and all(r["input"].startswith("Question:") for r in rows)
+    assert all(isinstance(r["output"], str) and r["reference"].startswith(" ") for r in rows)
+    assert cli.main(["eval", str(result.adapter_dir), "--limit", "2", "--out", str(tmp_path / "mine")]) == 0
+    assert len((tmp_path / "mine" / "predictions.jsonl").read_text().splitlines()) == 2
+    kept = (result.run_dir / "predictions_after.jsonl").read_text().splitlines()  # the training run keeps its own
+    assert len(kept) == 3 and json.loads(kept[0])["input"].startswith("Question:")
 
     assert cli.main(["info", str(result.adapter_dir)]) == 0
     out = capsys.readouterr().out

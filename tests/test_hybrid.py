@@ -465,3 +465,66 @@ def test_refused_anneal_group_changes_no_layer():
         hp.after_optimizer_step(model)
     for a, (lam, step) in zip(adapters, before):
         assert torch.equal(a.mix_lambda, lam) and torch.equal(a.mix_step, step)
+
+
+# ---------------------------------------------------------------------------
+# Branch learning rates (the paper's η_LoRA, η_BOFT)
+
+
+def test_branch_learning_rates_move_each_branch_by_its_own_rate():
+    """AdamW's first step moves every entry by lr·m̂/(√v̂+ε) = ±lr (up to ε), so one step shows the
+    rate each tensor got: η_LoRA for A, B; η_BOFT for the Cayley blocks; lr for anything else."""
+    model = hybrid()
+    before = {n: p.detach().clone() for n, p in hp.trainable_parameters(model).items()}
+    opt = hp.build_optimizer(model, lr=1e-3, branch_lr={"lora": 2e-3, "boft": 5e-3})
+    by_branch = {g["branch"]: g["lr"] for g in opt.param_groups}
+    assert by_branch == {"lora": 2e-3, "boft": 5e-3}  # no parameter is left for the default group
+    perturb(model, scale=0.05)  # non-zero B so every tensor gets a gradient
+    moved_from = {n: p.detach().clone() for n, p in hp.trainable_parameters(model).items()}
+    model(**lm_batches(1)[0]).loss.backward()
+    opt.step()
+    steps = {n: (p.detach() - moved_from[n]).abs().max().item() for n, p in hp.trainable_parameters(model).items()}
+    lora = [s for n, s in steps.items() if ".lora." in n]
+    boft = [s for n, s in steps.items() if ".boft." in n]
+    assert lora and boft and len(lora) + len(boft) == len(steps) == len(before)
+    assert all(s == pytest.approx(2e-3, rel=1e-3) for s in lora), lora
+    assert all(s == pytest.approx(5e-3, rel=1e-3) for s in boft), boft
+
+
+def test_branch_learning_rates_default_unchanged_and_errors_named():
+    model = hybrid()
+    plain = hp.build_optimizer(model, lr=1e-3)
+    same = hp.build_optimizer(model, lr=1e-3, branch_lr={"lora": None, "boft": None})
+    for opt in (plain, same):
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 1e-3 and "branch" not in opt.param_groups[0]
+    half = hp.build_optimizer(model, lr=1e-3, branch_lr={"boft": 4e-3})
+    assert sorted((g["branch"], g["lr"]) for g in half.param_groups) == [("boft", 4e-3), ("default", 1e-3)]
+    with pytest.raises(ValueError, match=r"branch_lr=\{'lorra': 0.001\} is invalid: expected branch names among \['boft', 'lora'\]"):
+        hp.build_optimizer(model, lr=1e-3, branch_lr={"lorra": 1e-3})
+    lora_model = hp.inject(tiny_llama(), hp.LoraConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="only the Hybrid has them"):
+        hp.build_optimizer(lora_model, lr=1e-3, branch_lr={"boft": 1e-3})
+    with pytest.raises(ValueError, match=r"branch_lr\['lora'\]=-1"):
+        hp.build_optimizer(model, lr=1e-3, branch_lr={"lora": -1})
+
+
+def test_job_branch_learning_rates_reach_the_optimizer_and_follow_the_schedule():
+    from hybridpeft.train import ConfigError, load_config
+    from hybridpeft.train.setup import build_optimizer, build_scheduler
+
+    job = load_config(data={"adapter": {"method": "hybrid", "target_modules": TARGETS, "lora_r": 2,
+                                        "boft_block_size": 4, "boft_n_factors": 2},
+                            "train": {"lr": 1e-3, "lr_lora": 2e-3, "lr_boft": 8e-3, "warmup_steps": 1,
+                                      "schedule": "constant"}})
+    model = hybrid()
+    opt = build_optimizer(model, job)
+    sched = build_scheduler(opt, job, total_steps=10)
+    lrs = {g["branch"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"lora": pytest.approx(1e-3), "boft": pytest.approx(4e-3)}  # warm-up halves both at step 0
+    opt.step()
+    sched.step()
+    assert {g["branch"]: g["lr"] for g in opt.param_groups} == {"lora": 2e-3, "boft": 8e-3}
+    with pytest.raises(ConfigError, match=r"train.lr_lora=-2.0 is invalid: expected null or a positive number"):
+        load_config(data={"adapter": {"method": "hybrid"}, "train": {"lr_lora": -2.0}})
+    with pytest.raises(ConfigError, match=r"train.lr_boft=0.001 is invalid for adapter.method='lora': expected null"):
+        load_config(data={"adapter": {"method": "lora"}, "train": {"lr_boft": 1e-3}})

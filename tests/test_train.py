@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,32 @@ def test_hybrid_anneal_schedule_spans_the_run(tiny_model, tmp_path):
     result = train(_job(tiny_model, tmp_path / "run", 4, ["adapter.method=hybrid", "adapter.hybrid.schedule=anneal"]))
     lams = {r["step"]: [v["lambda"] for v in r["mixing"].values()] for r in _steps(result.run_dir)}
     assert lams[2] == pytest.approx([0.5] * 4) and lams[4] == pytest.approx([0.25] * 4)  # 0.75 → 0.25 over 4 steps
+
+
+_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not _DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize("train_split", [None, "dev[:30%]"])
+def test_k_shot_training_set_and_where_its_validation_comes_from(train_split):
+    """With k_shot the job trains on exactly the k-shot sample of its training split, whatever that
+    split is called, and validates on examples of the same split that are not among the shots."""
+    from hybridpeft.train.setup import build_task, describe_splits, load_splits
+
+    data = {"task": "xnli-cls", "task_args": {"k_shot": 32}, "val_limit": 48, "train_split": train_split}
+    job = load_config(data={"data": data, "train": {"seed": 3}})
+    task = build_task(job)
+    train_set, val = load_splits(job, task)
+    assert len(train_set) == 32 and sorted(Counter(ex.label for ex in train_set).values()) == [10, 11, 11]
+    assert len(val) == 48 and not {ex.meta["line"] for ex in val} & {ex.meta["line"] for ex in train_set}
+    pool_lines = {ex.meta["line"] for ex in task.read(train_split or "dev[:50%]", None)}
+    assert {ex.meta["line"] for ex in val} <= pool_lines  # from the training split, never the scored half
+    info = describe_splits(job, task, len(train_set), len(val))
+    split = train_split or "dev[:50%]"
+    assert info["train"] == f"32 examples: k_shot=32 per language of split {split!r}"
+    assert info["validation"] == f"48 examples from the rest of split {split!r} (disjoint from the k-shot examples)"
+    with pytest.raises(ConfigError, match=r"data.train_limit=100 is invalid with data.task_args.k_shot=32"):
+        load_config(data={"data": {**data, "train_limit": 100}})
+    too_many = load_config(data={"data": {**data, "val_limit": 5000}})
+    with pytest.raises(ValueError, match="data.val_limit=5000 is invalid: only"):
+        load_splits(too_many, build_task(too_many))

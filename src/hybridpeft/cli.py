@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_ABORTED = 1, 2, 3
@@ -138,6 +139,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--data-dir", help="local data files for tasks that read them")
     p.add_argument("--seed", type=int, default=0, help="seed for tasks that subsample or generate")
+    p.add_argument("--out", help="directory for metrics.json and predictions.jsonl (per example: input, output, "
+                                 "reference, score); default: eval-<task>-<split> in the run dir, or here with --base")
     _unsafe_exec_argument(p)
     _quantization_argument(p)
 
@@ -181,8 +184,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     task_args = _key_values(args.task_arg, "--task-arg") if args.task_arg else None
     result = evaluate_adapter(None if args.base else args.adapter, model=args.model, task=args.task, split=args.split,
                               limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir, seed=args.seed,
-                              task_args=task_args, quantization=args.quantization)
+                              task_args=task_args, quantization=args.quantization, out_dir=args.out or "auto")
     print(json.dumps(result, indent=2))
+    print(f"hybridpeft: per-example predictions in {Path(result['output_dir']) / 'predictions.jsonl'}", file=sys.stderr)
     return 0
 
 

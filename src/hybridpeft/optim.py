@@ -15,7 +15,7 @@ which ascends the loss.)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -209,6 +209,7 @@ def build_optimizer(
     riemannian: str = "adam",
     momentum: float = 0.0,
     retraction: str | None = None,
+    branch_lr: Mapping[str, float | None] | None = None,
 ) -> Optimizer:
     """AdamW for the trainable tensors, a Riemannian optimizer for adapters' manifold tensors.
 
@@ -228,15 +229,23 @@ def build_optimizer(
             the paper's Algorithm 1).
         momentum: ``RiemannianSGD`` momentum.
         retraction: ``"cayley"``/``"exp"`` for every manifold tensor, or ``None``.
+        branch_lr: a learning rate per adapter branch (``adapter.branch_parameters()``),
+            e.g. ``{"lora": 1e-3, "boft": 5e-3}`` for the Hybrid's η_LoRA and η_BOFT;
+            each named branch becomes its own AdamW parameter group. ``None`` values
+            and branches not named keep ``lr``.
 
     Returns:
         plain ``AdamW`` if there are no manifold tensors, else a ``CombinedOptimizer``.
 
     Raises:
-        ValueError: nothing trains, or an argument is invalid (named).
+        ValueError: nothing trains, a ``branch_lr`` name is no branch of the model's
+            adapters, or an argument is invalid (named).
     """
     check(riemannian in ("adam", "sgd"), "riemannian", riemannian, "'adam' or 'sgd'")
     check(retraction is None or retraction in RETRACTIONS, "retraction", retraction, "None, 'cayley' or 'exp'")
+    wanted = {name: value for name, value in (branch_lr or {}).items() if value is not None}
+    for name, value in wanted.items():
+        check(isinstance(value, (int, float)) and value > 0, f"branch_lr[{name!r}]", value, "a positive number")
     manifold: dict[str, list[nn.Parameter]] = {}
     seen: set[int] = set()
     for _, layer in adapted_layers(model):
@@ -244,11 +253,27 @@ def build_optimizer(
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 manifold.setdefault(retraction or getattr(layer.adapter, "retraction", "cayley"), []).append(p)
-    euclidean = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    if not euclidean and not manifold:
+    branches: dict[str, list[nn.Parameter]] = {name: [] for name in wanted}
+    found: set[str] = set()
+    for _, layer in adapted_layers(model):
+        for name, params in layer.adapter.branch_parameters().items():
+            found.add(name)
+            if name in branches:
+                branches[name] += [p for p in params if p.requires_grad and id(p) not in seen]
+    unknown = sorted(set(wanted) - found)
+    check(not unknown, "branch_lr", dict(branch_lr or {}),
+          f"branch names among {sorted(found)} (the model's adapters have no branch {unknown})" if found
+          else "None: the model's adapters have no separately tunable branches (only the Hybrid has them)")
+    in_branch = {id(p) for params in branches.values() for p in params}
+    euclidean = [p for p in model.parameters() if p.requires_grad and id(p) not in seen and id(p) not in in_branch]
+    if not euclidean and not manifold and not in_branch:
         raise ValueError("model has no trainable parameters")
     optimizers: list[Optimizer] = []
-    if euclidean:
+    if in_branch:  # one AdamW, a parameter group per named branch (schedulers scale each group's lr)
+        groups = [{"params": euclidean, "lr": lr, "branch": "default"}] if euclidean else []
+        groups += [{"params": params, "lr": wanted[name], "branch": name} for name, params in branches.items() if params]
+        optimizers.append(AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    elif euclidean:
         optimizers.append(AdamW(euclidean, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
     if manifold:
         groups = [{"params": ps, "retraction": r} for r, ps in manifold.items()]

@@ -284,3 +284,39 @@ def test_task_k_shot_option_applies_to_train_only():
     assert len(task.load("dev", data_dir=str(DATA))) == 872
     xnli = get_task("xnli", k_shot=32)
     assert len(xnli.few_shot(xnli.load("dev", data_dir=str(DATA)), 32, seed=0)) == 32
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["xnli", "xnli-cls", "rte-cls"])
+def test_k_shot_holds_for_a_training_split_not_named_train(name):
+    """XNLI and RTE train on ``dev[:50%]``: k_shot used to apply to ``train…`` names only, so
+    ``get_task("xnli-cls", k_shot=32)`` silently trained on 1,245 examples."""
+    task = get_task(name, k_shot=8)
+    shots = task.load(task.train_split, data_dir=str(DATA), seed=1)
+    per_group = Counter(ex.meta.get("language") if name.startswith("xnli") else ex.label for ex in shots)
+    assert per_group == ({"en": 8} if name.startswith("xnli") else {0: 8, 1: 8})
+    assert len(task.load(task.eval_split, data_dir=str(DATA))) > 100  # the scored split is untouched
+    shots2, rest = task.few_shot_split("dev[:30%]", str(DATA), seed=1)  # any split a job trains on
+    assert len(shots2) == len(shots) and len(rest) == len(task.read("dev[:30%]", str(DATA))) - len(shots2)
+    assert not {id(ex) for ex in shots2} & {id(ex) for ex in rest}
+
+
+@needs_data
+def test_missing_xnli_languages_are_skipped_only_when_asked(monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(classification, "load_hub_rows", no_hub)
+    with pytest.raises(DataFormatError, match="dev-zh.csv"):
+        get_task("xnli", languages="en,zh").load("dev", data_dir=str(DATA))
+    task = get_task("xnli", languages="en,zh,hi", missing_languages="skip", k_shot=32)
+    with pytest.warns(UserWarning, match="'zh' has no data"):
+        shots = task.load(task.train_split, data_dir=str(DATA))
+    assert Counter(ex.meta["language"] for ex in shots) == {"en": 32}
+    assert set(task.skipped_languages) == {"zh", "hi"} and "ConnectionError" in task.skipped_languages["zh"]
+    monkeypatch.setattr(classification, "load_hub_rows",
+                        lambda p, n, s, m=None: [{"premise": f"{n} p", "hypothesis": "h", "label": i % 3} for i in range(90)])
+    hub = get_task("xnli", languages="en,zh", missing_languages="skip", k_shot=4)
+    assert Counter(ex.meta["language"] for ex in hub.load("dev[:50%]", data_dir=str(DATA))) == {"en": 4, "zh": 4}
+    with pytest.raises(ValueError, match="missing_languages"):
+        get_task("xnli", missing_languages="ignore")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from hybridpeft.tasks import Example, get_task
-from hybridpeft.tasks.lm import generate, label_log_likelihoods, validation_loss
+from hybridpeft.tasks.lm import generate, label_log_likelihoods, truncate_at, validation_loss
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -130,6 +130,72 @@ def test_left_padded_batches_generate_what_single_prompts_do(tiny_lm, tokenizer)
     assert any(batched)  # a random model still emits text
 
 
+class _GenerationSpy:
+    """Counts the new tokens of each ``model.generate`` call and, while active, makes the model
+    emit a newline after every token whose id is divisible by 3 (so generations have lines)."""
+
+    def __init__(self, model, newline_id):
+        self.model, self.newline_id, self.new_tokens = model, newline_id, []
+
+    def __enter__(self):
+        original = self.model.generate
+
+        def counting(**kwargs):
+            out = original(**kwargs)
+            self.new_tokens.append(out.shape[1] - kwargs["input_ids"].shape[1])
+            return out
+
+        def newline_bias(module, args, kwargs, output):
+            last = kwargs["input_ids"][:, -1:]  # (B, 1): the token just emitted
+            output.logits[:, -1:, self.newline_id] += 50.0 * (last % 3 == 0)
+            return output
+
+        self.model.generate = counting
+        self.hook = self.model.register_forward_hook(newline_bias, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate
+        self.hook.remove()
+
+
+def test_rows_stop_generating_at_their_stop_string_and_outputs_do_not_change(tiny_lm, tokenizer):
+    """Stop strings used to be applied after generating max_new_tokens for every row; now a row
+    stops as soon as its cut cannot change, and what callers get is exactly what they got before."""
+    from hybridpeft.tasks.lm import first_line_complete
+    from hybridpeft.tasks.translation import clean_translation
+
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1
+    prompts = ["Hello", "Translate this long English sentence into Spanish please:", "2 + 2 =", "Once upon a time"]
+    with _GenerationSpy(tiny_lm, newline[0]) as spy:
+        full = generate(tiny_lm, tokenizer, prompts, max_new_tokens=24, batch_size=4, progress=False)
+        assert spy.new_tokens == [24] and sum("\n" in t for t in full) >= 3  # the bias makes lines
+        stopped = generate(tiny_lm, tokenizer, prompts, max_new_tokens=24, batch_size=4, stop=("\n",), progress=False)
+        assert stopped == [truncate_at(t, ("\n",)) for t in full]
+        lined = generate(tiny_lm, tokenizer, prompts, max_new_tokens=24, batch_size=4, until=first_line_complete,
+                         progress=False)
+        assert [clean_translation(t, "Spanish") for t in lined] == [clean_translation(t, "Spanish") for t in full]
+        assert spy.new_tokens[1] < 24 or not all("\n" in t for t in full)
+        spy.new_tokens.clear()
+        one_by_one = [generate(tiny_lm, tokenizer, [p], max_new_tokens=24, batch_size=1, stop=("\n",), progress=False)[0]
+                      for p in prompts]
+        assert one_by_one == stopped
+        for text, n_new in zip(full, spy.new_tokens):  # a row that meets its stop string ends there
+            assert n_new < 24 if "\n" in text else n_new == 24
+
+
+def test_stop_is_final_waits_for_a_longer_stop_that_could_start_earlier():
+    from hybridpeft.tasks.lm import first_line_complete, stop_is_final
+
+    assert not stop_is_final("abc", ("\n",)) and stop_is_final("ab\nc", ("\n",))
+    stops = ("XY", "bcdefg")  # "bcdefg" could still begin at index 1 when "XY" is first seen at 3
+    assert not stop_is_final("abcXY", stops) and stop_is_final("abcXYzzzz", stops)
+    assert truncate_at("abcdefgXY", stops) == "a"
+    assert not first_line_complete("\n\n  Hola") and first_line_complete("\n Hola.\nEnglish")
+    assert first_line_complete("Hola.\r") and not first_line_complete("")
+
+
 def test_validation_loss_is_token_weighted_mean(tiny_lm, tokenizer):
     task = get_task("translate-en-es", use_chat_template=False)
     examples = [Example(prompt="English: Hi.\nSpanish:", target="Hola."),
@@ -214,6 +280,17 @@ def test_causal_task_evaluates(tiny_lm, tokenizer, name, split, kwargs, metric):
     assert len(task.last_outputs) == 2 * kwargs.get("n_samples", 1)
     if name == "humaneval":
         assert "pass@10" not in result  # k above n_samples is left out
+    records = task.predictions(examples)  # what `hybridpeft eval` writes to predictions.jsonl
+    assert len(records) == 2 * kwargs.get("n_samples", 1) and [r["index"] for r in records] == list(range(len(records)))
+    assert all({"input", "output"} <= set(r) for r in records)
+    score_key = {"sst2": "correct", "rte": "correct", "xnli": "correct", "gsm8k": "correct",
+                 "translate-en-zh": "bleu", "translate-en-es": "chrf", "humaneval": "passed"}[name]
+    assert all(score_key in r for r in records)
+    if name.startswith("translate"):
+        assert all(r["reference"] == ex.target and r["input"] == ex.meta["source"] for r, ex in zip(records, examples))
+    if name in ("sst2", "rte", "xnli"):
+        assert all(r["correct"] == (r["output"] == r["reference"]) and set(r["label_log_likelihoods"]) == set(task.spec.words)
+                   for r in records)
 
 
 class FixedHead(nn.Module):
@@ -240,6 +317,9 @@ def test_sequence_classification_evaluate():
     model = FixedHead([0.0, 1.0])
     result = task.evaluate(model, tok, examples, batch_size=2)
     assert result["accuracy"] == pytest.approx(0.6)
+    records = task.predictions(examples)
+    assert [r["output"] for r in records] == ["no"] * 5 and [r["correct"] for r in records] == [False, True, True, False, True]
+    assert records[0]["logits"] == {"yes": 0.0, "no": 1.0} and records[0]["text_pair"] == "a hypothesis"
     expected = -(3 * math.log(1 / (1 + math.e ** -1)) + 2 * math.log(1 / (1 + math.e))) / 5
     assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="num_labels=2"):

@@ -107,6 +107,11 @@ class Adapter(nn.Module):
     def manifold_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of named branches that may take their own learning rate (the Hybrid's
+        ``"lora"`` and ``"boft"``: the paper's η_LoRA and η_BOFT); empty for single-branch methods."""
+        return {}
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         return None

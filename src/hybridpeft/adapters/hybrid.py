@@ -193,6 +193,10 @@ class HybridAdapter(Adapter):
     def lora_ga_adapter(self) -> LoraGAAdapter:
         return self.lora
 
+    def branch_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        """The LoRA-GA branch's ``A``, ``B`` and the BOFT branch's ``Q`` blocks (η_LoRA, η_BOFT)."""
+        return {"lora": list(self.lora.parameters()), "boft": list(self.boft.parameters())}
+
     def forward(self, x: Tensor, base: BaseMatmul) -> Tensor:
         h = base(x)  # (..., d_out), the only base matmul
         if self.boft.form != "composed":

@@ -20,14 +20,17 @@ def bench_command(config: str, *, set_: list[str] | None = None, output: str | N
     overrides = list(set_ or []) + ([f"output={output}"] if output else []) + ([f"workers={workers}"] if workers else [])
     bench = load_bench(config, overrides)
     outcome = run_bench(bench, max_attempts=max_attempts, progress=progress)
-    print(f"[bench] {bench.name}: {outcome.total} runs — {outcome.skipped} already done, {len(outcome.ok)} finished now, "
+    reused = f", {len(outcome.reused)} reused from runs with the same settings" if outcome.reused else ""
+    print(f"[bench] {bench.name}: {outcome.total} runs — {outcome.skipped} already done, {len(outcome.ok)} finished now{reused}, "
           f"{len(outcome.failed)} failed, {len(outcome.given_up)} given up earlier; results in {bench.output_dir}")
     for key in outcome.failed + outcome.given_up:
         print(f"[bench]   not finished: {key}", file=sys.stderr)
+    for cell in outcome.waiting:
+        print(f"[bench]   final runs waiting for their lr search: {cell}", file=sys.stderr)
     if report_dir:
         paths = write_report(bench.output_dir, report_dir, title=f"Benchmark report: {bench.name}")
         print(f"[bench] report: {paths['markdown']}")
-    return 1 if outcome.failed or outcome.given_up else 0
+    return 1 if outcome.failed or outcome.given_up or outcome.waiting else 0
 
 
 def report_command(results: str, *, out: str, reference: str = "lora", title: str | None = None,

@@ -96,6 +96,7 @@ def run_training_job(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "footprint": footprint,
         "stop_reason": result.stop_reason, "skipped_steps": result.skipped_steps,
         "before": result.before,
+        "data": _read_results(out_dir).get("data"),  # where the training, validation and scored examples came from
         "job_config": job.to_dict(),  # every setting as the loop saw it, defaults included
     }
 
@@ -161,10 +162,15 @@ def lambda_history(steps: list[dict[str, Any]], max_points: int = MAX_LAMBDA_POI
             "values": [[s["mixing"].get(n, {}).get("lambda") for n in layers] for s in picked]}
 
 
+def _read_results(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _parameter_counts(out_dir: Path, job: Any) -> tuple[int | None, int | None]:
     """(tunable, total) parameters: from the run's results if the loop recorded them,
     else by rebuilding the adapted model (injection only, no training)."""
-    results = json.loads((out_dir / "results.json").read_text()) if (out_dir / "results.json").is_file() else {}
+    results = _read_results(out_dir)
     if _is_number(results.get("trainable_params")) and _is_number(results.get("total_params")):
         return int(results["trainable_params"]), int(results["total_params"])
     from ..api import count_trainable

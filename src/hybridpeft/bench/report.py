@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Union
 
 from . import figures
-from .stats import summarize, welch
-from .store import SkippedLine, finished, read_store
-from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, fmt, footprint_table, main_tables,
-                     metrics_table, scale, score_floor, _memory_key)
+from .claims import claims
+from .diagnostics import clipping_table, lambda_table, lr_selection_table
+from .layouts import direction_average_cells, direction_tables, language_tables
+from .store import SkippedLine, apply_annotations, finished, read_annotations, read_store
+from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
+                     metrics_table, not_comparable_reasons, _memory_key)
 
 
 @dataclass
@@ -81,6 +83,7 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     records, skipped = read_store(results, complete=True)
     for line in skipped:
         warnings.warn(f"skipped {line}", stacklevel=2)
+    records = apply_annotations(records, read_annotations(results))
     done, metric_failed = split_metric_failures(finished(records))
     if not done:
         failed = "; ".join(f"{r['key']}: {', '.join(metric_problems(r))}" for r in metric_failed)
@@ -131,22 +134,34 @@ def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str]
     blocks += _setup_blocks(records, cells)
     if notes:
         blocks.append(Para(notes.strip()))
-    blocks += [Heading(2, "What the numbers say about the paper's claims"), Bullets(claims(cells, reference))]
+    averaged = direction_average_cells(cells)  # the paper's "average BLEU over directions" as cells of their own
+    blocks += [Heading(2, "What the numbers say about the paper's claims"), Bullets(claims({**cells, **averaged}, reference))]
     blocks.append(Heading(2, "Main results (Table I layout)"))
     blocks += main_tables(cells, reference)
+    multilingual = language_tables(cells) + direction_tables(cells)
+    if multilingual:
+        blocks.append(Heading(2, "Multilingual and low-resource layout (Tables III–VI)"))
+        blocks += multilingual
     blocks.append(Heading(2, "λ ablation (Table II)"))
     ablation = ablation_table(cells)
     blocks.append(ablation if ablation is not None else Para("No Hybrid variant besides the adaptive one was run; no ablation table."))
+    selection = lr_selection_table(cells)
+    if selection is not None:
+        blocks += [Heading(2, "Learning-rate selection"), selection]
     blocks.append(Heading(2, "Training footprint (Table VII)"))
     blocks.append(footprint_table(cells, reference))
+    blocks += [t for t in (clipping_table(cells), lambda_table(cells)) if t is not None]
     blocks.append(metrics_table(cells))
 
     figure_paths: list[Path] = []
     blocks.append(Heading(2, "Figures"))
     memory_key = _memory_key(cells)
-    path = figures.footprint_figure(list(cells.values()), out / "figures" / "footprint.png", memory_key)
+    shown = [c for c in cells.values() if c.role != "lr-search"]
+    comparable = not not_comparable_reasons(shown)
+    path = figures.footprint_figure(shown, out / "figures" / "footprint.png", memory_key)
     figure_paths.append(path)
-    blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)."))
+    blocks.append(Image(f"figures/{path.name}", "Step time and peak memory per method (cf. the paper's Fig. 1)." +
+                        ("" if comparable else " Not comparable: see the footprint table's note.")))
     for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
         group = [c for c in cells.values() if (c.model, c.task) == (model, task) and c.role in ("main", "extra")]
         path = figures.curves_figure(group, out / "figures" / f"curves_{slug(model)}_{slug(task)}.png", f"{model} · {task}")
@@ -180,9 +195,37 @@ def _setup_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str
             models.append(cell.model)
     for (method, adapter), models in adapters.items():
         items.append(f"{method} ({', '.join(models)}): adapter `{adapter}`")
+    items += _data_items(cells)
+    reused = [r for r in done if r.get("reused_from")]
+    if reused:
+        items.append(f"{len(reused)} of the {len(done)} records reuse a finished run with identical settings under another "
+                     "label (`reused_from` in the store), e.g. a final run at the lr its search run already trained.")
+    loads = [r["footprint"]["load_avg_1m_mean"] for r in done if isinstance((r.get("footprint") or {}).get("load_avg_1m_mean"), (int, float))]
+    if loads:
+        cpus = next((r["footprint"].get("cpu_count") for r in done if (r.get("footprint") or {}).get("cpu_count")), None)
+        items.append(f"Machine load during the runs (1-minute load average, mean per run): {min(loads):.1f}–{max(loads):.1f}"
+                     + (f" on {cpus} cores." if cpus else "."))
     vers = done[0].get("versions", {})
     items.append("Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(vers.items())))
     return [Heading(2, "What was run"), Bullets(items)]
+
+
+def _data_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
+    """Where each (model, task)'s training, validation and scored examples came from (as the runs recorded it)."""
+    items = []
+    for model, task in dict.fromkeys((c.model, c.task) for c in cells.values()):
+        data = next((r["data"] for c in cells.values() if (c.model, c.task) == (model, task)
+                     for r in c.records if isinstance(r.get("data"), dict)), None)
+        if data is None:
+            continue
+        text = f"Data, {model}/{task}: training {data.get('train')}; validation {data.get('validation')}"
+        if data.get("scored"):
+            text += f"; scored on {data['scored']}"
+        skipped = data.get("skipped_languages") or {}
+        if skipped:
+            text += f"; no data for {', '.join(sorted(skipped))} (neither a local file nor the hub could provide it)"
+        items.append(text + " (as the lowest seed recorded it; every seed draws its own sample the same way).")
+    return items
 
 
 def _budget_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
@@ -222,75 +265,6 @@ def _failure_blocks(records: list[dict[str, Any]], metric_failed: list[dict[str,
 def _last_line(error: Any) -> str:
     lines = str(error or "").strip().splitlines()
     return lines[-1][:200] if lines else "interrupted or still running"
-
-
-def claims(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> list[str]:
-    """Automatic verdicts on the paper's comparisons, one sentence per (claim, model, task).
-
-    A claim "A beats B" is *supported* when A's mean is higher and Welch's p < 0.05,
-    *same direction, not significant* when only the mean is higher, and *not
-    supported* otherwise — unless A's mean does not clear the task's floor (the
-    majority-class accuracy, or the base model's score before training, whichever
-    is higher): a method that learned nothing is *not evidence* either way.
-    Footprint claims compare means of step time and memory.
-    """
-    out: list[str] = []
-    settings = list(dict.fromkeys((c.model, c.task) for c in cells.values()))
-    for model, task in settings:
-        hybrid = adaptive_hybrid(cells, model, task)
-        if hybrid is None:
-            continue
-        floor = score_floor(cells, model, task)
-        for other_name in (reference, "lora_ga", "boft", "unitary", "full"):
-            other = cells.get((model, task, other_name))
-            if other is not None and other is not hybrid:
-                out.append(f"{model}/{task} — Hybrid beats {other_name}: " + _verdict(hybrid, other, floor))
-        for cell in cells.values():
-            if (cell.model, cell.task) == (model, task) and cell.schedule() not in (None, "adaptive"):
-                out.append(f"{model}/{task} — adaptive λ beats {cell.method}: " + _verdict(hybrid, cell, floor))
-        full = cells.get((model, task, "full"))
-        if full is not None:
-            h, f = hybrid.footprint("step_time_s"), full.footprint("step_time_s")
-            if h and f and summarize(h).mean > 0:
-                speedup = summarize(f).mean / summarize(h).mean
-                word = "supported" if speedup >= 2.0 else ("partly (faster, less than 2×)" if speedup > 1.0 else "not supported")
-                out.append(f"{model}/{task} — Hybrid trains faster per step than full FT (paper: ≈2.1×): {word} "
-                           f"(full FT step time / Hybrid step time = {speedup:.2f}×).")
-            mem_key = _memory_key(cells)
-            h, f = hybrid.footprint(mem_key), full.footprint(mem_key)
-            if h and f and summarize(f).mean > 0:
-                share = summarize(h).mean / summarize(f).mean
-                word = "supported" if share <= 0.55 else ("partly (less, but not ≈half)" if share < 1.0 else "not supported")
-                out.append(f"{model}/{task} — Hybrid needs about half the peak memory of full FT (paper: ≈50% less): {word} "
-                           f"(Hybrid / full FT = {100 * share:.0f}%).")
-    if not out:
-        out.append("No adaptive Hybrid cell was run, so none of the paper's comparisons can be checked.")
-    return out
-
-
-def _verdict(a: Cell, b: Cell, floor: tuple[float, str] | None = None) -> str:
-    av, bv = a.values(), b.values(a.metric)
-    if not av or not bv:
-        return "no data."
-    shown_a, unit = scale(a.metric, av)
-    shown_b, _ = scale(a.metric, bv)
-    diff = summarize(shown_a).mean - summarize(shown_b).mean
-    test = welch(av, bv)
-    p = "n/a" if test.p is None else f"{test.p:.3f}"
-    if floor is not None and summarize(av).mean <= floor[0]:
-        shown_floor, _ = scale(a.metric, [floor[0]])
-        word = (f"not evidence: {a.method}'s mean does not clear the {floor[1]} "
-                f"({fmt(shown_floor[0])}{'%' if unit else ''}), so it learned nothing measurable")
-    elif diff > 0 and test.significant:
-        word = "supported"
-    elif diff > 0:
-        word = "same direction, not significant"
-    else:
-        word = "not supported"
-    if test.p is None and word == "same direction, not significant":
-        word = "same direction, untested (a t-test needs two or more seeds per side)"
-    delta = f"{diff:+.2f} percentage points of {a.metric}" if unit else f"{diff:+.3g} {a.metric}"
-    return f"{word} (Δ = {delta}, Welch p = {p}, n = {len(av)} vs {len(bv)})."
 
 
 # ---------------------------------------------------------------- rendering

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .spec import BenchConfig, RunSpec, expand_grid
-from .store import ResultStore, utc_now, versions
+from .spec import BenchConfig, RunSpec, expand_grid, expand_search, same_settings
+from .store import ResultStore, apply_annotations, finished, read_annotations, read_records, utc_now, versions
 
 Job = Callable[[dict[str, Any], Path], dict[str, Any]]
 _ERROR_TAIL = 4000
@@ -45,6 +45,8 @@ class BenchOutcome:
     ok: list[str] = field(default_factory=list)       # run keys finished now
     failed: list[str] = field(default_factory=list)   # run keys still failing after this call
     given_up: list[str] = field(default_factory=list)  # out of attempts before this call
+    reused: list[str] = field(default_factory=list)   # recorded from a finished run with the same settings
+    waiting: list[str] = field(default_factory=list)  # cells whose lr search has not finished
 
 
 def load_job(spec: str) -> Job:
@@ -177,6 +179,11 @@ def run_bench(
 ) -> BenchOutcome:
     """Run every unfinished run of ``bench`` and record each attempt in its store.
 
+    With ``bench.lr_search`` this goes in two phases: the search runs, then, for every cell
+    whose search has finished, the final runs at the selected lr (``selection.select_lrs``).
+    A run whose resolved settings equal a finished run's in the store (the same training
+    under another label) is not trained again; that record is reused under the new key.
+
     Args:
         bench: the parsed benchmark.
         job: a callable to use instead of ``bench.job`` (runs in-process; for tests
@@ -187,37 +194,82 @@ def run_bench(
 
     Returns:
         A ``BenchOutcome``; runs still failing are listed, not raised, so one bad
-        run never stops the grid.
+        run never stops the grid; cells whose lr selection is incomplete are in ``waiting``.
     """
     from tqdm.auto import tqdm
 
+    from .selection import select_lrs
+
     limit = bench.max_attempts if max_attempts is None else max_attempts
-    runs = expand_grid(bench)
     store = ResultStore(bench.output_dir)
-    states = store.states()
-    outcome = BenchOutcome(total=len(runs))
+    use_subprocess = job is None and bench.isolation == "subprocess"
+    configured = job or load_job(bench.job)  # imported here too, so a bad 'job' fails before any run
+    search = expand_search(bench)
+    validate_runs(configured, search + expand_grid(bench))
+    ctx = _GridContext(store=store, bench=bench, job=None if use_subprocess else configured, use_subprocess=use_subprocess,
+                       versions=versions(), env=worker_env(bench.workers) if use_subprocess else None, live=_LiveWorkers(),
+                       record_lock=threading.Lock(), concurrency=1, load=LoadMonitor())
+    for entry, path in zip(bench.reuse_from, bench.reuse_paths()):
+        if not path.is_file():
+            raise FileNotFoundError(f"reuse_from entry {path} does not exist")
+        records = apply_annotations(read_records(path), read_annotations(path))  # a footprint marked there stays marked
+        # Named as the benchmark file names it (relative to that file), not by this machine's absolute path.
+        ctx.external += [{**r, "reused_store": entry} for r in finished(records) if isinstance(r.get("config"), dict)]
+    outcome = BenchOutcome(total=0)
+    bar = tqdm(total=0, disable=not progress, desc=f"bench {bench.name}", unit="run")
+    previous_handler = _interrupt_on_sigterm()
+    ctx.load.start()
+    try:
+        if search:
+            _run_phase(ctx, search, limit, outcome, bar)
+        selected, waiting = select_lrs(bench, store.states())
+        finals = expand_grid(bench, selected)
+        validate_runs(configured, finals)
+        _run_phase(ctx, finals, limit, outcome, bar)
+        outcome.waiting = [f"{'/'.join(p.cell)} (lr search unfinished: {', '.join(p.missing[:3])}"
+                           f"{' ...' if len(p.missing) > 3 else ''})" for p in waiting]
+    finally:
+        ctx.load.stop()
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    return outcome
+
+
+def _run_phase(ctx: "_GridContext", runs: list[RunSpec], limit: int, outcome: BenchOutcome, bar: Any) -> None:
+    """Skip finished runs, reuse identical finished ones, run the rest (side by side if asked)."""
+    states = ctx.store.states()
+    done = [s.record for s in states.values() if s.status == "ok" and s.record is not None] + ctx.external
+    outcome.total += len(runs)
+    bar.total = outcome.total
     pending: list[RunSpec] = []
     for run in runs:
         state = states.get(run.key)
         if state is not None and state.status == "ok":
             outcome.skipped += 1
+            bar.update(1)
+        elif _reuse(ctx, run, done):
+            outcome.reused.append(run.key)
+            bar.update(1)
         elif state is not None and state.attempts >= limit:
             outcome.given_up.append(run.key)
+            bar.update(1)
         else:
             pending.append(run)
-    use_subprocess = job is None and bench.isolation == "subprocess"
-    configured = job or load_job(bench.job)  # imported here too, so a bad 'job' fails before any run
-    inproc_job = None if use_subprocess else configured
-    validate_runs(configured, pending)
-    env_versions = versions()
-    ctx = _GridContext(store=store, bench=bench, job=inproc_job, use_subprocess=use_subprocess, versions=env_versions,
-                       env=worker_env(bench.workers) if use_subprocess else None, live=_LiveWorkers(),
-                       record_lock=threading.Lock(), concurrency=min(bench.workers, max(1, len(pending))))
-    bar = tqdm(total=len(runs), initial=outcome.skipped, disable=not progress, desc=f"bench {bench.name}", unit="run")
+    # Seed-major: every cell gets its first seed before any gets its second, so a grid stopped
+    # part-way still covers every (model, task, method) cell.
+    seeds = sorted({r.seed for r in pending})
+    pending.sort(key=lambda r: seeds.index(r.seed))  # stable: the grid order within a seed
+    ctx.concurrency = min(ctx.bench.workers, max(1, len(pending)))
 
     def one(run: RunSpec) -> None:
-        attempts = states[run.key].attempts if run.key in states else 0
-        run_dir = bench.output_dir / "runs" / run_dir_name(run.key)
+        latest = ctx.store.states().get(run.key)
+        if latest is not None and latest.status == "ok":  # another invocation on this store finished it meanwhile
+            outcome.skipped += 1
+            bar.update(1)
+            return
+        attempts = latest.attempts if latest is not None else 0
+        run_dir = ctx.bench.output_dir / "runs" / run_dir_name(run.key)
         run_dir.mkdir(parents=True, exist_ok=True)
         bar.set_postfix_str(f"{run.model}/{run.task}/{run.method}/seed{run.seed}")
         while attempts < limit and not ctx.live.stopping.is_set():
@@ -235,18 +287,26 @@ def run_bench(
                 outcome.failed.append(run.key)
         bar.update(1)
 
-    previous_handler = _interrupt_on_sigterm()
-    try:
-        if bench.workers == 1:
-            for run in pending:
-                one(run)
-        else:
-            _run_side_by_side(one, pending, bench.workers, ctx.live)
-    finally:
-        bar.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    return outcome
+    if ctx.bench.workers == 1:
+        for run in pending:
+            one(run)
+    else:
+        _run_side_by_side(one, pending, ctx.bench.workers, ctx.live)
+
+
+def _reuse(ctx: "_GridContext", run: RunSpec, done: list[dict[str, Any]]) -> bool:
+    """Record ``run`` as finished from a finished run with the same settings under another label."""
+    twin = next((r for r in done if isinstance(r.get("config"), dict) and r["config"].get("run", {}).get("seed") == run.seed
+                 and same_settings(r["config"], run.config)), None)
+    if twin is None:
+        return False
+    source = twin.get("reused_store")
+    copy = {**twin, **_identity(run, twin.get("attempt", 1)), "config": run.config,
+            "reused_from": f"{source}:{twin['key']}" if source else twin["key"]}
+    copy.pop("reused_store", None)
+    with ctx.record_lock:
+        ctx.store.append(copy)
+    return True
 
 
 def _run_side_by_side(one: Callable[[RunSpec], None], runs: list[RunSpec], workers: int, live: "_LiveWorkers") -> None:
@@ -273,6 +333,60 @@ def _run_side_by_side(one: Callable[[RunSpec], None], runs: list[RunSpec], worke
     pool.shutdown(wait=True)
 
 
+class LoadMonitor:
+    """Samples the machine's 1-minute load average every ``interval_s`` seconds while the grid runs,
+    so each run's record can say how busy the machine was (``load_during``)."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []  # (monotonic time, 1-min load average)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def read() -> float | None:
+        try:
+            return float(os.getloadavg()[0])
+        except (OSError, AttributeError):  # not every platform has a load average
+            return None
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                value = self.read()
+                if value is not None:
+                    self.samples.append((time.monotonic(), value))
+                self._stop.wait(self.interval_s)
+
+        self._thread = threading.Thread(target=loop, name="bench-load", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def load_during(self, start: float, end: float) -> tuple[float | None, float | None]:
+        """(mean, max) of the samples taken between two ``time.monotonic()`` readings."""
+        values = [v for t, v in self.samples if start <= t <= end]
+        if not values:
+            now = self.read()
+            values = [now] if now is not None else []
+        return (sum(values) / len(values), max(values)) if values else (None, None)
+
+
+def comparability(bench: BenchConfig, load_mean: float | None, cpus: int | None) -> tuple[bool, str | None]:
+    """Whether a run's step time and memory can be compared with other runs', and if not, why.
+
+    Not comparable when the benchmark says so (``footprint_comparable: false``) or when the
+    machine's mean 1-minute load average during the run exceeded its core count + 0.5: more
+    runnable threads than cores means other work took CPU time from the run.
+    """
+    if not bench.footprint_comparable:
+        return False, "the benchmark marks its footprint not comparable (footprint_comparable: false)"
+    if load_mean is not None and cpus and load_mean > cpus + 0.5:
+        return False, f"the machine's load average was {load_mean:.1f} on {cpus} cores during the run"
+    return True, None
+
+
 @dataclass
 class _GridContext:
     """What every attempt of one ``run_bench`` call shares."""
@@ -286,6 +400,8 @@ class _GridContext:
     live: "_LiveWorkers"
     record_lock: threading.Lock
     concurrency: int
+    load: LoadMonitor = field(default_factory=LoadMonitor)
+    external: list[dict[str, Any]] = field(default_factory=list)  # finished runs of the reuse_from stores
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -323,12 +439,13 @@ def validate_runs(job: Job, runs: list[RunSpec]) -> None:
 
 def _identity(run: RunSpec, attempt: int) -> dict[str, Any]:
     return {"key": run.key, "attempt": attempt, "model": run.model, "task": run.task, "method": run.method,
-            "adapter_method": run.adapter_method, "seed": run.seed, "role": run.role}
+            "adapter_method": run.adapter_method, "seed": run.seed, "role": run.role, **run.meta}
 
 
 def _attempt(ctx: _GridContext, run: RunSpec, attempt: int, run_dir: Path) -> dict[str, Any]:
     """One try: a "running" record, then "ok" with results or "failed" with the error."""
     started, t0 = utc_now(), time.perf_counter()
+    t0_mono = time.monotonic()
     ident = _identity(run, attempt)
 
     def log(record: dict[str, Any]) -> dict[str, Any]:
@@ -360,6 +477,12 @@ def _attempt(ctx: _GridContext, run: RunSpec, attempt: int, run_dir: Path) -> di
     if ctx.concurrency > 1:  # step time and memory were measured beside other runs
         footprint["side_by_side_runs"] = ctx.concurrency
         footprint["worker_threads"] = int((ctx.env or {}).get("OMP_NUM_THREADS", 0)) or None
+    load_mean, load_max = ctx.load.load_during(t0_mono, time.monotonic())
+    footprint.update(load_avg_1m_mean=load_mean, load_avg_1m_max=load_max, cpu_count=os.cpu_count())
+    comparable, why = comparability(ctx.bench, load_mean, os.cpu_count())
+    footprint["comparable"] = comparable
+    if why:
+        footprint["not_comparable_reason"] = why
     return log({**ident, "status": "ok", "config": run.config, **result, "footprint": footprint,
                 "versions": result.get("versions") or ctx.versions,
                 "started_at": started, "finished_at": utc_now(), "wall_s": time.perf_counter() - t0})

@@ -71,6 +71,72 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class LrSearch:
+    """Choose each (model, task, method) cell's learning rate on a held-out loss, then run it.
+
+    For every main-role method with candidates there is one run per candidate lr and selection
+    seed, labelled ``<name>@<lr>`` with role ``"lr-search"``. The cell's lr is the candidate with the
+    lowest mean ``metric`` over the selection seeds (NaN or a missing value counts as +inf; a tie goes
+    to the earlier candidate). The final runs (label ``<name>``, role as configured) then use it for
+    every seed; a final run whose resolved settings equal a finished search run's is not trained
+    again, its record is reused (``reused_from``). Ablation rows are not searched.
+
+    Args:
+        candidates: method name or adapter method -> learning rates; ``default`` for the rest.
+        seeds: the seeds whose runs select.
+        metric: a metric of the runs, lower is better. ``heldout_loss`` (default): the last
+            validation loss on the examples held out of the training split — the adapter that is
+            scored when early stopping is off. ``best_heldout_loss`` suits early stopping. Never a
+            score on the evaluation split.
+    """
+
+    candidates: dict[str, list[float]]
+    seeds: list[int]
+    metric: str = "heldout_loss"
+
+    def for_method(self, method: "MethodSpec") -> list[float] | None:
+        if method.role != "main":
+            return None
+        for key in (method.name, method.method, "default"):
+            if key in self.candidates:
+                return list(self.candidates[key])
+        return None
+
+
+def lr_label(lr: float) -> str:
+    """``5e-4`` style: the shortest mantissa, no exponent padding (``2.5e-3``, ``1e-4``)."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def search_label(method: str, lr: float) -> str:
+    return f"{method}@{lr_label(lr)}"
+
+
+def _parse_lr_search(data: Any, errors: list[str]) -> LrSearch | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not set(data) <= {"candidates", "seeds", "metric"} or "candidates" not in data:
+        errors.append(f"lr_search={data!r} is invalid: expected a mapping with 'candidates' (and optional 'seeds', 'metric')")
+        return None
+    candidates = data["candidates"]
+    if not isinstance(candidates, dict) or not candidates or not all(
+            isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)
+            for v in candidates.values()):
+        errors.append(f"lr_search.candidates={candidates!r} is invalid: expected method name -> non-empty list of positive learning rates")
+        return None
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
+        errors.append(f"lr_search.seeds={seeds!r} is invalid: expected a non-empty list of integers")
+        return None
+    metric = data.get("metric", "heldout_loss")
+    if not isinstance(metric, str) or not metric:
+        errors.append(f"lr_search.metric={metric!r} is invalid: expected a metric name such as 'heldout_loss'")
+        return None
+    return LrSearch({str(k): [float(x) for x in v] for k, v in candidates.items()}, list(seeds), metric)
+
+
+@dataclass(frozen=True)
 class Override:
     """Settings ``set`` (dotted keys allowed) applied to every cell matching ``where``."""
 
@@ -104,6 +170,16 @@ class BenchConfig:
             Step times of side-by-side runs share the machine; the record says so.
         job: ``"module:function"`` that trains and evaluates one run.
         description: free text copied into the report.
+        footprint_comparable: ``false`` marks every run's step time and memory as not comparable
+            (e.g. the machine is known to be shared with other work); the report then prints no
+            speed or memory verdict. Runs are also marked when the machine's load average during
+            the run exceeded its core count (see ``runner``).
+        lr_search: choose each cell's learning rate on a held-out loss before the final runs;
+            see ``LrSearch``. ``None``: every run uses its configured ``train.lr``.
+        reuse_from: other results stores (``results.jsonl`` paths, relative to the benchmark
+            file) whose finished runs stand in for a run of this grid with identical resolved
+            settings (any label): the record is copied into this store with ``reused_from``
+            naming it, instead of training again. Runs of this store are always reusable.
         base_dir: the benchmark file's directory (for resolving relative data paths).
     """
 
@@ -121,6 +197,9 @@ class BenchConfig:
     workers: int = 1
     job: str = DEFAULT_JOB
     description: str = ""
+    footprint_comparable: bool = True
+    lr_search: "LrSearch | None" = None
+    reuse_from: list[str] = field(default_factory=list)
     base_dir: str = "."
 
     def __post_init__(self) -> None:
@@ -146,6 +225,9 @@ class BenchConfig:
              "1 with isolation='inprocess' (parallel runs need their own processes)"),
             (isinstance(self.job, str) and ":" in self.job, "job", self.job, "'module:function'"),
             ("run" not in self.shared, "shared.run", self.shared.get("run"), "absent (the grid fills in the run section)"),
+            (isinstance(self.footprint_comparable, bool), "footprint_comparable", self.footprint_comparable, "true or false"),
+            (isinstance(self.reuse_from, list) and all(isinstance(x, str) for x in self.reuse_from), "reuse_from",
+             self.reuse_from, "a list of results.jsonl paths"),
         ]
         for i, (model, tasks) in enumerate(self.grid):
             out.append((isinstance(model, str) and model != "", f"grid[{i}].model", model, "a model name"))
@@ -162,6 +244,10 @@ class BenchConfig:
     def output_dir(self) -> Path:
         return Path(os.path.expanduser(self.output))
 
+    def reuse_paths(self) -> list[Path]:
+        """``reuse_from`` resolved against the benchmark file's directory."""
+        return [Path(self.base_dir) / os.path.expanduser(p) for p in self.reuse_from]
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -174,6 +260,7 @@ class RunSpec:
     seed: int
     role: str
     config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)  # copied into the run's records; not part of its key
 
     @property
     def key(self) -> str:
@@ -221,31 +308,83 @@ def _matches(where: dict[str, Any], fields: dict[str, Any]) -> bool:
     return all(one(want, fields[k]) for k, want in where.items())
 
 
-def expand_grid(bench: BenchConfig) -> list[RunSpec]:
-    """Every run of the benchmark, in a stable order (model, task, method, seed).
+def _cell_config(bench: BenchConfig, m: MethodSpec, fields: dict[str, Any]) -> dict[str, Any]:
+    """A cell's resolved settings without its ``run`` section: shared, then the method's, then overrides."""
+    config = copy.deepcopy(bench.shared)
+    deep_update(config, {"train": m.train} if m.train else {})
+    config["adapter"] = deep_update(deep_update(config.get("adapter", {}), {"method": m.method}), m.adapter)
+    for o in bench.overrides:
+        if _matches(o.where, fields):
+            deep_update(config, o.set)
+    return config
+
+
+def _cells(bench: BenchConfig, seeds: list[int]) -> list[tuple[str, str, MethodSpec, int, dict[str, Any]]]:
+    """(model, task, method, seed, match fields) in the stable grid order, excluded cells left out."""
+    out = []
+    for model, tasks in bench.grid:
+        for task in tasks:
+            for m in bench.methods:
+                for seed in seeds:
+                    fields = {"method": m.name, "adapter_method": m.method, "task": task, "model": model, "seed": seed}
+                    if not any(_matches(w, fields) for w in bench.exclude):
+                        out.append((model, task, m, seed, fields))
+    return out
+
+
+def expand_grid(bench: BenchConfig, selected_lrs: dict[tuple[str, str, str], dict[str, Any]] | None = None) -> list[RunSpec]:
+    """Every final run of the benchmark, in a stable order (model, task, method, seed).
 
     The resolved ``config`` of a run is the shared sections after the method's
     own settings and the matching overrides, plus ``adapter: {"method": ..., **fields}``
     and ``run: {"model", "task", "method", "seed"}`` (the cell and seed; the job
     maps them onto its own settings).
+
+    With ``bench.lr_search``, a searched cell appears only once ``selected_lrs`` holds its
+    selection (``{"lr": ..., ...}`` from ``hybridpeft.bench.selection.select_lrs``), with
+    ``train.lr`` set to it and the selection in the run's ``meta``.
     """
     runs: list[RunSpec] = []
-    for model, tasks in bench.grid:
-        for task in tasks:
-            for m in bench.methods:
-                for seed in bench.seeds:
-                    fields = {"method": m.name, "adapter_method": m.method, "task": task, "model": model, "seed": seed}
-                    if any(_matches(w, fields) for w in bench.exclude):
-                        continue
-                    config = copy.deepcopy(bench.shared)
-                    deep_update(config, {"train": m.train} if m.train else {})
-                    config["adapter"] = deep_update(deep_update(config.get("adapter", {}), {"method": m.method}), m.adapter)
-                    for o in bench.overrides:
-                        if _matches(o.where, fields):
-                            deep_update(config, o.set)
-                    config["run"] = {"model": model, "task": task, "method": m.name, "seed": seed}
-                    runs.append(RunSpec(model, task, m.name, m.method, seed, m.role, config))
+    for model, task, m, seed, fields in _cells(bench, bench.seeds):
+        config = _cell_config(bench, m, fields)
+        meta: dict[str, Any] = {}
+        if bench.lr_search is not None and bench.lr_search.for_method(m) is not None:
+            chosen = (selected_lrs or {}).get((model, task, m.name))
+            if chosen is None:
+                continue  # not selected yet
+            set_dotted(config, "train.lr", chosen["lr"])
+            meta = {"lr_selected": chosen}
+        config["run"] = {"model": model, "task": task, "method": m.name, "seed": seed}
+        runs.append(RunSpec(model, task, m.name, m.method, seed, m.role, config, meta))
     return runs
+
+
+def expand_search(bench: BenchConfig) -> list[RunSpec]:
+    """The learning-rate search runs of ``bench.lr_search`` (none without it): per searched cell,
+    candidate lr and selection seed, labelled ``<method>@<lr>`` with role ``"lr-search"``."""
+    search = bench.lr_search
+    if search is None:
+        return []
+    runs: list[RunSpec] = []
+    for model, task, m, seed, fields in _cells(bench, search.seeds):
+        candidates = search.for_method(m)
+        for lr in candidates or []:
+            config = _cell_config(bench, m, fields)
+            set_dotted(config, "train.lr", lr)
+            label = search_label(m.name, lr)
+            config["run"] = {"model": model, "task": task, "method": label, "seed": seed}
+            meta = {"lr_search": {"method": m.name, "lr": lr, "candidates": candidates, "seeds": search.seeds,
+                                  "metric": search.metric}}
+            runs.append(RunSpec(model, task, label, m.method, seed, "lr-search", config, meta))
+    return runs
+
+
+def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two resolved run configs that train the same thing: equal but for the run's label."""
+    def strip(config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "run": {k: v for k, v in config.get("run", {}).items() if k != "method"}}
+
+    return canonical_json(strip(a)) == canonical_json(strip(b))
 
 
 def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> BenchConfig:
@@ -255,7 +394,8 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
         ValueError: unknown top-level keys or malformed sections, all listed at once.
     """
     known = {"name", "seeds", "grid", "methods", "shared", "overrides", "exclude", "output",
-             "max_attempts", "isolation", "timeout_s", "workers", "job", "description"}
+             "max_attempts", "isolation", "timeout_s", "workers", "job", "description", "footprint_comparable",
+             "lr_search", "reuse_from"}
     errors = [f"{k}: unknown benchmark key (known: {sorted(known)})" for k in sorted(set(data) - known)]
     grid, methods, overrides = [], [], []
     for i, entry in enumerate(data.get("grid") or []):
@@ -282,6 +422,7 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
             errors.append(f"overrides[{i}]={entry!r} is invalid: expected a mapping with exactly 'where' and 'set'")
             continue
         overrides.append(Override(dict(entry["where"]), dict(entry["set"])))
+    lr_search = _parse_lr_search(data.get("lr_search"), errors)
     if errors:
         raise ValueError("invalid benchmark config:\n  " + "\n  ".join(errors))
     seeds = data.get("seeds", [0])
@@ -292,7 +433,8 @@ def parse_bench(data: dict[str, Any], base_dir: str | os.PathLike = ".") -> Benc
         exclude=list(data.get("exclude") or []), output=data.get("output", "bench-results"),
         max_attempts=data.get("max_attempts", 2), isolation=data.get("isolation", "subprocess"),
         timeout_s=data.get("timeout_s"), workers=data.get("workers", 1), job=data.get("job", DEFAULT_JOB),
-        description=data.get("description", ""), base_dir=str(base_dir),
+        description=data.get("description", ""), footprint_comparable=data.get("footprint_comparable", True),
+        lr_search=lr_search, reuse_from=list(data.get("reuse_from") or []), base_dir=str(base_dir),
     )
 
 

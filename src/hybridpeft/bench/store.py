@@ -224,6 +224,36 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+ANNOTATIONS_FILE = "annotations.json"
+
+
+def read_annotations(path: str | os.PathLike) -> dict[str, Any]:
+    """Facts about a store learned after its runs, from ``annotations.json`` beside ``results.jsonl``
+    (the store itself stays append-only). Known key: ``footprint_not_comparable`` — the reason
+    every record's step time and memory must not be compared (e.g. other work shared the machine).
+
+    Raises:
+        ValueError: the file is not a JSON object or has an unknown key.
+    """
+    file = results_path(path).parent / ANNOTATIONS_FILE
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    known = {"footprint_not_comparable"}
+    if not isinstance(data, dict) or set(data) - known:
+        raise ValueError(f"{file}: expected a JSON object with keys among {sorted(known)}, got {data!r}")
+    return data
+
+
+def apply_annotations(records: list[dict[str, Any]], annotations: dict[str, Any]) -> list[dict[str, Any]]:
+    """``records`` with the annotations applied (copies; the store is not touched)."""
+    why = annotations.get("footprint_not_comparable")
+    if not why:
+        return records
+    return [{**r, "footprint": {**(r.get("footprint") or {}), "comparable": False, "not_comparable_reason": why}}
+            if r.get("status") == "ok" else r for r in records]
+
+
 def finished(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``"ok"`` records the report uses: for each (model, task, method, seed), the
     latest one (a rerun after a config change supersedes the older result)."""

@@ -288,7 +288,7 @@ def ablation_table(cells: dict[tuple[str, str, str], Cell], singles: tuple[str, 
 
     Returns None when no Hybrid variant besides the adaptive one was run.
     """
-    hybrids = [c for c in cells.values() if c.adapter_method == "hybrid"]
+    hybrids = [c for c in cells.values() if c.adapter_method == "hybrid" and c.role != "lr-search"]
     if not any(c.schedule() != "adaptive" for c in hybrids):
         return None
     settings = list(dict.fromkeys((c.model, c.task) for c in hybrids))
@@ -349,8 +349,22 @@ def _ratio_text(values: list[float], reference: list[float]) -> str:
     return f"{summarize(values).mean / summarize(reference).mean:.2f}×"
 
 
+def not_comparable_reasons(cells: Iterable[Cell]) -> dict[str, int]:
+    """Why records' footprints are marked not comparable, with how many records give each reason."""
+    reasons: dict[str, int] = {}
+    for cell in cells:
+        for record in cell.records:
+            footprint = record.get("footprint") or {}
+            if footprint.get("comparable") is False:
+                why = footprint.get("not_comparable_reason") or "marked not comparable"
+                reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
 def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "lora") -> Table:
-    """Table VII: per (model, task, method) the mean step time, peak memory and tunable parameters."""
+    """Table VII: per (model, task, method) the mean step time, peak memory and tunable parameters
+    (learning-rate search runs left out)."""
+    cells = {k: c for k, c in cells.items() if c.role != "lr-search"}
     mem_key = _memory_key(cells)
     rows = []
     for cell in cells.values():
@@ -381,6 +395,12 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
     shared = (f" Runs went {'/'.join(map(str, side))} side by side ({'/'.join(map(str, threads)) or '?'} thread(s) each), "
               "so step times include contention for memory bandwidth; ratios within one store share that condition."
               if side else "")
+    reasons = not_comparable_reasons(cells.values())
+    total = sum(len(c.records) for c in cells.values())
+    if reasons:
+        listed = "; ".join(f"{why} ({n} of {total} runs)" for why, n in reasons.items())
+        shared += (f" **Not comparable:** {listed}. Step times and memory here are shown for the record only; "
+                   "the report draws no speed or memory verdict from them.")
     return Table(
         title="Training footprint (mean ± s.d. over seeds)",
         header=["Model", "Task", "Method", "Step time (s)", f"vs {reference}", "Peak memory (MiB)", f"vs {reference}",
@@ -390,10 +410,13 @@ def footprint_table(cells: dict[tuple[str, str, str], Cell], reference: str = "l
     )
 
 
-def _memory_key(cells: dict[tuple[str, str, str], Cell]) -> str:
+def memory_key(cells: dict[tuple[str, str, str], Cell]) -> str:
     """Prefer the job's own peak-memory figure; fall back to the worker's peak RSS."""
     has = any(c.footprint("peak_memory_mb") for c in cells.values())
     return "peak_memory_mb" if has else "peak_rss_mb"
+
+
+_memory_key = memory_key  # the earlier private name
 
 
 def metrics_table(cells: dict[tuple[str, str, str], Cell]) -> Table:

@@ -46,6 +46,16 @@ class Task:
         """Return ``{self.metric: value, ...}``; may add more metrics."""
         raise NotImplementedError
 
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """One record per example of the latest ``evaluate(…, examples)``: what went in (``input``),
+        what the model produced (``output``), the ``reference`` and the per-example score
+        (``correct``, sentence BLEU, …). Tasks that keep no per-example outputs return []."""
+        outputs = list(getattr(self, "last_outputs", []) or [])
+        if len(outputs) != len(examples):
+            return []
+        return [{"index": i, "input": ex.prompt, "output": out, "reference": ex.target if ex.label is None else ex.label}
+                for i, (ex, out) in enumerate(zip(examples, outputs))]
+
     def encode(self, tokenizer: Any, examples: list[Example], max_length: int = 256) -> dict[str, torch.Tensor]:
         """A training batch for ``model(**batch)`` that returns a loss."""
         if self.kind == "classification":
@@ -89,6 +99,19 @@ def encode_classification(tokenizer: Any, examples: list[Example], max_length: i
     )
     enc["labels"] = torch.tensor([ex.label for ex in examples], dtype=torch.long)
     return dict(enc)
+
+
+def write_predictions(path: Any, records: list[dict[str, Any]]) -> None:
+    """``records`` as JSON lines (UTF-8, non-ASCII kept readable), written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 _TASKS: dict[str, type[Task]] = {}

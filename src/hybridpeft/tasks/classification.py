@@ -14,6 +14,7 @@ average of the per-language accuracies, also reported as ``accuracy_<lang>``.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,8 +158,10 @@ def read_pairs(spec: PairSpec, split: Split, data_dir: Any, lang: str | None = N
 
 def accuracy_metrics(examples: Sequence[Example], predictions: Sequence[int]) -> dict[str, float]:
     """``accuracy`` (macro over languages when there are several), per-language and micro accuracy,
-    and ``majority_class_accuracy``: what always predicting the most frequent gold label would
-    score (micro), the floor a trained classifier has to clear to show it learned anything."""
+    ``majority_class_accuracy``: what always predicting the most frequent gold label would
+    score (micro), the floor a trained classifier has to clear to show it learned anything, and
+    ``top_prediction_share``: the share of examples given the most frequent *predicted* class
+    (1.0 when the model predicts one class for everything)."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for ex, pred in zip(examples, predictions):
         hits[str(ex.meta.get("language", ""))].append(int(pred) == ex.label)
@@ -167,6 +170,8 @@ def accuracy_metrics(examples: Sequence[Example], predictions: Sequence[int]) ->
     out = {"accuracy": sum(per_lang.values()) / len(per_lang) if per_lang else 0.0, "accuracy_micro": micro, "n": float(len(examples))}
     if examples:
         out["majority_class_accuracy"] = max(Counter(ex.label for ex in examples).values()) / len(examples)
+        # 1.0 = the model answered with one class for every example (a collapse), 1/C = evenly spread
+        out["top_prediction_share"] = max(Counter(int(p) for p in predictions).values()) / len(examples)
     if len(per_lang) > 1 or "" not in per_lang:
         out.update({f"accuracy_{lang}": acc for lang, acc in sorted(per_lang.items())})
     return out
@@ -180,12 +185,16 @@ class PairLoader:
     def languages_for(self, split: Split, data_dir: Any) -> list[str | None]:
         return [None]
 
-    def load(self, split: str = "train", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
-        examples = [ex for lang in self.languages_for(parsed, data_dir) for ex in read_pairs(self.spec, parsed, data_dir, lang)]
+        examples = [ex for lang in self.languages_for(parsed, data_dir) for ex in self.read_language(parsed, data_dir, lang)]
         for ex in examples:
             self.decorate(ex)
-        return self.finish(examples, split, limit, seed)  # type: ignore[attr-defined]
+        return examples
+
+    def read_language(self, split: Split, data_dir: Any, lang: str | None) -> list[Example]:
+        """One language's examples (all of them for single-language datasets)."""
+        return read_pairs(self.spec, split, data_dir, lang)
 
     def decorate(self, ex: Example) -> None:
         """Hook: turn a raw example into this variant's form."""
@@ -218,8 +227,31 @@ class VerbalizerTask(PairLoader, CausalTask):
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
         scores = self.predict(model, tokenizer, examples, batch_size)
         preds = scores.argmax(dim=1).tolist()
-        self.last_outputs = preds
+        self.last_outputs, self.last_scores = preds, scores.tolist()
         return {**accuracy_metrics(examples, preds), **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per example: the prompt, the predicted and gold label words, and every word's log-likelihood."""
+        return pair_predictions(self, examples, "label_log_likelihoods")
+
+
+def pair_predictions(task: Any, examples: Sequence[Example], score_name: str) -> list[dict[str, Any]]:
+    """Prediction records of a classification task (verbalizer or head) from its latest evaluate."""
+    preds, scores = list(getattr(task, "last_outputs", [])), list(getattr(task, "last_scores", []))
+    if len(preds) != len(examples) or len(scores) != len(examples):
+        return []
+    words = task.spec.words
+    out = []
+    for i, (ex, pred, row) in enumerate(zip(examples, preds, scores)):
+        record: dict[str, Any] = {"index": i, "input": ex.prompt}
+        if ex.meta.get("text") is not None or ex.text_pair is not None:
+            record["text"], record["text_pair"] = ex.meta.get("text", ex.prompt), ex.meta.get("text_pair", ex.text_pair)
+        if ex.meta.get("language"):
+            record["language"] = ex.meta["language"]
+        record.update(output=words[pred], reference=words[ex.label], correct=int(pred) == ex.label,
+                      **{score_name: dict(zip(words, row))})
+        out.append(record)
+    return out
 
 
 class SequenceClassificationTask(PairLoader, DataTask):
@@ -236,6 +268,7 @@ class SequenceClassificationTask(PairLoader, DataTask):
         """Accuracy of ``argmax`` logits; ``val_loss`` is the mean cross-entropy of the same pass."""
         device = model_device(model)
         preds: list[int] = []
+        all_logits: list[list[float]] = []
         loss_sum = 0.0
         with evaluating(model):
             for chunk in tqdm(list(chunks(examples, batch_size)), desc=self.name, disable=not self.progress):
@@ -246,11 +279,16 @@ class SequenceClassificationTask(PairLoader, DataTask):
                     raise ValueError(f"the model has {logits.shape[-1]} output labels; task {self.name!r} needs num_labels={self.num_labels}")
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 preds.extend(logits.argmax(dim=-1).tolist())
-        self.last_outputs = preds
+                all_logits.extend(logits.tolist())
+        self.last_outputs, self.last_scores = preds, all_logits
         out = accuracy_metrics(examples, preds)
         if self.report_loss and examples:
             out["val_loss"] = loss_sum / len(examples)
         return out
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per example: the text (and pair), the predicted and gold labels, and the head's logits."""
+        return pair_predictions(self, examples, "logits")
 
 
 class XnliLoader(PairLoader):
@@ -260,6 +298,12 @@ class XnliLoader(PairLoader):
         languages: a language code, a list, or a comma-separated string
             (``"en,fr"``). ``None``: locally every ``<split>-<lang>.csv`` present,
             on the hub all 15 XNLI languages.
+        missing_languages: ``"error"`` (default): a listed language without data
+            is an error. ``"skip"``: a language whose local file is missing is
+            read from the hub, and one the hub cannot give either (no network, no
+            ``datasets``) is left out with a warning and recorded in
+            ``skipped_languages`` (language -> reason); its accuracy is then
+            absent from ``evaluate``'s result. At least one language must remain.
     """
 
     spec = XNLI
@@ -267,14 +311,40 @@ class XnliLoader(PairLoader):
     train_split = "dev[:50%]"
     eval_split = "dev[50%:]"
 
-    def __init__(self, languages: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, languages: str | Sequence[str] | None = None, missing_languages: str = "error", **kwargs: Any) -> None:
         if isinstance(languages, str):
             languages = [x.strip() for x in languages.split(",") if x.strip()]
         if languages is not None:
             bad = [x for x in languages if x not in XNLI_LANGUAGES]
             check(bool(languages) and not bad, "languages", languages, f"codes among {list(XNLI_LANGUAGES)}")
+        check(missing_languages in ("error", "skip"), "missing_languages", missing_languages, "'error' or 'skip'")
         self.languages = list(languages) if languages is not None else None
+        self.missing_languages = missing_languages
+        self.skipped_languages: dict[str, str] = {}
         super().__init__(**kwargs)
+
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
+        examples = super().read(split, data_dir)
+        if not examples and self.skipped_languages:
+            reasons = "; ".join(f"{lang}: {why}" for lang, why in self.skipped_languages.items())
+            raise DataFormatError(f"no XNLI language of {self.languages} has data for split {split!r} ({reasons})")
+        return examples
+
+    def read_language(self, split: Split, data_dir: Any, lang: str | None) -> list[Example]:
+        if self.missing_languages == "error" or (data_dir is not None and str(data_dir) == HUB):
+            return read_pairs(self.spec, split, data_dir, lang)
+        try:
+            return read_pairs(self.spec, split, data_dir, lang)
+        except DataFormatError as local:
+            try:
+                return read_pairs(self.spec, split, HUB, lang)
+            except Exception as hub:  # noqa: BLE001 - whatever keeps the hub away (no package, no network), skip is asked for
+                reason = f"{local}; the hub gave {type(hub).__name__}: {str(hub).splitlines()[0] if str(hub) else ''}"
+                if lang not in self.skipped_languages:
+                    warnings.warn(f"XNLI language {lang!r} has no data and is left out (missing_languages='skip'): {reason}",
+                                  stacklevel=2)
+                self.skipped_languages[str(lang)] = reason
+                return []
 
     def languages_for(self, split: Split, data_dir: Any) -> list[str | None]:
         if self.languages is not None:

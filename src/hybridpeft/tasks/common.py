@@ -16,9 +16,12 @@ class DataTask(Task):
     """Options every concrete task accepts.
 
     Args:
-        k_shot: if set, ``load`` of a ``train…`` split returns a stratified
-            ``k_shot`` sample (per label, or per language for XNLI) drawn with
-            ``load``'s seed; other splits are untouched.
+        k_shot: if set, the training split is cut to a stratified ``k_shot``
+            sample (per label, or per language for XNLI) drawn with the seed:
+            ``load`` does so for the task's own ``train_split`` (whatever its
+            name, e.g. XNLI's ``dev[:50%]``) and for ``train…`` names, and
+            ``few_shot_split`` does so for any split a job trains on, handing
+            back the unchosen rest for validation. Other splits are untouched.
         report_loss: ``evaluate`` adds ``val_loss`` (and ``val_ppl`` for causal
             tasks) computed on the gold targets.
         max_length: token limit for training rows, loss and label scoring.
@@ -46,9 +49,37 @@ class DataTask(Task):
         """``k_shot`` with this task's grouping (per label, or per language for XNLI)."""
         return k_shot(examples, k, seed, self.k_shot_per)
 
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
+        """Every example of ``split`` (its slice applied), in file order: no ``k_shot``, no ``limit``."""
+        raise NotImplementedError
+
+    def load(self, split: str, data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+        """``read``, then ``k_shot`` if ``split`` is a training split (``is_training_split``), then ``limit``."""
+        return self.finish(self.read(split, data_dir), split, limit, seed)
+
+    def is_training_split(self, split: str) -> bool:
+        """``split`` is the task's own ``train_split`` (same name and slice) or named ``train…``."""
+        parsed = parse_split(split)
+        return parsed.base.startswith("train") or parsed == parse_split(self.train_split)
+
     def finish(self, examples: list[Example], split: str, limit: int | None, seed: int) -> list[Example]:
-        shots = self.k_shot if parse_split(split).base.startswith("train") else None
+        shots = self.k_shot if self.is_training_split(split) else None
         return finalize(examples, limit, seed, shots, self.k_shot_per)
+
+    def few_shot_split(self, split: str, data_dir: str | None, seed: int) -> tuple[list[Example], list[Example]]:
+        """``(shots, rest)`` of a split a job trains on, whatever its name: the ``k_shot`` sample
+        and every example of the split not in it (file order), the place to draw validation
+        examples from without touching the test split or the shots.
+
+        Raises:
+            ValueError: ``k_shot`` is not set, or a group has fewer examples than ``k_shot``.
+        """
+        if self.k_shot is None:
+            raise ValueError(f"few_shot_split needs k_shot; task {self.name!r} has k_shot=None")
+        pool = self.read(split, data_dir)
+        shots = self.few_shot(pool, self.k_shot, seed)
+        chosen = {id(ex) for ex in shots}
+        return shots, [ex for ex in pool if id(ex) not in chosen]
 
     def loss_metrics(self, model: torch.nn.Module, tokenizer: Any, examples: Sequence[Example], batch_size: int) -> dict[str, float]:
         if not self.report_loss or not examples:

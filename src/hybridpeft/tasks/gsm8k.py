@@ -83,7 +83,7 @@ class Gsm8k(CausalTask):
         self.max_new_tokens = max_new_tokens
         self.keep_calculator = keep_calculator
 
-    def load(self, split: str = "train", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         """Local ``gsm8k/{train,test}.jsonl`` (keys ``question``, ``answer``) or hub ``openai/gsm8k`` ``main``.
 
         Raises:
@@ -98,9 +98,7 @@ class Gsm8k(CausalTask):
             origin = source.path
             rows = read_jsonl(source.path, {"question": str, "answer": str})
         examples = [self.make_example(row, origin, line) for line, row in rows]
-        if not source.is_hub:
-            examples = parsed.apply(examples)
-        return self.finish(examples, split, limit, seed)
+        return examples if source.is_hub else parsed.apply(examples)
 
     def make_example(self, row: dict[str, Any], origin: Any, line: int) -> Example:
         question = require_text(row.get("question"), origin, line, "question")
@@ -123,3 +121,11 @@ class Gsm8k(CausalTask):
         out = {"accuracy": sum(correct) / max(len(examples), 1), "n": float(len(examples)),
                "extracted": sum(p is not None for p in predicted) / max(len(examples), 1)}
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per problem: the question, the generated solution, the extracted and reference answers."""
+        if len(self.last_outputs) != len(examples):
+            return []
+        return [{"index": i, "input": ex.meta.get("question", ex.prompt), "output": o["generation"],
+                 "prediction": o["prediction"], "reference": o["answer"], "correct": o["correct"]}
+                for i, (ex, o) in enumerate(zip(examples, self.last_outputs))]

@@ -161,7 +161,7 @@ class HumanEval(CausalTask):
         self.limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)), memory_mb=memory_mb,
                                     allow_unsafe_exec=allow_unsafe_exec)
 
-    def load(self, split: str = "test", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
         check(parsed.base in ("test", "train", "dev"), "split", split, "'test', 'train' or 'dev' (optionally sliced)")
         problems = load_problems(self.problems_file)
@@ -169,7 +169,7 @@ class HumanEval(CausalTask):
             problems = [p for i, p in enumerate(problems) if (i % 4 == 0) == (parsed.base == "train")]
         examples = [Example(prompt=p["prompt"], target=p["canonical_solution"], meta={"problem": p, "task_id": p["task_id"]})
                     for p in problems]
-        return self.finish(parsed.apply(examples), split, limit, seed)
+        return parsed.apply(examples)
 
     def chat_content(self, ex: Example) -> str:
         return CHAT_INSTRUCTION.format(prompt=ex.prompt)
@@ -194,7 +194,15 @@ class HumanEval(CausalTask):
         problems = [ex.meta["problem"] for ex in examples for _ in range(self.n_samples)]
         results = execute(problems, completions, chat, self.limits, self.workers, self.progress)
         correct = [sum(r.passed for r in results[i * self.n_samples:(i + 1) * self.n_samples]) for i in range(len(examples))]
-        self.last_outputs = [{"task_id": p["task_id"], "completion": c, "status": r.status} for p, c, r in zip(problems, completions, results)]
+        self.last_outputs = [{"task_id": p["task_id"], "completion": c, "status": r.status, "passed": r.passed}
+                             for p, c, r in zip(problems, completions, results)]
         out = {f"pass@{k}": mean_pass_at_k([self.n_samples] * len(examples), correct, k) for k in self.ks if k <= self.n_samples}
         out["n"] = float(len(examples))
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per completion (``n_samples`` per problem): the task id, the completion and its sandbox result."""
+        if len(self.last_outputs) != len(examples) * self.n_samples:
+            return []
+        return [{"index": i, "input": o["task_id"], "output": o["completion"], "status": o["status"], "passed": o["passed"]}
+                for i, o in enumerate(self.last_outputs)]

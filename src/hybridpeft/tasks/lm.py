@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -217,17 +217,54 @@ def truncate_at(text: str, stops: Sequence[str]) -> str:
     return text[:cut]
 
 
+def stop_is_final(text: str, stops: Sequence[str]) -> bool:
+    """True once no further text can change ``truncate_at(text, stops)``.
+
+    That holds when a stop string occurs at some index ``c`` and the text reaches
+    ``c + max_len − 1``: any stop string starting before ``c`` would then already be
+    complete (and would have been found instead)."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return bool(found) and len(text) >= min(found) + max(len(s) for s in stops) - 1
+
+
+def first_line_complete(text: str) -> bool:
+    """True once the first non-blank line of ``text`` has ended (a line break follows it): nothing
+    generated later changes that line, which is all a translation keeps."""
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            return len(line.splitlines()[0]) < len(line)
+    return False
+
+
+class _FinishedRows:
+    """A ``transformers`` stopping criterion: row ``i`` is finished once its decoded continuation
+    satisfies ``stop_is_final`` or ``until``, so each row of a batch stops on its own (generation
+    ends when every row has) instead of running to ``max_new_tokens`` without an EOS."""
+
+    def __init__(self, tokenizer: Any, width: int, stop: Sequence[str], until: Callable[[str], bool] | None) -> None:
+        self.tokenizer, self.width, self.stop, self.until = tokenizer, width, [s for s in stop if s], until
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        done = [(bool(self.stop) and stop_is_final(t, self.stop)) or (self.until is not None and self.until(t)) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def generate(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 256, batch_size: int = 8,
     do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (),
-    seed: int | None = None, progress: bool = True, desc: str = "generate",
+    until: Callable[[str], bool] | None = None, seed: int | None = None, progress: bool = True, desc: str = "generate",
 ) -> list[str]:
     """Continuations of ``prompts`` (already rendered), decoded without special tokens.
 
     Batched with left padding (so every row's next token sits in the last
     column); prompts are grouped by length to waste little padding and the
     outputs are returned in the input order. Greedy unless ``do_sample``.
-    Outputs are cut at the first ``stop`` string. ``seed`` seeds torch's global
+    Outputs are cut at the first ``stop`` string. Each row stops generating at
+    EOS, once its ``stop`` cut can no longer change (``stop_is_final``), or once
+    ``until(text so far)`` is true — ``until`` must only say so when what the
+    caller keeps of the text is settled (e.g. ``first_line_complete`` for a
+    translation read from its first line). ``seed`` seeds torch's global
     generator before sampling.
     """
     if seed is not None:
@@ -254,11 +291,19 @@ def generate(
             for r, row in enumerate(rows):
                 ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
                 mask[r, width - len(row):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)  # (B, width + new)
+            finished = [_FinishedRows(tokenizer, width, stop, until)] if (any(stop) or until is not None) else []
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),  # (B, width + new)
+                                 stopping_criteria=_criteria(finished), **options)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             for i, text in zip(idx, texts):
                 outputs[i] = truncate_at(text, stop)
     return outputs
+
+
+def _criteria(items: list[Any]) -> Any:
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(items)
 
 
 def _as_list(value: Any) -> list[Any]:

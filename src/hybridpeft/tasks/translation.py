@@ -15,7 +15,7 @@ from ..checks import check
 from .base import Example, register_task
 from .common import CausalTask
 from .data import load_hub_rows, locate, parse_split, read_delimited, require_columns, require_text
-from .lm import generate
+from .lm import first_line_complete, generate
 
 PROMPT = "Translate this English sentence into {language}.\nEnglish: {text}\n{language}:"
 
@@ -69,7 +69,7 @@ class TranslationTask(CausalTask):
         check(isinstance(max_new_tokens, int) and max_new_tokens > 0, "max_new_tokens", max_new_tokens, "a positive integer")
         self.max_new_tokens = max_new_tokens
 
-    def load(self, split: str = "test", data_dir: str | None = None, limit: int | None = None, seed: int = 0) -> list[Example]:
+    def read(self, split: str, data_dir: str | None = None) -> list[Example]:
         parsed = parse_split(split)
         source = locate(data_dir, "tatoeba", f"{self.pair}.{parsed.base}.tsv")
         if source.is_hub:
@@ -85,19 +85,33 @@ class TranslationTask(CausalTask):
                     target=require_text(row["tgt"], origin, line, "tgt"), meta={"source": row["src"], "line": line})
             for line, row in rows
         ]
-        if not source.is_hub:
-            examples = parsed.apply(examples)
-        return self.finish(examples, split, limit, seed)
+        return examples if source.is_hub else parsed.apply(examples)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, examples: list[Example], batch_size: int = 8) -> dict[str, float]:
         """Greedy translations (first line) scored against the references."""
         prompts = [self.render_prompt(tokenizer, ex) for ex in examples]
         texts = generate(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=batch_size,
-                         stop=() if self.chat(tokenizer) else ("\n",), progress=self.progress, desc=self.name)
+                         stop=() if self.chat(tokenizer) else ("\n",), until=first_line_complete,
+                         progress=self.progress, desc=self.name)
         hyps = [clean_translation(t, self.language) for t in texts]
-        self.last_outputs = hyps
+        self.last_outputs, self.last_generations = hyps, texts
         out = {**corpus_scores(hyps, [ex.target for ex in examples], self.target), "n": float(len(examples))}
         return {**out, **self.loss_metrics(model, tokenizer, examples, batch_size)}
+
+
+    def predictions(self, examples: list[Example]) -> list[dict[str, Any]]:
+        """Per sentence: source, translation (first line of the generation), reference, the raw
+        generation, and sentence-level BLEU and chrF (same tokenizer as the corpus score)."""
+        hyps, texts = list(self.last_outputs), list(getattr(self, "last_generations", []))
+        if len(hyps) != len(examples) or len(texts) != len(examples):
+            return []
+        import sacrebleu
+
+        tokenize = "zh" if self.target == "zh" else "13a"
+        return [{"index": i, "input": ex.meta.get("source", ex.prompt), "output": hyp, "reference": ex.target,
+                 "generation": text, "bleu": float(sacrebleu.sentence_bleu(hyp, [ex.target], tokenize=tokenize).score),
+                 "chrf": float(sacrebleu.sentence_chrf(hyp, [ex.target]).score)}
+                for i, (ex, hyp, text) in enumerate(zip(examples, hyps, texts))]
 
 
 @register_task

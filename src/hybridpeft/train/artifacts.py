@@ -18,6 +18,7 @@ import torch
 from ..api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, merge_and_unload, read_adapter_config
 from ..models import dequantize_model
 from ..tasks import get_task
+from ..tasks.base import write_predictions
 from . import checkpoint as ckpt
 from .lock import describe_holder, read_holder
 from .loop import RUN_INFO
@@ -90,10 +91,13 @@ class _CausalKind:
 def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None, task: str | None = None,
                      split: str | None = None, limit: int | None = None, batch_size: int = 16,
                      data_dir: str | None = None, seed: int = 0, task_args: dict[str, Any] | None = None,
-                     quantization: str | None = RECORDED) -> dict[str, Any]:
+                     quantization: str | None = RECORDED, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The task metric of an adapter (or of the base model when ``adapter`` is None).
 
     ``quantization``: how to load the base (default: as in training; for ``--base``, as stored).
+    With ``out_dir``, also writes ``metrics.json`` (what is returned) and ``predictions.jsonl``
+    (one record per example: input, output, reference and its score; see ``Task.predictions``);
+    ``out_dir="auto"`` picks ``default_eval_dir``. The directory written is returned as ``output_dir``.
 
     Raises:
         ValueError: ``limit`` or ``batch_size`` is below 1, or the split has no examples
@@ -118,7 +122,27 @@ def evaluate_adapter(adapter: str | os.PathLike | None, model: str | None = None
     if not examples:
         raise ValueError(f"split {split!r} of task {task_obj.name!r} has no examples to score")
     metrics = task_obj.evaluate(net, tokenizer, examples, batch_size=batch_size)
-    return {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
+    result = {"task": task_obj.name, "split": split, "n": len(examples), **{k: float(v) for k, v in metrics.items()}}
+    if out_dir is not None:
+        out = default_eval_dir(adapter, task_obj.name, split) if str(out_dir) == "auto" else Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(out / "predictions.jsonl", task_obj.predictions(examples))
+        base = model or (run_info(find_adapter_dir(adapter)).get("base_model") if adapter is not None else None)
+        (out / "metrics.json").write_text(json.dumps({**result, "adapter": None if adapter is None else str(adapter),
+                                                      "model": base}, indent=2) + "\n")
+        result["output_dir"] = str(out)
+    return result
+
+
+def default_eval_dir(adapter: str | os.PathLike | None, task: str, split: str) -> Path:
+    """Where ``hybridpeft eval`` writes without ``--out``: ``eval-<task>-<split>`` in the run dir
+    (the adapter's parent when given a run's ``adapter/``), else in the current directory."""
+    name = "eval-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{task}-{split}")
+    if adapter is None:
+        return Path(name)
+    path = Path(adapter)
+    home = path.parent if (path / ADAPTER_CONFIG).is_file() and path.name in ("adapter", "best_adapter") else path
+    return home / name
 
 
 def merge_to_dir(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,

@@ -169,6 +169,9 @@ class TrainSection:
         batch_size: examples per device per micro-batch; the effective batch is
             ``batch_size * grad_accum * world_size``.
         lr, weight_decay, betas, eps: AdamW (the Riemannian groups, if any, use ``lr`` too).
+        lr_lora, lr_boft: the Hybrid's branch learning rates (the paper's η_LoRA for the
+            LoRA-GA branch's A, B and η_BOFT for the BOFT branch's Q); null = ``lr``. Only
+            for ``adapter.method: hybrid``; the same schedule scales both.
         schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear`` or ``constant``, after
             ``warmup_steps`` of linear warm-up.
         max_grad_norm: clip the global gradient norm (null = measure only).
@@ -180,6 +183,10 @@ class TrainSection:
             loss or gradient (each such step is skipped: no update).
         riemannian / riemannian_lr: optimizer for manifold tensors (full-capacity unitary
             blocks): ``adam`` (RiemannianAdam) or ``sgd`` (the paper's Algorithm 1); lr null = ``lr``.
+        head_warmup_steps: classification tasks only: AdamW steps (at ``lr``) that train the freshly
+            initialized head alone, on batches outside the training order, before any data-dependent
+            adapter start (LoRA-GA's gradient estimate then sees a trained head, not a random one) and
+            before step 1; the same for every method, so comparisons stay fair. 0 = off.
         lora_ga_cache: cache LoRA-GA's gradient estimate under ``$HYBRIDPEFT_CACHE/lora_ga``
             so a rerun with the same model and data skips it (the batch count is the
             adapter's ``num_batches``).
@@ -194,6 +201,8 @@ class TrainSection:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    lr_lora: float | None = None
+    lr_boft: float | None = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -207,6 +216,7 @@ class TrainSection:
     riemannian: str = "adam"
     riemannian_lr: float | None = None
     nan_abort_after: int = 5
+    head_warmup_steps: int = 0
     lora_ga_cache: bool = False
     log_every: int = 1
     tensorboard: bool = False
@@ -224,6 +234,9 @@ class TrainSection:
         e.check(_positive_int(self.batch_size), "batch_size", self.batch_size, "a positive integer")
         e.check(_positive_int(self.grad_accum), "grad_accum", self.grad_accum, "a positive integer")
         e.check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        for name in ("lr_lora", "lr_boft"):
+            value = getattr(self, name)
+            e.check(value is None or (_finite(value) and value > 0), name, value, "null or a positive number")
         e.check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
                 "a non-negative number")
         e.check(isinstance(self.betas, list) and len(self.betas) == 2 and all(_finite(b) and 0 <= b < 1 for b in self.betas),
@@ -249,6 +262,8 @@ class TrainSection:
         e.check(self.riemannian in ("adam", "sgd"), "riemannian", self.riemannian, "'adam' or 'sgd'")
         e.check(self.riemannian_lr is None or (_finite(self.riemannian_lr) and self.riemannian_lr > 0),
                 "riemannian_lr", self.riemannian_lr, "null or a positive number")
+        e.check(_non_negative_int(self.head_warmup_steps), "head_warmup_steps", self.head_warmup_steps,
+                "a non-negative integer")
         e.check(isinstance(self.lora_ga_cache, bool), "lora_ga_cache", self.lora_ga_cache, "true or false")
         e.check(_positive_int(self.log_every), "log_every", self.log_every, "a positive integer")
         e.check(isinstance(self.tensorboard, bool), "tensorboard", self.tensorboard, "true or false")
@@ -679,6 +694,11 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
     from ..tasks import get_task, known_tasks
 
     errors: list[str] = []
+    for name in ("lr_lora", "lr_boft"):
+        value = getattr(job.train, name)
+        if value is not None and job.method != "hybrid":
+            errors.append(f"train.{name}={value!r} is invalid for adapter.method={job.method!r}: expected null "
+                          "(branch learning rates are for the Hybrid's two branches; use train.lr)")
     if job.model.quantization is not None and job.method == "full":
         errors.append(f"adapter.method='full' is invalid with model.quantization={job.model.quantization!r}: "
                       "quantized weights cannot be trained; use an adapter method or a float base")
@@ -686,9 +706,17 @@ def _cross_checks(job: JobConfig, data: dict[str, Any]) -> list[str]:
         errors.extend(sharding_problems(job))
     if job.data.task in known_tasks():
         try:
-            get_task(job.data.task, **job.data.task_args)
+            task = get_task(job.data.task, **job.data.task_args)
         except (TypeError, ValueError) as err:
             errors.append(f"data.task_args={job.data.task_args!r} is invalid for task {job.data.task!r}: {err}")
+        else:
+            if job.train.head_warmup_steps and task.kind != "classification":
+                errors.append(f"train.head_warmup_steps={job.train.head_warmup_steps!r} is invalid for task "
+                              f"{job.data.task!r}: expected 0 (only classification tasks have a fresh head)")
+            shots = getattr(task, "k_shot", None)
+            if shots is not None and job.data.train_limit is not None:
+                errors.append(f"data.train_limit={job.data.train_limit!r} is invalid with data.task_args.k_shot={shots!r}: "
+                              "expected null (k_shot fixes the training set)")
     return errors
 
 

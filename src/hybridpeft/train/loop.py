@@ -41,6 +41,7 @@ from .. import distributed
 from ..api import adapter_tensors, after_optimizer_step, load_adapter, mixing_state, write_adapter
 from ..gradient_init import describe_estimate, lora_ga_init, lora_ga_targets
 from ..inject import config_of
+from ..tasks.base import write_predictions
 from ..tasks.lm import validation_loss
 from . import checkpoint as ckpt
 from . import parallel as par
@@ -53,8 +54,8 @@ from .lock import RunDirBusy, RunDirLock
 from .records import RunLog, now, peak_memory_mb, versions, write_json
 from .seeding import rng_state, seed_everything, set_rng_state
 from .setup import (
-    build_optimizer, build_scheduler, build_task, load_job_model, load_splits, prepare_model, set_schedule_length,
-    split_name,
+    build_optimizer, build_scheduler, build_task, describe_splits, load_job_model, load_splits, prepare_model,
+    set_schedule_length, split_name, warm_up_head,
 )
 
 RUN_INFO = "hybridpeft_run.json"  # written into saved adapter dirs: base model, task, step
@@ -232,14 +233,18 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any, strateg
     eval_examples = task.load(eval_split, job.data.data_dir, job.eval.limit, job.train.seed) \
         if (job.eval.before or job.eval.after) else []
     BatchStream.check_size(len(train_examples), job.train.batch_size, accelerator.num_processes)
+    data_info = describe_splits(job, task, len(train_examples), len(val_examples),
+                                len(eval_examples) if (job.eval.before or job.eval.after) else None)
 
     model_name = job.model_name(task.kind)
     model, tokenizer = load_job_model(job, model_name, task, empty=strategy.loads_empty, device=accelerator.device)
     model = strategy.place(model)
     results = _read_results(run_dir) if source is not None else {}
+    results["data"] = data_info
     if job.eval.before and "before" not in results and accelerator.is_main_process:
         _say(accelerator, f"evaluating the base model on {len(eval_examples)} '{eval_split}' examples of {task.name} ...")
         results["before"] = task_metrics(model, tokenizer, task, eval_examples, job.eval.batch_size)
+        _write_predictions(run_dir / "predictions_before.jsonl", task, eval_examples)
         _say(accelerator, f"before training: {_format_metrics(results['before'])}")
         write_json(run_dir / "results.json", results)
     accelerator.wait_for_everyone()
@@ -271,7 +276,7 @@ def _train(job: JobConfig, accelerator: Any, run_dir: Path, resume: Any, strateg
                stream=stream, params=[p for p in unwrapped.parameters() if p.requires_grad], state=state,
                strategy=strategy, last_saved=source)
     _say(accelerator, f"training {job.method} on {task.name}: {sum(p.numel() for p in run.params):,} trainable "
-                      f"parameters, {len(train_examples)} examples, {total_steps} steps "
+                      f"parameters, {data_info['train']}, validation {data_info['validation']}, {total_steps} steps "
                       f"({max(1, stream.batches_per_epoch // job.train.grad_accum)} per epoch), world size "
                       f"{accelerator.num_processes}, {strategy.describe()}, mixed precision {accelerator.mixed_precision}")
     run.log = RunLog(run_dir, run.is_main, job.train.tensorboard, resume_step=state.step if source is not None else None)
@@ -333,7 +338,8 @@ def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path
         if source is None:  # a fresh start: nothing of an earlier run may be mistaken for ours
             if job.output.overwrite:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            for name in ("train_log.jsonl", "eval_log.jsonl", "results.json"):
+            for name in ("train_log.jsonl", "eval_log.jsonl", "results.json", "predictions_before.jsonl",
+                         "predictions_after.jsonl"):
                 (run_dir / name).unlink(missing_ok=True)
             for name in ("adapter", "best_adapter", "debug"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -350,7 +356,12 @@ def _start_run_dir(accelerator: Any, job: JobConfig, run_dir: Path, source: Path
 
 
 def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Module, stream: BatchStream) -> None:
-    """Data-dependent starts before step 0 (LoRA-GA for ``lora_ga`` and the Hybrid's LoRA branch)."""
+    """The optional head warm-up, then data-dependent starts before step 0 (LoRA-GA for ``lora_ga``
+    and the Hybrid's LoRA branch)."""
+    if job.train.head_warmup_steps:
+        losses = warm_up_head(model, stream.warmup_batches(job.train.head_warmup_steps), job.train.head_warmup_steps,
+                              job.train.lr, tuple(job.train.betas), job.train.eps)
+        _say(accelerator, f"head warm-up: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if not lora_ga_targets(model):
         return
     n = config_of(model).lora_ga_config().num_batches
@@ -490,6 +501,9 @@ def _train_step(run: _Run) -> dict[str, Any]:
     grad_norm = run.strategy.clip_grad_norm(run.params, max_norm)
     record: dict[str, Any] = {"step": step, "epoch": position["epoch"], "data_index": position["index"],
                               "loss": mean_loss, "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+    for group in run.optimizer.param_groups:  # the Hybrid's branch learning rates, when set apart
+        if group.get("branch", "default") != "default":
+            record[f"lr_{group['branch']}"] = group["lr"]
     # Under fp16 an overflowing gradient is the scaler's business: it skips the step and lowers the scale.
     fp16_overflow = accelerator.scaler is not None and math.isfinite(mean_loss) and not math.isfinite(grad_norm)
     if math.isfinite(mean_loss) and (math.isfinite(grad_norm) or fp16_overflow):
@@ -622,6 +636,7 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
         if job.eval.after:
             _say(accelerator, f"evaluating the adapted model on {len(eval_examples)} '{eval_split}' examples ...")
             results["after"] = task_metrics(scored, run.tokenizer, run.task, eval_examples, job.eval.batch_size)
+            _write_predictions(run.run_dir / "predictions_after.jsonl", run.task, eval_examples)
         results.update(step=state.step, stop_reason=stop_reason, skipped_steps=state.skipped,
                        best_val_loss=state.best_val_loss, adapter=str(adapter_dir), finished=now(),
                        trainable_params=sum(p.numel() for p in run.params),
@@ -634,6 +649,13 @@ def _finish(run: _Run, stop_reason: str, results: dict[str, Any], eval_examples:
     return TrainResult(run_dir=run.run_dir, step=state.step, stop_reason=stop_reason, adapter_dir=adapter_dir,
                        before=results.get("before"), after=results.get("after"),
                        best_val_loss=state.best_val_loss, skipped_steps=state.skipped)
+
+
+def _write_predictions(path: Path, task: Any, examples: list) -> None:
+    """Per-example inputs, outputs, references and scores of the evaluation just run, beside results.json."""
+    records = task.predictions(examples) if hasattr(task, "predictions") else []
+    if records:
+        write_predictions(path, records)
 
 
 def _gathered(model: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import random
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from ..api import needs_anneal_steps, set_anneal_steps
 from ..inject import inject
 from ..optim import build_optimizer as build_adapter_optimizer
 from ..tasks import Example, Task, get_task
+from ..tasks.data import finalize, subsample
 from .job_config import JobConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,12 +40,30 @@ def split_name(task: Task, job_value: str | None, attribute: str, fallback: str)
 def load_splits(job: JobConfig, task: Task) -> tuple[list[Example], list[Example]]:
     """(train, validation) examples.
 
-    With ``data.val_split`` unset, validation is a held-out slice of the
-    training split: a seeded permutation puts ``val_limit`` examples aside
-    before ``train_limit`` is applied, so the test split stays untouched.
+    With ``data.val_split`` set, validation is that split (``val_limit`` of it).
+    Otherwise it is held out of the training split, so the test split is never
+    looked at:
+
+    - without ``k_shot``: a seeded permutation puts ``val_limit`` examples aside
+      before ``train_limit`` is applied;
+    - with the task's ``k_shot``: the training set is the k-shot sample of the
+      training split (whatever its name) and validation is ``val_limit`` examples
+      drawn (stratified, seeded) from the rest of that split, disjoint from the shots.
+      ``train_limit`` must then be unset (the config check says so).
     """
     train_split = split_name(task, job.data.train_split, "train_split", "train")
     data_dir, seed = job.data.data_dir, job.train.seed
+    shots = getattr(task, "k_shot", None)
+    if shots is not None:
+        train, rest = task.few_shot_split(train_split, data_dir, seed)  # type: ignore[attr-defined]
+        if job.data.val_split is not None:
+            val = finalize(task.read(job.data.val_split, data_dir), job.data.val_limit, seed)  # type: ignore[attr-defined]
+        else:
+            val = subsample(rest, job.data.val_limit, seed) if job.data.val_limit else []
+            if job.data.val_limit and len(val) < job.data.val_limit:
+                raise ValueError(f"data.val_limit={job.data.val_limit} is invalid: only {len(rest)} examples of split "
+                                 f"{train_split!r} are left after the {len(train)} k-shot examples; lower it or set data.val_split")
+        return train, val
     if job.data.val_split is not None:
         train = task.load(train_split, data_dir, job.data.train_limit, seed)
         val = task.load(job.data.val_split, data_dir, job.data.val_limit, seed)
@@ -61,6 +81,32 @@ def load_splits(job: JobConfig, task: Task) -> tuple[list[Example], list[Example
     if job.data.train_limit is not None:
         train = train[: job.data.train_limit]
     return train, val
+
+
+def describe_splits(job: JobConfig, task: Task, n_train: int, n_val: int, n_eval: int | None = None) -> dict[str, Any]:
+    """Where the run's training, validation and scored examples come from, in words and counts
+    (written to ``results.json`` and shown by the benchmark report)."""
+    train_split = split_name(task, job.data.train_split, "train_split", "train")
+    shots = getattr(task, "k_shot", None)
+    per = getattr(task, "k_shot_per", "label")
+    if shots is not None:
+        per_what = f" per {per}" if per == "language" or getattr(task, "num_labels", 0) else ""  # unlabelled: k in all
+        train = f"{n_train} examples: k_shot={shots}{per_what} of split {train_split!r}"
+        held = f"split {job.data.val_split!r}" if job.data.val_split is not None else \
+            f"the rest of split {train_split!r} (disjoint from the k-shot examples)"
+    else:
+        limit = f" (train_limit={job.data.train_limit})" if job.data.train_limit is not None else ""
+        train = f"{n_train} examples of split {train_split!r}{limit}"
+        held = f"split {job.data.val_split!r}" if job.data.val_split is not None else \
+            f"held out of split {train_split!r} before training (disjoint from the training examples)"
+    out: dict[str, Any] = {"train": train, "validation": f"{n_val} examples from {held}", "n_train": n_train, "n_validation": n_val}
+    skipped = getattr(task, "skipped_languages", None)
+    if skipped:
+        out["skipped_languages"] = dict(skipped)
+    if n_eval is not None:
+        out["n_scored"] = n_eval
+        out["scored"] = f"{n_eval} examples of split {split_name(task, job.eval.split, 'eval_split', 'test')!r}"
+    return out
 
 
 def load_model(name: str, task: Task, dtype: str = "float32", empty: bool = False, quantization: str | None = None,
@@ -115,6 +161,44 @@ def prepare_model(model: nn.Module, job: JobConfig, task: Task, checkpointing: b
     return inject(model, adapter_config_for(job, model, task))
 
 
+def warm_up_head(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], steps: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> list[float]:
+    """Train only the classification head (``head_modules``) for ``steps`` AdamW steps; returns the losses.
+
+    Every other parameter keeps its ``requires_grad`` flag but gets no update (its gradient is
+    dropped); under ``torch.distributed`` the head's gradients are averaged over ranks, so the
+    heads stay identical.
+    """
+    import torch.distributed as dist
+
+    head = [p for name in head_modules(model) for p in getattr(model, name).parameters()]
+    if not head:
+        raise ValueError(f"head warm-up needs a classification head ({type(model).__name__} has none of classifier/score)")
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    in_head = {id(p) for p in head}
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(head, lr=lr, betas=betas, eps=eps)
+    losses: list[float] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in in_head)
+        model.train()
+        for batch in itertools.islice(batches, steps):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                for p in head:
+                    dist.all_reduce(p.grad)
+                    p.grad /= dist.get_world_size()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return losses
+
+
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """transformers' activation checkpointing per block, non-reentrant; returns ``model``.
 
@@ -148,7 +232,8 @@ def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
     """``hybridpeft.optim.build_optimizer`` with the job's hyperparameters."""
     t = job.train
     return build_adapter_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas), eps=t.eps,
-                                   riemannian=t.riemannian, riemannian_lr=t.riemannian_lr)
+                                   riemannian=t.riemannian, riemannian_lr=t.riemannian_lr,
+                                   branch_lr={"lora": t.lr_lora, "boft": t.lr_boft})
 
 
 def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
