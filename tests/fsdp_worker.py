@@ -41,6 +41,9 @@ CONFIGS = {
     # norm_bound binds after a few steps: the bound is computed from gathered factors
     "lora": lambda: hp.LoraConfig(target_modules=TARGETS, r=2, norm_bound=0.02),
     "lora_ga": lambda: hp.LoraGAConfig(target_modules=TARGETS, r=2, num_batches=2),
+    # the sketched estimate (issue 14) from activations, as sharded weights require: k = 4r = 8 < 32
+    "lora_ga-sketch": lambda: hp.LoraGAConfig(target_modules=TARGETS, r=2, num_batches=2, estimator="sketch",
+                                              sketch_size=8),
     # boft_Q is (3, 8, 6): three factors over two ranks, an uneven split
     "boft": lambda: hp.BoftConfig(target_modules=TARGETS, block_size=4, n_factors=3),
     "unitary-structured": lambda: hp.UnitaryConfig(target_modules=TARGETS),
@@ -101,8 +104,9 @@ def probe() -> torch.Tensor:
     return torch.randint(0, 64, (3, SEQ), generator=torch.Generator().manual_seed(7))
 
 
-def _start_state(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {f"{name}.grad": g.double() for name, g in grads.items()}
+def _start_state(model: torch.nn.Module, grads: dict) -> dict[str, torch.Tensor]:
+    # a sketch's estimate is its leading singular triplets (LowRankGradient): kept as u diag(s) vᵀ
+    out = {f"{name}.grad": (g if isinstance(g, torch.Tensor) else g.dense()).double() for name, g in grads.items()}
     for name, (_, part) in lora_ga_targets(model).items():
         out[f"{name}.A0"] = distributed.full(part.lora_A0).detach().cpu()  # a buffer: rank 0's, whole
         out[f"{name}.B0"] = distributed.full(part.lora_B0).detach().cpu()

@@ -297,7 +297,7 @@ def _rank_worker(rank, world, init_file, out_dir):
 def test_lambda_identical_across_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork")  # fork: no re-import
+    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")  # not fork: a child forked after OpenMP ran deadlocks in libgomp
     r0, r1 = (json.load(open(tmp_path / f"r{r}.json")) for r in range(2))
     assert r0["lambda"] == r1["lambda"] and r0["g_lora"] == r1["g_lora"]
     gl = [math.hypot(*r["local"][:2]) for r in (r0, r1)]

@@ -381,7 +381,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
 def test_estimate_is_averaged_over_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork")  # fork: no re-import
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="spawn")  # not fork: a child forked after OpenMP ran deadlocks in libgomp
     torch.manual_seed(0)
     w = torch.randn(5, 6).double()
     expected = sum(2 * (w @ x.t()) @ x for x in (torch.full((1, 6), 1.0).double(), torch.full((1, 6), 2.0).double())) / 2

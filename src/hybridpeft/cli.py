@@ -316,6 +316,76 @@ register_command("report", Command("render a benchmark report (Markdown, HTML, P
                                    _report_arguments, _run_report))
 
 
+# ---------------------------------------------------------------- plan (hybridpeft.plan)
+
+_PLAN_NUMBERS = {"batch": int, "seq": int, "world_size": int, "device_memory": float}
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    from .plan import NAMED_SHAPES
+
+    p.add_argument("--model", required=True,
+                   help=f"a named shape ({', '.join(NAMED_SHAPES)}), a config.json, a directory holding one, or a hub id")
+    p.add_argument("--method", default="lora", help="adapter method (lora, lora_ga, boft, unitary, hybrid, full)")
+    p.add_argument("--adapter", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the method's config, e.g. --adapter r=16 --adapter ga_estimator=sketch (repeatable)")
+    p.add_argument("--targets", help="comma-separated target modules, or all-linear (default: every projection)")
+    p.add_argument("--batch", default="1", help="sequences per device micro-batch (default 1)")
+    p.add_argument("--seq", default="2048", help="tokens per sequence (default 2048)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default bfloat16)")
+    p.add_argument("--quantization", default="none", help="none or nf4 (bitsandbytes 4-bit base)")
+    p.add_argument("--world-size", default="1", help="devices (default 1)")
+    p.add_argument("--sharding", default=None, help="none, ddp or fsdp (default: none for one device, else fsdp)")
+    p.add_argument("--device-memory", default=None, metavar="GIB", help="say whether the peak fits in this many GiB")
+    p.add_argument("--device-kind", default="cuda", help="cuda (foreach optimizer) or cpu")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward (model.gradient_checkpointing)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+
+
+def _plan_number(name: str, raw: str | None):
+    from .plan import PlanInputError
+
+    if raw is None:
+        return None
+    try:
+        return _PLAN_NUMBERS[name](raw)
+    except ValueError:
+        raise PlanInputError(f"{name.replace('_', '-')}={raw!r} is invalid: expected a "
+                             f"{'number' if _PLAN_NUMBERS[name] is float else 'positive integer'}") from None
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .plan import PlanInputError, PlanRequest, format_plan, plan, plan_json
+    from .train.job_config import ConfigError
+
+    try:
+        world = _plan_number("world_size", args.world_size)
+        request = PlanRequest(
+            model=args.model, method=args.method, adapter=_key_values(args.adapter, "--adapter"),
+            targets=[t.strip() for t in args.targets.split(",")] if args.targets else None,
+            batch=_plan_number("batch", args.batch), seq=_plan_number("seq", args.seq), dtype=args.dtype,
+            quantization=args.quantization, world_size=world,
+            sharding=args.sharding or ("none" if world == 1 else "fsdp"), device_kind=args.device_kind,
+            device_memory_gib=_plan_number("device_memory", args.device_memory),
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
+        result = plan(request)
+    except (PlanInputError, ConfigError) as err:
+        print(f"hybridpeft: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(plan_json(result), indent=2) if args.json else format_plan(result), end="" if not args.json else "\n")
+    return 0
+
+
+register_command("plan", Command(
+    "predict peak memory per device for a model, method and setting (no weights loaded)", _plan_arguments, _run_plan,
+    "Predict the peak memory per device of a training step — weights, adapter parameters and optimizer states, "
+    "gradients, saved activations per adapted module, the loss's transient — and of LoRA-GA's gradient estimate "
+    "(exact and sketch), from the model's shapes on the meta device. Bad or impossible settings exit 2.",
+))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 

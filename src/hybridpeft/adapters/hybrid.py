@@ -47,9 +47,10 @@ _FLOAT32_BUFFERS = ("mix_lambda", "grad_norm_lora", "grad_norm_boft")
 class HybridConfig(AdapterConfig):
     """Args (flat; ``lora_*``/``ga_*`` feed the LoRA-GA branch, ``boft_*`` the BOFT branch):
         lora_r, lora_alpha, lora_dropout, lora_rslora: ``LoraGAConfig``'s ``r``, ``alpha``, ``dropout``, ``rslora``.
-        ga_direction, ga_scale, ga_stable_gamma, ga_init_form, ga_num_batches, ga_svd_niter:
+        ga_direction, ga_scale, ga_stable_gamma, ga_init_form, ga_num_batches, ga_svd_niter,
+        ga_estimator, ga_sketch_size, ga_sketch_seed, ga_sketch_passes:
             ``LoraGAConfig``'s ``direction``, ``scale``, ``stable_gamma``, ``init_form``,
-            ``num_batches``, ``svd_niter``. (The start point always stays in the adapter:
+            ``num_batches``, ``svd_niter``, ``estimator``, ``sketch_size``, ``sketch_seed``, ``sketch_passes``. (The start point always stays in the adapter:
             subtracting it from the ``W`` that the BOFT branch also rotates would change the output.)
         boft_block_size, boft_n_factors: ``BoftConfig``'s ``block_size``, ``n_factors`` (output side).
         recompute_base: ``BoftConfig``'s ``recompute_base``. ``False`` (default): backward keeps
@@ -81,6 +82,10 @@ class HybridConfig(AdapterConfig):
     ga_init_form: str = LoraGAConfig.init_form
     ga_num_batches: int = LoraGAConfig.num_batches
     ga_svd_niter: int = LoraGAConfig.svd_niter
+    ga_estimator: str = LoraGAConfig.estimator
+    ga_sketch_size: int | None = LoraGAConfig.sketch_size
+    ga_sketch_seed: int = LoraGAConfig.sketch_seed
+    ga_sketch_passes: int = LoraGAConfig.sketch_passes
     boft_block_size: int = BoftConfig.block_size
     boft_n_factors: int = BoftConfig.n_factors
     recompute_base: bool = BoftConfig.recompute_base
@@ -125,6 +130,8 @@ _LORA_GA_FIELDS = {
     "r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "lora_rslora",
     "direction": "ga_direction", "scale": "ga_scale", "stable_gamma": "ga_stable_gamma",
     "init_form": "ga_init_form", "num_batches": "ga_num_batches", "svd_niter": "ga_svd_niter",
+    "estimator": "ga_estimator", "sketch_size": "ga_sketch_size", "sketch_seed": "ga_sketch_seed",
+    "sketch_passes": "ga_sketch_passes",
 }
 _BOFT_FIELDS = {"block_size": "boft_block_size", "n_factors": "boft_n_factors", "recompute_base": "recompute_base"}
 

@@ -29,6 +29,8 @@ DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "unit", "gd", "weight_svd")
 INIT_FORMS = ("lora_ga", "paper_eq8")
 OFFSETS = ("adapter", "subtract")
+ESTIMATORS = ("auto", "exact", "sketch")
+DEFAULT_SKETCH_FACTOR = 2  # default k = 2 × rank_needed() = 4r (measured in docs/perf/lora-ga-scale.md)
 
 
 @dataclass
@@ -60,7 +62,25 @@ class LoraGAConfig(LoraConfig):
             with ``"subtract"``, ``hybridpeft.disabled(model)`` runs the shifted ``W``, not the
             original base.
         num_batches: batches averaged by ``lora_ga_init`` for ``G``.
-        svd_niter: power iterations of ``torch.svd_lowrank``.
+        svd_niter: power iterations of ``torch.svd_lowrank`` (the exact estimator's SVD).
+        estimator: how ``lora_ga_init`` keeps ``G`` while it averages batches:
+            ``"exact"`` a dense float32 accumulator per adapted weight on the host (4 bytes per
+            adapted parameter: ~28 GB for an 8B model with every projection adapted);
+            ``"sketch"`` a randomized sketch ``Y = G Ω``, ``Z = Ψ G`` per layer on the weight's
+            device, ``4 (k + l)(d_in + d_out)`` bytes, from which the top singular vectors are
+            recovered in one pass (``hybridpeft.gradient_sketch``); ``"auto"`` (default) exact
+            while the accumulators total at most ``hybridpeft.lora_ga.AUTO_EXACT_MAX_BYTES``,
+            else the sketch.
+        sketch_size: ``k``, the sketch's range columns (its co-range rows are ``l = min(2k + 1, d_out)``);
+            at least ``rank_needed()`` and at most ``min(d_in, d_out)`` of every adapted layer.
+            ``None`` (default): ``DEFAULT_SKETCH_FACTOR × rank_needed()``, capped at ``min(d_in, d_out)``.
+        sketch_seed: draws the sketch's random sign matrices (identical on every rank and machine).
+        sketch_passes: sweeps over the estimate's batches: 1 the single-pass sketch; ``p ≥ 2``
+            randomized subspace iteration, ``p`` times the forward/backward passes for a better
+            separation of the top directions when the spectrum decays slowly (``p = 2 + 2q``
+            equals ``svd_lowrank(niter=q)``; the exact estimator uses ``q = svd_niter``). Default
+            2: on SmolLM2's GSM8K gradients one pass lost 0.013 of first-step alignment, two
+            passes 0.002 (docs/perf/lora-ga-scale.md).
 
     ``norm_bound`` is refused: rescaling ``A`` and ``B`` does not rescale ``BA − B0A0``.
     """
@@ -73,6 +93,10 @@ class LoraGAConfig(LoraConfig):
     offset: str = "adapter"
     num_batches: int = 8
     svd_niter: int = 4
+    estimator: str = "auto"
+    sketch_size: int | None = None
+    sketch_seed: int = 0
+    sketch_passes: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +108,15 @@ class LoraGAConfig(LoraConfig):
         check(self.offset in OFFSETS, "offset", self.offset, f"one of {list(OFFSETS)}")
         check(is_int(self.num_batches) and self.num_batches > 0, "num_batches", self.num_batches, "a positive integer")
         check(is_int(self.svd_niter) and self.svd_niter >= 0, "svd_niter", self.svd_niter, "a non-negative integer")
+        check(self.estimator in ESTIMATORS, "estimator", self.estimator, f"one of {list(ESTIMATORS)}")
+        need = self.rank_needed()
+        check(self.sketch_size is None or (is_int(self.sketch_size) and self.sketch_size >= need),
+              "sketch_size", self.sketch_size,
+              f"None or an integer ≥ {need} (the start uses {need} singular directions: "
+              f"{'r' if need == self.r else '2r'} with r={self.r})")
+        check(is_int(self.sketch_seed) and self.sketch_seed >= 0, "sketch_seed", self.sketch_seed, "a non-negative integer")
+        check(is_int(self.sketch_passes) and self.sketch_passes >= 1,
+              "sketch_passes", self.sketch_passes, "a positive integer (1: single pass)")
 
     def lora_ga_config(self) -> "LoraGAConfig":
         """The LoRA-GA options of this config (the Hybrid returns its sub-config here)."""
@@ -92,6 +125,18 @@ class LoraGAConfig(LoraConfig):
     def rank_needed(self) -> int:
         """How many singular directions the start uses: ``2r`` (disjoint A/B sets) or ``r`` (eq. 8)."""
         return self.r if self.init_form == "paper_eq8" else 2 * self.r
+
+    def sketch_size_for(self, d_in: int, d_out: int) -> int:
+        """``k`` for a d_out × d_in layer: ``sketch_size`` or the default, capped at ``min(d_in, d_out)``.
+
+        Raises:
+            ValueError: an explicit ``sketch_size`` exceeds ``min(d_in, d_out)``.
+        """
+        if self.sketch_size is not None:
+            check(self.sketch_size <= min(d_in, d_out), "sketch_size", self.sketch_size,
+                  f"at most min(d_in, d_out) = {min(d_in, d_out)} for a {d_out}×{d_in} layer")
+            return self.sketch_size
+        return min(DEFAULT_SKETCH_FACTOR * self.rank_needed(), d_in, d_out)
 
 
 class LoraGAAdapter(LoraAdapter):
@@ -117,6 +162,7 @@ class LoraGAAdapter(LoraAdapter):
         check(need <= min(d_in, d_out), "r", config.r,
               f"at most {min(d_in, d_out) // (need // config.r)} for this layer (init_form={config.init_form!r} "
               f"uses {need // config.r}r singular directions of a {d_out}×{d_in} gradient)")
+        config.sketch_size_for(d_in, d_out)  # an explicit sketch_size must fit this layer
         super().__init__(d_in, d_out, config)
         self.ga_config = config
         self.offset_in_base = False

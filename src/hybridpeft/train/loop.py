@@ -39,7 +39,7 @@ import torch
 
 from .. import distributed
 from ..api import adapter_tensors, after_optimizer_step, load_adapter, mixing_state, write_adapter
-from ..gradient_init import lora_ga_init, lora_ga_targets
+from ..gradient_init import describe_estimate, lora_ga_init, lora_ga_targets
 from ..inject import config_of
 from ..tasks.base import write_predictions
 from ..tasks.lm import validation_loss
@@ -365,7 +365,7 @@ def _initialize_adapters(job: JobConfig, accelerator: Any, model: torch.nn.Modul
     if not lora_ga_targets(model):
         return
     n = config_of(model).lora_ga_config().num_batches
-    _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ...")
+    _say(accelerator, f"LoRA-GA: estimating gradients on {n} batches ({describe_estimate(model)}) ...")
     cache = None
     if job.train.lora_ga_cache:
         from ..models import cache_dir
