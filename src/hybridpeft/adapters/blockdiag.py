@@ -122,7 +122,10 @@ class BlockDiagonalFunction(torch.autograd.Function):
             if u is not None:
                 y.addmm_(u, v.t())  # fresh tensor: add the low-rank term in place
         kept = {"output": y, "input": h, "base": None}[keep.kind]
-        ctx.save_for_backward(kept, blocks, u, v, x)
+        # x only where backward may recompute h from it: an unguarded "output" never reads it,
+        # and keeping it would hold an (N, d_in) activation per module for nothing.
+        needs_x = keep.kind == "base" or keep.guard is not None
+        ctx.save_for_backward(kept, blocks, u, v, x if needs_x else None)
         ctx.keep, ctx.h_dtype, ctx.dim = keep, h.dtype, h.shape[1]
         return y
 

@@ -115,8 +115,8 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
         d = d_out if config.side == "output" else d_in
         other, composed = _butterfly(d, config.block_size, config.n_factors, act)
         if config.side == "output" and not config.recompute_base:
-            # composed: its output (h is rebuilt from it) and, unused, the base input x as well; factored: h
-            return ModuleSaved(True, True, other) if composed else ModuleSaved(False, False, other + n * d_out * act)
+            # composed: its output (h is rebuilt from it); factored: h
+            return ModuleSaved(False, True, other) if composed else ModuleSaved(False, False, other + n * d_out * act)
         return ModuleSaved(True, False, other)
     if method == "unitary":
         if config.recompute_base:
