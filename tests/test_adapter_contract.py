@@ -36,13 +36,19 @@ import tiny_models  # noqa: E402
 from numerics import assert_close_ulps  # noqa: E402
 
 
-def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
 def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return output(model, x).float().square().mean()
+    return tiny_models.output(model, x).float().square().mean()
+
+
+def train_steps(model: nn.Module, make_input: Callable[[int], torch.Tensor], steps: int = 3) -> None:
+    """``steps`` AdamW steps on fresh inputs, with the per-step adapter work (λ updates, the
+    full unitary's Riemannian steps and drift repair) as training does it."""
+    optimizer = hp.build_optimizer(model, lr=1e-2)
+    for step in range(steps):
+        loss_of(model, make_input(20 + step)).backward()
+        optimizer.step()
+        hp.after_optimizer_step(model)
+        optimizer.zero_grad()
 
 
 def linear_stack(dtype=torch.float64):
@@ -79,12 +85,6 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], list[str], Callable[[int], tor
 
 
 @torch.no_grad()
-def perturb_parameters(model: nn.Module, scale: float) -> None:
-    for p in hp.trainable_parameters(model).values():
-        p.add_(torch.randn_like(p) * scale)
-
-
-@torch.no_grad()
 def perturb_unitary(model: nn.Module, scale: float) -> None:
     """Full-capacity blocks rotate by a random orthogonal matrix (staying on the manifold)."""
     for _, layer in hp.adapted_layers(model):
@@ -100,7 +100,7 @@ def perturb_unitary(model: nn.Module, scale: float) -> None:
 
 @torch.no_grad()
 def perturb_hybrid(model: nn.Module, scale: float) -> None:
-    perturb_parameters(model, scale)
+    tiny_models.perturb(model, scale)
     for _, layer in hp.adapted_layers(model):
         layer.adapter.mix_lambda.fill_(0.3)  # away from the default 0.5
 
@@ -123,7 +123,7 @@ class Method:
     method: str
     config: Callable[..., hp.AdapterConfig]
     parameters: frozenset[str]
-    perturb: Callable[[nn.Module, float], None] = perturb_parameters
+    perturb: Callable[[nn.Module, float], None] = tiny_models.perturb
     gradient_start: bool = False
     init_tolerance: tuple[float, float] | None = None
     unmerge_atol: float = 1e-12
@@ -191,15 +191,15 @@ def case(request):
 
 def test_output_unchanged_at_init_and_moved_by_the_adapter(case):
     method, build, targets, make_input, x = case
-    base = output(build(), x)
+    base = tiny_models.output(build(), x)
     model = adapted_model(method, build, targets, make_input)
     if method.init_tolerance is None:
-        assert_close_ulps(output(model, x), base)  # the host adds the bias after the GEMM, the base layer inside
+        assert_close_ulps(tiny_models.output(model, x), base)  # the host adds the bias after the GEMM, the base layer inside
     else:
         atol, rtol = method.init_tolerance
-        torch.testing.assert_close(output(model, x), base, atol=atol, rtol=rtol)
+        torch.testing.assert_close(tiny_models.output(model, x), base, atol=atol, rtol=rtol)
     method.perturb(model, 0.3)
-    assert not torch.allclose(output(model, x), base, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(tiny_models.output(model, x), base, rtol=1e-3, atol=1e-3)
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_w(case):
@@ -208,11 +208,11 @@ def test_merged_equals_unmerged_and_unmerge_restores_w(case):
     method.perturb(model, 0.3)
     weights = {n: layer.weight.detach().clone() for n, layer in hp.adapted_layers(model)}
     biases = {n: layer.bias.detach().clone() for n, layer in hp.adapted_layers(model) if layer.bias is not None}
-    adapted = output(model, x)
+    adapted = tiny_models.output(model, x)
     hp.merge(model)
     assert all(layer.merged for _, layer in hp.adapted_layers(model))
     assert any(not torch.allclose(layer.weight, weights[n]) for n, layer in hp.adapted_layers(model))
-    torch.testing.assert_close(output(model, x), adapted, atol=1e-10, rtol=0)
+    torch.testing.assert_close(tiny_models.output(model, x), adapted, atol=1e-10, rtol=0)
     with pytest.raises(RuntimeError, match="already merged"):
         hp.merge(model)
     hp.unmerge(model)
@@ -220,29 +220,29 @@ def test_merged_equals_unmerged_and_unmerge_restores_w(case):
         torch.testing.assert_close(layer.weight, weights[n], atol=method.unmerge_atol, rtol=0)
         if n in biases:  # IA³ merges into the bias too
             torch.testing.assert_close(layer.bias, biases[n], atol=method.unmerge_atol, rtol=0)
-    torch.testing.assert_close(output(model, x), adapted, atol=1e-10, rtol=0)
+    torch.testing.assert_close(tiny_models.output(model, x), adapted, atol=1e-10, rtol=0)
     plain = hp.merge_and_unload(model)
     assert not hp.adapted_layers(plain) and not hasattr(plain, "hybridpeft_config")
-    torch.testing.assert_close(output(plain, x), adapted, atol=1e-10, rtol=0)
+    torch.testing.assert_close(tiny_models.output(plain, x), adapted, atol=1e-10, rtol=0)
 
 
 def test_disabled_runs_the_base_model_and_restores_the_state(case):
     method, build, targets, make_input, x = case
-    base = output(build(), x)
+    base = tiny_models.output(build(), x)
     model = adapted_model(method, build, targets, make_input)
     method.perturb(model, 0.3)
-    adapted = output(model, x)
+    adapted = tiny_models.output(model, x)
     assert not torch.allclose(adapted, base, rtol=1e-3, atol=1e-3)
     with hp.disabled(model):
-        assert torch.equal(output(model, x), base)  # the base layers themselves run
+        assert torch.equal(tiny_models.output(model, x), base)  # the base layers themselves run
     with pytest.raises(KeyError):
         with hp.disabled(model):
             raise KeyError("boom")
     assert not any(layer.disabled for _, layer in hp.adapted_layers(model))
-    assert torch.equal(output(model, x), adapted)
+    assert torch.equal(tiny_models.output(model, x), adapted)
     hp.merge(model)  # disabling a merged model unmerges for the duration, then merges back
     with hp.disabled(model):
-        assert torch.allclose(output(model, x), base, atol=1e-10)
+        assert torch.allclose(tiny_models.output(model, x), base, atol=1e-10)
     assert all(layer.merged for _, layer in hp.adapted_layers(model))
 
 
@@ -250,13 +250,13 @@ def test_save_reseed_load_reproduces_the_output(case, tmp_path):
     method, build, targets, make_input, x = case
     model = adapted_model(method, build, targets, make_input)
     method.perturb(model, 0.3)
-    expected = output(model, x)
+    expected = tiny_models.output(model, x)
     hp.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == method.method
     assert hp.read_adapter_config(tmp_path) == config_of(model)
     torch.manual_seed(1234)  # a different random start (e.g. the unitary's reflections) must not matter
     restored = hp.load_adapter(build(), tmp_path)
-    assert torch.equal(output(restored, x), expected)
+    assert torch.equal(tiny_models.output(restored, x), expected)
 
 
 def test_training_changes_only_adapter_tensors(case):
@@ -266,12 +266,7 @@ def test_training_changes_only_adapter_tensors(case):
     trainable = hp.trainable_parameters(model)
     assert trainable and {n.split(".adapter.", 1)[-1] for n in trainable} == method.parameters
     assert all(".adapter." in n for n in trainable)
-    optimizer = hp.build_optimizer(model, lr=1e-2)  # Riemannian steps for the full unitary's blocks
-    for step in range(3):
-        loss_of(model, make_input(20 + step)).backward()
-        optimizer.step()
-        hp.after_optimizer_step(model)
-        optimizer.zero_grad()
+    train_steps(model, make_input)
     for name, p in model.named_parameters():
         assert (not torch.equal(p, before[name])) == (name in trainable), name
     for name, t in model.state_dict().items():
@@ -295,9 +290,9 @@ def test_merge_in_float32_within_relative_tolerance(method_id):
     method.perturb(model, 0.05)
     weights = {n: layer.weight.detach().clone() for n, layer in hp.adapted_layers(model)}
     x = tokens(0)
-    adapted = output(model, x)
+    adapted = tiny_models.output(model, x)
     hp.merge(model)
-    merged = output(model, x)
+    merged = tiny_models.output(model, x)
     assert ((merged - adapted).norm() / adapted.norm()).item() < 1e-5
     hp.unmerge(model)
     for n, layer in hp.adapted_layers(model):
@@ -310,7 +305,7 @@ def test_half_precision_forward_is_finite(method_id, dtype):
     method = METHODS[method_id]
     model = llama_all_linear(method, dtype)
     method.perturb(model, 0.01)
-    logits = output(model, tokens(0))
+    logits = tiny_models.output(model, tokens(0))
     assert logits.dtype == dtype and torch.isfinite(logits).all()
 
 
@@ -320,7 +315,7 @@ def test_float32_adapter_on_bfloat16_model(method_id):
     method = METHODS[method_id]
     model = llama_all_linear(method, torch.bfloat16, adapter_dtype="float32")
     method.perturb(model, 0.1)
-    logits = output(model, tokens(0))
+    logits = tiny_models.output(model, tokens(0))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
     logits.float().square().mean().backward()
     for name, p in hp.trainable_parameters(model).items():
@@ -336,26 +331,21 @@ def test_full_fine_tuning_keeps_the_contract_that_applies(model_name, tmp_path):
     """Output unchanged at init, every tensor trains, save → reseed → load reproduces the output."""
     build, _, make_input = MODELS[model_name]
     x = make_input(0)
-    base = output(build(), x)
+    base = tiny_models.output(build(), x)
     model = hp.inject(build(), hp.FullConfig())
     assert not hp.adapted_layers(model)
-    assert torch.equal(output(model, x), base)  # nothing is wrapped: the same computation
+    assert torch.equal(tiny_models.output(model, x), base)  # nothing is wrapped: the same computation
     trainable = hp.trainable_parameters(model)
     assert set(trainable) == {n for n, _ in model.named_parameters()}
     assert hp.count_trainable(model) == sum(p.numel() for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = hp.build_optimizer(model, lr=1e-2)
-    for step in range(3):
-        loss_of(model, make_input(20 + step)).backward()
-        optimizer.step()
-        hp.after_optimizer_step(model)
-        optimizer.zero_grad()
+    train_steps(model, make_input)
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]), name
-    expected = output(model, x)
+    expected = tiny_models.output(model, x)
     assert not torch.allclose(expected, base, rtol=1e-3, atol=1e-3)
     hp.save_adapter(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["method"] == "full"
     torch.manual_seed(1234)
     restored = hp.load_adapter(build(), tmp_path)
-    assert torch.equal(output(restored, x), expected)
+    assert torch.equal(tiny_models.output(restored, x), expected)

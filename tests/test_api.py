@@ -17,18 +17,7 @@ from hybridpeft.api import needs_anneal_steps, set_anneal_steps
 from hybridpeft.inject import config_of
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import tiny_llama  # noqa: E402
-
-
-def output(model, inputs):
-    out = model(inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def perturb(model, scale=0.3):
-    with torch.no_grad():
-        for p in hp.trainable_parameters(model).values():
-            p.add_(torch.randn_like(p) * scale)
+from tiny_models import output, perturb, tiny_llama  # noqa: E402
 
 
 def test_saved_adapter_holds_no_base_weights(tmp_path):

@@ -55,12 +55,6 @@ def boft(targets, side, **kw):
                       side=side, **kw)
 
 
-def perturb(model, scale=0.3):
-    with torch.no_grad():
-        for p in hp.trainable_parameters(model).values():
-            p.add_(torch.randn_like(p) * scale)
-
-
 def random_adapter(d, b, m, side="output", dtype=torch.float64, scale=0.5, seed=0, form=None):
     adapter = BoftAdapter(d, d, BoftConfig(block_size=b, n_factors=m, side=side)).to(dtype)
     adapter.form = form or adapter.form
@@ -283,7 +277,7 @@ def test_input_side_rotates_activations_before_the_weight():
     torch.manual_seed(0)
     layer = nn.Linear(16, 8).double()
     model = hp.inject(nn.Sequential(layer), BoftConfig(target_modules=["0"], block_size=4, n_factors=2, side="input"))
-    perturb(model)
+    tiny_models.perturb(model)
     adapter = hp.adapted_layers(model)[0][1].adapter
     x = torch.randn(5, 16, dtype=torch.float64)
     R = adapter.dense_rotation().detach()
@@ -319,7 +313,7 @@ def test_any_shape_is_refused_or_orthogonal_and_identity_at_init(shape):
     assert fits(d, b, m)
     with torch.no_grad():
         assert_close_ulps(model(x), layer(x))  # R = I exactly; the bias is added after the GEMM here
-        perturb(model, scale=1.0)
+        tiny_models.perturb(model, scale=1.0)
         R = hp.adapted_layers(model)[0][1].adapter.dense_rotation()
         W = layer.weight
         expected = (x @ W.T @ R.T if side == "output" else x @ R.T @ W.T) + layer.bias

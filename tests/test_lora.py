@@ -15,18 +15,7 @@ import hybridpeft as hp
 from hybridpeft.adapters.lora import lowrank_frobenius
 
 transformers = pytest.importorskip("transformers")
-from tiny_models import tiny_llama, mlp  # noqa: E402
-
-
-def output(model, inputs):
-    out = model(inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def perturb(model, scale=0.3):
-    with torch.no_grad():
-        for p in hp.trainable_parameters(model).values():
-            p.add_(torch.randn_like(p) * scale)
+from tiny_models import mlp, output, perturb, tiny_llama  # noqa: E402
 
 
 def test_lora_parameter_count_closed_form():

@@ -17,6 +17,20 @@ import transformers
 from torch import nn
 
 
+def output(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's output tensor: a plain module's result, or a transformers model's logits."""
+    out = model(inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, scale: float = 0.3) -> None:
+    """Move every trainable tensor by seeded-by-caller Gaussian noise of std ``scale``."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p) * scale)
+
+
 def tiny_llama(dtype=torch.float32, kv_heads=2):
     """kv_heads=4 makes k/v_proj 32 wide, which BOFT b8 m3 needs (d divisible by b·2^(m−1))."""
     cfg = transformers.LlamaConfig(
