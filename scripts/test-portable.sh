@@ -10,7 +10,7 @@ PY=${PYTHON:-.venv/bin/python}
 status=0
 while read -r settings; do
   echo "== $settings"
-  env $settings "$PY" -m pytest -q -p no:cacheprovider -W ignore "$@" || status=1
+  env $settings "$PY" -m pytest -p no:cacheprovider -W ignore "$@" || status=1  # pyproject adds -q; a second -q hides the summary line
 done <<'SETTINGS'
 ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 MKL_CBWR=COMPATIBLE
 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
