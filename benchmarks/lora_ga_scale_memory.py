@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -119,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(*args.child, args.batches)))
         return 0
+    from memtrack import run_child, run_meta
+
     rows = []
     for shape in args.shapes:
         for estimator in args.estimators:
@@ -128,20 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                       "not started (the machine is shared) — rerun later", file=sys.stderr)
                 return 1
             cmd = [sys.executable, __file__, "--child", shape, estimator, "--batches", str(args.batches)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
+            measured = run_child(cmd)
+            if measured is None:
                 return 1
-            row = {**json.loads(done.stdout.strip().splitlines()[-1]), **predict(shape, estimator)}
+            row = {**measured, **predict(shape, estimator)}
             rows.append(row)
             print(f"{shape:<13} {estimator:<7} allocated {row['allocated_peak'] / MiB:8.0f} MiB  RSS-baseline "
                   f"{row['rss_peak_minus_baseline'] / MiB:8.0f} MiB  predicted {(row['predicted_device'] + row['predicted_host']) / MiB:8.0f} MiB"
                   f"  ({row['seconds']:.0f} s)", flush=True)
-    import torch
-
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
-            "machine": f"{os.cpu_count()} cores (shared), 1 torch thread per child, load {os.getloadavg()[0]:.1f}",
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)")}
+    meta = run_meta()
     text = markdown(rows)
     print(text)
     if args.out:

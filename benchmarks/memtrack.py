@@ -14,8 +14,12 @@ the model, the training tensors, allocator slack and fragmentation.
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
+import subprocess
+import sys
+import time
 import weakref
 from collections.abc import Iterable
 
@@ -86,3 +90,20 @@ def warm_up() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     del model, opt
+
+
+def run_child(cmd: list[str]) -> dict | None:
+    """Run one measurement in a fresh single-threaded process; its last stdout line is a JSON
+    row. None (with the child's stderr tail printed) when it failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_meta() -> dict:
+    """Where and how a memory table was measured (date, torch, cores, load, malloc setting)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
+            "machine": f"{os.cpu_count()} cores, 1 torch thread per child, load {os.getloadavg()[0]:.1f}",
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)")}

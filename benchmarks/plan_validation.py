@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -144,28 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(*args.child, args.steps, args.gradient_checkpointing, args.device, args.dtype)))
         return 0
+    from memtrack import run_child, run_meta
+
     rows = []
     for shape in args.shapes:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--child", shape, method, "--steps", str(args.steps)]
             cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
             cmd += ["--device", args.device, "--dtype", args.dtype]
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
+            measured = run_child(cmd)
+            if measured is None:
                 return 1
-            row = {**json.loads(done.stdout.strip().splitlines()[-1]),
-                   **predict(shape, method, args.gradient_checkpointing, args.device, args.dtype)}
+            row = {**measured, **predict(shape, method, args.gradient_checkpointing, args.device, args.dtype)}
             rows.append(row)
             print(f"{shape:<13} {method:<8} predicted {row['predicted_peak'] / MiB:9.2f} MiB  allocated "
                   f"{row['allocated_peak'] / MiB:9.2f} MiB  RSS-baseline {row['rss_peak_minus_baseline'] / MiB:9.2f} MiB "
                   f"(baseline {row['baseline_rss'] / MiB:.0f} MiB)", flush=True)
-    import torch
-
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
-            "machine": f"{os.cpu_count()} cores (shared), 1 torch thread per child, load {os.getloadavg()[0]:.1f}",
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)")}
+    meta = run_meta()
     text = markdown(rows, meta)
     print(text)
     if args.out:
