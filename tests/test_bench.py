@@ -796,3 +796,68 @@ def test_a_non_finite_primary_metric_is_refused_naming_it(bad):
     with pytest.raises(ValueError, match=r"metrics\['accuracy'\]=(nan|inf|-inf) is invalid: the primary metric must be finite"):
         check_result(result)
     check_result({**result, "primary_metric": "val_loss"})  # a non-finite secondary metric is kept (reported as failed)
+
+
+def test_stored_errors_name_no_path_of_this_machine(tmp_path, monkeypatch):
+    """A failed run's traceback used to carry absolute paths into a store meant for publishing."""
+    import hybridpeft.bench.store as store_module
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("HYBRIDPEFT_DATA", str(data))
+    repo = Path(store_module.__file__).resolve().parents[3]
+    store = ResultStore(tmp_path / "store")
+    error = (f'File "{repo}/src/hybridpeft/train/loop.py", line 3\n'
+             f'File "{sys.prefix}/lib/torch/nn.py"\n'
+             f"FileNotFoundError: {data}/xnli/dev.tsv\nsaved {tmp_path / 'store'}/runs/a\nkept as is: /opt/x")
+    store.append({"key": "k", "status": "failed", "error": error})
+    stored = store.records()[0]["error"]
+    assert stored == ('File "<repo>/src/hybridpeft/train/loop.py", line 3\n'
+                      'File "<python>/lib/torch/nn.py"\n'
+                      "FileNotFoundError: <data>/xnli/dev.tsv\nsaved <store>/runs/a\nkept as is: /opt/x")
+
+
+def test_report_with_its_benchmark_counts_and_names_every_missing_run(tmp_path):
+    """A partial store's report used to be silent about runs that never started."""
+    from hybridpeft.bench.progress import grid_progress
+    from hybridpeft.bench.report import write_report
+
+    data = _bench(tmp_path, methods=["lora", "hybrid"], seeds=[0, 1], max_attempts=1,
+                  lr_search={"candidates": {"default": [1e-3, 1e-2]}, "seeds": [0]},
+                  overrides=[{"where": {"method": "hybrid", "task": "rte-cls"}, "set": {"fail": {"always": True}}}])
+    bench = parse_bench(data)
+    run_bench(bench, progress=False)
+    store = ResultStore(bench.output_dir)
+    never = expand_grid(bench, {("tiny", "sst2-cls", "lora"): {"lr": 1e-3}})[0]
+    killed = [r for r in expand_grid(bench, {("tiny", "sst2-cls", "lora"): {"lr": 1e-3}}) if r.seed == 1][0]
+    assert store.states()[never.key].status == "ok"
+    # Drop two final runs from the log: one never started, one killed while running.
+    kept = [r for r in store.records() if r["key"] not in (never.key, killed.key)]
+    (bench.output_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    store.append({"key": killed.key, "status": "running", "attempt": 1})
+
+    progress = grid_progress(bench, store.records())
+    cells = {c.cell: c for c in progress.cells}
+    assert (progress.done, progress.total) == (3 * 2 + 3 * 2 - 2, 4 * 2 + 4 * 2)
+    rte_hybrid = cells[("tiny", "rte-cls", "hybrid")]
+    assert (rte_hybrid.search_done, rte_hybrid.final_total, rte_hybrid.waiting_for_search) == (0, 2, 2)
+    assert rte_hybrid.failed == ["hybrid@1e-3/seed0 (failed, 1 attempt)", "hybrid@1e-2/seed0 (failed, 1 attempt)"]
+    assert cells[("tiny", "sst2-cls", "lora")].not_started == ["lora/seed0"]
+    assert cells[("tiny", "sst2-cls", "lora")].failed == ["lora/seed1 (running, or killed while running)"]
+    assert cells[("tiny", "rte-cls", "lora")].complete
+
+    write_report(bench.output_dir, tmp_path / "r", bench=bench)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**Partial:** 10 of the 16 runs the benchmark asks for have finished (lr search 6 of 8, final runs 4 of 8)" in md
+    assert "| tiny/rte-cls/hybrid | 0 of 2 | 0 of 2 | 2 final run(s) wait for the lr search; not finished: " \
+           "hybrid@1e-3/seed0 (failed, 1 attempt), hybrid@1e-2/seed0 (failed, 1 attempt) |" in md
+    assert "tiny/rte-cls/lora |" not in md.split("## Grid progress")[1].split("##")[0]
+
+    other = parse_bench(dict(data, seeds=[0], output=str(tmp_path / "other"),
+                             overrides=[], shared={**data["shared"], "train": {**data["shared"]["train"], "max_steps": 7}}))
+    run_bench(other, progress=False)
+    write_report(other.output_dir, tmp_path / "r2", bench=other)
+    assert "**Complete:** all 12 runs the benchmark asks for have finished (lr search 8 of 8, final runs 4 of 4)." in \
+        (tmp_path / "r2" / "report.md").read_text()
+    write_report(other.output_dir, tmp_path / "r3", bench=bench)  # the store of another configuration
+    md = (tmp_path / "r3" / "report.md").read_text()
+    assert "**Partial:** 0 of the 16 runs" in md and "12 finished run(s) in the store are not runs of this benchmark" in md

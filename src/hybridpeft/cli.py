@@ -304,7 +304,8 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from .bench.commands import report_command
 
-    return report_command(args.results, out=args.out, reference=args.reference, title=args.title, notes=args.notes)
+    return report_command(args.results, out=args.out, reference=args.reference, title=args.title, notes=args.notes,
+                          bench=args.bench)
 
 
 register_command("bench", Command(

@@ -34,10 +34,12 @@ def bench_command(config: str, *, set_: list[str] | None = None, output: str | N
 
 
 def report_command(results: str, *, out: str, reference: str = "lora", title: str | None = None,
-                   notes: str | None = None) -> int:
+                   notes: str | None = None, bench: str | None = None) -> int:
     from .report import write_report
+    from .spec import load_bench
 
-    paths = write_report(results, out, reference=reference, title=title, notes=notes)
+    paths = write_report(results, out, reference=reference, title=title, notes=notes,
+                         bench=load_bench(bench) if bench else None)
     print(f"[report] wrote {paths['markdown']} and {paths['html']} ({len(paths) - 2} figures)")
     return 0
 
@@ -60,3 +62,6 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default="lora", help="method the t-tests compare against (default: lora)")
     parser.add_argument("--title", help="report title")
     parser.add_argument("--notes", help="a Markdown file with discussion to include in the report")
+    parser.add_argument("--bench", metavar="CONFIG", help="the benchmark YAML the store was run from: the report then "
+                        "counts the runs it asks for and names every one not finished (never started, failed, "
+                        "waiting for its lr search)")

@@ -15,15 +15,19 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from . import figures
 from .claims import claims
 from .diagnostics import clipping_table, lambda_table, lr_selection_table
+from .progress import GridProgress, grid_progress, progress_rows
 from .layouts import direction_average_cells, direction_tables, language_tables
 from .store import SkippedLine, apply_annotations, finished, read_annotations, read_store
 from .tables import (Cell, Table, ablation_table, adaptive_hybrid, build_cells, footprint_table, main_tables,
                      metrics_table, not_comparable_reasons, _memory_key)
+
+if TYPE_CHECKING:
+    from .spec import BenchConfig
 
 
 @dataclass
@@ -56,7 +60,7 @@ def slug(text: str) -> str:
 
 
 def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "lora", title: str | None = None,
-                 notes: str | Path | None = None) -> dict[str, Path]:
+                 notes: str | Path | None = None, bench: "BenchConfig | None" = None) -> dict[str, Path]:
     """Render the report for a results store.
 
     Args:
@@ -66,6 +70,8 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
         title: report title (default: from the results directory name).
         notes: a Markdown file whose text is included verbatim after the summary
             (hand-written discussion; the automatic checks are always included).
+        bench: the benchmark the store was run from; the report then says how many of the
+            runs it asks for have finished and names every one missing (``bench.progress``).
 
     Returns:
         ``{"markdown": path, "html": path, "figures": [...]}``-style mapping of names to paths.
@@ -95,7 +101,8 @@ def write_report(results: str | Path, out_dir: str | Path, *, reference: str = "
     blocks, figure_paths = build_blocks(records, cells, out, reference=reference,
                                         title=title or f"Benchmark report: {Path(results).resolve().name}",
                                         notes=Path(notes).read_text() if notes else None,
-                                        metric_failed=metric_failed, skipped=skipped)
+                                        metric_failed=metric_failed, skipped=skipped,
+                                        progress=grid_progress(bench, records) if bench is not None else None)
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(render_markdown(blocks))
     html_path.write_text(render_html(blocks))
@@ -129,9 +136,11 @@ def split_metric_failures(records: list[dict[str, Any]]) -> tuple[list[dict[str,
 
 def build_blocks(records: list[dict[str, Any]], cells: dict[tuple[str, str, str], Cell], out: Path, *,
                  reference: str, title: str, notes: str | None, metric_failed: list[dict[str, Any]] = (),
-                 skipped: list[SkippedLine] = ()) -> tuple[list[Block], list[Path]]:
+                 skipped: list[SkippedLine] = (), progress: GridProgress | None = None) -> tuple[list[Block], list[Path]]:
     blocks: list[Block] = [Heading(1, title)]
     blocks += _setup_blocks(records, cells)
+    if progress is not None:
+        blocks += _progress_blocks(progress)
     if notes:
         blocks.append(Para(notes.strip()))
     averaged = direction_average_cells(cells)  # the paper's "average BLEU over directions" as cells of their own
@@ -245,6 +254,25 @@ def _budget_items(cells: dict[tuple[str, str, str], Cell]) -> list[str]:
         label = "Settings" if len(groups) == 1 else f"Settings {i}"
         items.append(f"{label}: `{key}` — used by {'; '.join(used)}.")
     return items
+
+
+def _progress_blocks(progress: GridProgress) -> list[Block]:
+    search = [c for c in progress.cells if c.search_total]
+    split = (f" (lr search {sum(c.search_done for c in search)} of {sum(c.search_total for c in search)}, final runs "
+             f"{sum(c.final_done for c in progress.cells)} of {sum(c.final_total for c in progress.cells)})" if search else "")
+    if progress.done == progress.total:
+        blocks: list[Block] = [Heading(2, "Grid progress"),
+                               Para(f"**Complete:** all {progress.total} runs the benchmark asks for have finished{split}.")]
+    else:
+        blocks = [Heading(2, "Grid progress"),
+                  Para(f"**Partial:** {progress.done} of the {progress.total} runs the benchmark asks for have finished{split}; "
+                       "every claim below rests on the finished runs only."),
+                  Table("Cells with runs missing", ["Cell", "lr search", "Final runs", "Missing"] if search
+                        else ["Cell", "Runs", "Missing"], [row if search else row[:1] + row[2:] for row in progress_rows(progress)])]
+    if progress.unmatched_keys:
+        blocks.append(Para(f"{progress.unmatched_keys} finished run(s) in the store are not runs of this benchmark "
+                           "(different settings); they are reported below but not counted here."))
+    return blocks
 
 
 def _failure_blocks(records: list[dict[str, Any]], metric_failed: list[dict[str, Any]] = ()) -> list[Block]:

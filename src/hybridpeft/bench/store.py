@@ -21,7 +21,10 @@ An ``"ok"`` record holds::
     started_at, finished_at (UTC ISO), wall_s
 
 A ``"failed"`` record carries ``error`` (the exception or the tail of the
-worker's stderr) instead of results.
+worker's stderr) instead of results. Paths of this machine in it (the data
+directory, the source checkout, the Python environment, the store, the home
+directory) are written as ``<data>``, ``<repo>``, ``<python>``, ``<store>`` and
+``~``, so a store can be published as it is.
 """
 from __future__ import annotations
 
@@ -175,6 +178,42 @@ class RunState:
     record: dict[str, Any] | None  # the last "ok" record, if any
 
 
+def run_states(records: Iterable[dict[str, Any]]) -> dict[str, RunState]:
+    """Run key → state, from a store's records in log order."""
+    out: dict[str, RunState] = {}
+    for record in records:
+        state = out.setdefault(record["key"], RunState(None, 0, None))
+        state.status = record["status"]
+        if record["status"] == "running":
+            state.attempts += 1
+        elif record["status"] == "failed" and record.get("interrupted"):
+            state.attempts -= 1  # the user stopped it; not the run's fault
+        elif record["status"] == "ok":
+            state.record = record
+    return out
+
+
+def _path_forms(path: Path | str | None) -> list[str]:
+    if not path:
+        return []
+    forms = {str(path), os.path.abspath(path), os.path.realpath(path)}
+    return [form.rstrip(os.sep) for form in forms if len(form.rstrip(os.sep)) > 1]
+
+
+def neutral_paths(text: str, store_root: str | os.PathLike | None = None) -> str:
+    """``text`` with this machine's directories replaced by placeholders (longest path first, so
+    a data directory inside the checkout stays ``<data>``): what a published store may hold."""
+    from ..tasks.data import default_data_dir
+
+    repo = Path(__file__).resolve().parents[3]
+    placeholders = [("<store>", store_root), ("<data>", default_data_dir()), ("<python>", sys.prefix),
+                    ("<repo>", repo), ("~", Path.home())]
+    pairs = [(form, name) for name, path in placeholders for form in _path_forms(path)]
+    for form, name in sorted(pairs, key=lambda pair: -len(pair[0])):
+        text = text.replace(form, name)
+    return text
+
+
 class ResultStore:
     """Append-only JSONL store in directory ``root`` (created on first write)."""
 
@@ -189,6 +228,8 @@ class ResultStore:
         """Write one record as one line, flushed and fsynced so a crash loses at most this line."""
         if record.get("status") not in STATUSES or "key" not in record:
             raise ValueError(f"record needs a 'key' and a status in {STATUSES}; got status={record.get('status')!r}")
+        if isinstance(record.get("error"), str):
+            record = {**record, "error": neutral_paths(record["error"], self.root)}
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
         with self.file.open("a+b") as fh:
@@ -202,17 +243,7 @@ class ResultStore:
 
     def states(self) -> dict[str, RunState]:
         """Run key → state, from the whole log."""
-        out: dict[str, RunState] = {}
-        for record in self.records():
-            state = out.setdefault(record["key"], RunState(None, 0, None))
-            state.status = record["status"]
-            if record["status"] == "running":
-                state.attempts += 1
-            elif record["status"] == "failed" and record.get("interrupted"):
-                state.attempts -= 1  # the user stopped it; not the run's fault
-            elif record["status"] == "ok":
-                state.record = record
-        return out
+        return run_states(self.records())
 
 
 def _jsonable(value: Any) -> Any:
