@@ -13,7 +13,9 @@ the global mean). Per method it writes into ``OUT/METHOD/``:
   the sharded model and of ``merge_and_unload``'s plain merged model on a probe batch).
 
 ``run(method, 0, 1, shard=False)`` runs the same in one process on the whole global batch,
-for the tests to compare with (``tests/test_fsdp.py``).
+for the tests to compare with (``tests/test_fsdp.py``). The pseudo-method ``head-warmup`` instead
+warms up the score head of a LoRA-adapted sequence classifier (``warm_head``) and writes the
+gathered head to ``OUT/head-warmup/head.safetensors``.
 """
 from __future__ import annotations
 
@@ -164,6 +166,46 @@ def run(method: str, rank: int, world: int, shard: bool,
     return model, record, start if lora_ga_targets(model) else {}
 
 
+def classifier(empty: bool = False) -> torch.nn.Module:
+    """A float64 tiny Llama sequence classifier (3 labels; pad id 0, never in the inputs) with LoRA."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                   pad_token_id=0, num_labels=3, dtype=torch.float64)
+    torch.manual_seed(0)
+    if empty:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = transformers.LlamaForSequenceClassification(cfg)
+    else:
+        model = transformers.LlamaForSequenceClassification(cfg)
+    return hp.inject(model.to(torch.float64), hp.LoraConfig(target_modules=["q_proj", "v_proj"], r=2))
+
+
+def label_batch(step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    return {"input_ids": torch.randint(1, 64, (WORLD * ROWS, SEQ), generator=g),
+            "labels": torch.randint(0, 3, (WORLD * ROWS,), generator=g)}
+
+
+def warm_head(rank: int, world: int, shard: bool) -> torch.nn.Module:
+    """``train.head_warmup_steps``' warm-up (``warm_up_head``, 3 steps) sharded or on the global batch.
+    ``eps = 0.1``: Adam's early steps are then not invariant to the gradient's scale, so a gradient
+    averaged twice or summed instead of averaged moves the head differently."""
+    from hybridpeft.train.setup import warm_up_head
+
+    model = classifier(empty=shard and rank != 0)
+    if shard:
+        source = fsdp.detach_for_sharding(model) if rank == 0 else None
+        fsdp.shard_model(model)
+        fsdp.materialize_from_rank0(model, source)
+    batches = [label_batch(step) for step in range(3)]
+    if world > 1:
+        batches = [rank_rows(b, rank) for b in batches]
+    warm_up_head(model, batches, 3, lr=1e-2, eps=0.1)
+    return model
+
+
 def main(out: Path, methods: list[str]) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -172,6 +214,14 @@ def main(out: Path, methods: list[str]) -> None:
     for method in methods:
         target = out / method
         target.mkdir(parents=True, exist_ok=True)
+        if method == "head-warmup":
+            from safetensors.torch import save_file
+
+            head = distributed.full(warm_head(rank, world, shard=True).score.weight).detach().cpu().contiguous()
+            if rank == 0:
+                save_file({"score": head}, str(target / "head.safetensors"))
+            torch.distributed.barrier()
+            continue
         model, record, start = run(method, rank, world, shard=True)
         hp.save_adapter(model, target / "adapter")  # collective; rank 0 writes
         with torch.no_grad():

@@ -203,6 +203,18 @@ def test_lora_ga_start_matches_one_process(method, sharded):
             assert torch.allclose(mine.norm(dim=0), single_start.double().norm(dim=0), rtol=1e-5)  # same scale
 
 
+def test_head_warmup_of_a_sharded_classifier_matches_one_process(worker_root):
+    """``train.head_warmup_steps`` under FSDP2: the head's gradient is a sharded DTensor that the
+    reduce-scatter has averaged; the warm-up used to all-reduce it again and crashed (no sharding
+    strategy for ``allreduce_``). Same float64 sums in another order: ``TOL``."""
+    _launch_worker(worker_root, ["head-warmup"])
+    sharded_head = load_file(str(worker_root / "head-warmup" / "head.safetensors"))["score"]
+    initial = worker.classifier().score.weight.detach()
+    expected = worker.warm_head(0, 1, shard=False).score.weight.detach()
+    assert _rel(expected, initial) > 0.1  # the warm-up moved the head
+    assert _rel(sharded_head, expected) <= TOL
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_rank_holds_half_the_base_and_no_frozen_gradient(method, sharded):
     """Parameter bytes per rank ≈ base / world + adapters / world, measured; gradients only for

@@ -167,9 +167,12 @@ def warm_up_head(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], s
 
     Every other parameter keeps its ``requires_grad`` flag but gets no update (its gradient is
     dropped); under ``torch.distributed`` the head's gradients are averaged over ranks, so the
-    heads stay identical.
+    heads stay identical (by one all-reduce per tensor on replicas; a model sharded with FSDP2
+    gets each rank's piece averaged by its own reduce-scatter).
     """
     import torch.distributed as dist
+
+    from ..distributed import is_sharded
 
     head = [p for name in head_modules(model) for p in getattr(model, name).parameters()]
     if not head:
@@ -188,6 +191,8 @@ def warm_up_head(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], s
             loss.backward()
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 for p in head:
+                    if is_sharded(p.grad):  # FSDP2's reduce-scatter has averaged this rank's piece already
+                        continue
                     dist.all_reduce(p.grad)
                     p.grad /= dist.get_world_size()
             optimizer.step()
