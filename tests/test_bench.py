@@ -811,6 +811,11 @@ def test_stored_errors_name_no_path_of_this_machine(tmp_path, monkeypatch):
              f"FileNotFoundError: {data}/xnli/dev.tsv\nsaved {tmp_path / 'store'}/runs/a\nkept as is: /opt/x")
     store.append({"key": "k", "status": "failed", "error": error})
     stored = store.records()[0]["error"]
+    store.append({"key": "k", "status": "ok", "config": {"data": {"data_dir": str(data)}},
+                  "metrics": {"skipped_languages": {"hi": f"missing data file {data}/xnli/dev-hi.csv"}, "n": 3}})
+    ok = store.records()[1]
+    assert ok["metrics"] == {"skipped_languages": {"hi": "missing data file <data>/xnli/dev-hi.csv"}, "n": 3}
+    assert ok["config"] == {"data": {"data_dir": str(data)}}  # settings stay as run keys hash them
     assert stored == ('File "<repo>/src/hybridpeft/train/loop.py", line 3\n'
                       'File "<python>/lib/torch/nn.py"\n'
                       "FileNotFoundError: <data>/xnli/dev.tsv\nsaved <store>/runs/a\nkept as is: /opt/x")

@@ -21,9 +21,10 @@ An ``"ok"`` record holds::
     started_at, finished_at (UTC ISO), wall_s
 
 A ``"failed"`` record carries ``error`` (the exception or the tail of the
-worker's stderr) instead of results. Paths of this machine in it (the data
+worker's stderr) instead of results. Paths of this machine in any record (the data
 directory, the source checkout, the Python environment, the store, the home
-directory) are written as ``<data>``, ``<repo>``, ``<python>``, ``<store>`` and
+directory; in the error, a skipped language's reason, ...; not in the run's
+settings, which keys hash) are written as ``<data>``, ``<repo>``, ``<python>``, ``<store>`` and
 ``~``, so a store can be published as it is.
 """
 from __future__ import annotations
@@ -214,6 +215,25 @@ def neutral_paths(text: str, store_root: str | os.PathLike | None = None) -> str
     return text
 
 
+_SETTINGS_KEYS = ("key", "config", "job_config", "reused_from")  # hashed or compared as written: kept
+
+
+def neutral_record(record: dict[str, Any], store_root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``record`` with ``neutral_paths`` applied to every string (an error, a skipped language's
+    reason, a data description), except the run's settings, which run keys and reuse compare as
+    written."""
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return neutral_paths(value, store_root)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    return {k: (v if k in _SETTINGS_KEYS else walk(v)) for k, v in record.items()}
+
+
 class ResultStore:
     """Append-only JSONL store in directory ``root`` (created on first write)."""
 
@@ -228,8 +248,7 @@ class ResultStore:
         """Write one record as one line, flushed and fsynced so a crash loses at most this line."""
         if record.get("status") not in STATUSES or "key" not in record:
             raise ValueError(f"record needs a 'key' and a status in {STATUSES}; got status={record.get('status')!r}")
-        if isinstance(record.get("error"), str):
-            record = {**record, "error": neutral_paths(record["error"], self.root)}
+        record = neutral_record(record, self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
         with self.file.open("a+b") as fh:
