@@ -866,3 +866,16 @@ def test_report_with_its_benchmark_counts_and_names_every_missing_run(tmp_path):
     write_report(other.output_dir, tmp_path / "r3", bench=bench)  # the store of another configuration
     md = (tmp_path / "r3" / "report.md").read_text()
     assert "**Partial:** 0 of the 16 runs" in md and "12 finished run(s) in the store are not runs of this benchmark" in md
+
+
+def test_stored_series_keep_float32_digits_and_metrics_every_digit(tmp_path):
+    """Per-step curves at float64's 17 digits made a 123-run store pass 2 MiB."""
+    store = ResultStore(tmp_path / "store")
+    store.append({"key": "k", "status": "ok", "metrics": {"accuracy": 0.123456789012345},
+                  "curves": {"train": [{"step": 3, "loss": 0.6931471805599453, "grad_norm": float("nan")}]},
+                  "lambda_history": {"layers": ["a"], "steps": [1], "values": [[0.5000000123456]]}})
+    stored = store.records()[0]
+    assert stored["metrics"]["accuracy"] == 0.123456789012345
+    train = stored["curves"]["train"][0]
+    assert train["step"] == 3 and train["loss"] == 0.6931472 and math.isnan(train["grad_norm"])
+    assert stored["lambda_history"] == {"layers": ["a"], "steps": [1], "values": [[0.5]]}

@@ -218,20 +218,40 @@ def neutral_paths(text: str, store_root: str | os.PathLike | None = None) -> str
 _SETTINGS_KEYS = ("key", "config", "job_config", "reused_from")  # hashed or compared as written: kept
 
 
+def _map_leaves(value: Any, leaf: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, scalars) with ``leaf`` applied to every scalar."""
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
 def neutral_record(record: dict[str, Any], store_root: str | os.PathLike | None = None) -> dict[str, Any]:
     """``record`` with ``neutral_paths`` applied to every string (an error, a skipped language's
     reason, a data description), except the run's settings, which run keys and reuse compare as
     written."""
-    def walk(value: Any) -> Any:
-        if isinstance(value, str):
-            return neutral_paths(value, store_root)
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [walk(v) for v in value]
+    def leaf(value: Any) -> Any:
+        return neutral_paths(value, store_root) if isinstance(value, str) else value
+
+    return {k: (v if k in _SETTINGS_KEYS else _map_leaves(v, leaf)) for k, v in record.items()}
+
+
+SERIES_KEYS = ("curves", "lambda_history")  # per-step series, for figures
+SERIES_DIGITS = 7  # significant digits kept in them: float32's precision
+
+
+def compact_series(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the floats of its per-step series (``SERIES_KEYS``) rounded to
+    ``SERIES_DIGITS`` significant digits. The series come from float32 training and feed
+    figures; printed at float64's 17 digits they made up most of a store's bytes (a 123-run
+    store passed 2 MiB). Metrics, footprints and settings keep every digit."""
+    def leaf(value: Any) -> Any:
+        if isinstance(value, float) and math.isfinite(value):
+            return float(f"{value:.{SERIES_DIGITS}g}")
         return value
 
-    return {k: (v if k in _SETTINGS_KEYS else walk(v)) for k, v in record.items()}
+    return {k: (_map_leaves(v, leaf) if k in SERIES_KEYS else v) for k, v in record.items()}
 
 
 class ResultStore:
@@ -248,7 +268,7 @@ class ResultStore:
         """Write one record as one line, flushed and fsynced so a crash loses at most this line."""
         if record.get("status") not in STATUSES or "key" not in record:
             raise ValueError(f"record needs a 'key' and a status in {STATUSES}; got status={record.get('status')!r}")
-        record = neutral_record(record, self.root)
+        record = compact_series(neutral_record(record, self.root))
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True, default=_jsonable) + "\n"
         with self.file.open("a+b") as fh:
