@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .selection import select_lrs
-from .spec import BenchConfig, _cells, expand_grid, expand_search
+from .spec import BenchConfig, expand_grid, grid_cells, expand_search
 from .store import RunState, run_states
 
 
@@ -87,7 +87,7 @@ def grid_progress(bench: BenchConfig, records: list[dict[str, Any]]) -> GridProg
         _tally(cell_of(run.model, run.task, method), f"{run.method}/seed{run.seed}", states.get(run.key), search=True)
     selected, _waiting = select_lrs(bench, states)
     finals = {(r.model, r.task, r.method, r.seed): r for r in expand_grid(bench, selected)}
-    for model, task, m, seed, _fields in _cells(bench, bench.seeds):
+    for model, task, m, seed, _fields in grid_cells(bench, bench.seeds):
         progress = cell_of(model, task, m.name)
         run = finals.get((model, task, m.name, seed))
         if run is None:  # its learning rate is chosen by a search that has not finished

@@ -319,7 +319,7 @@ def _cell_config(bench: BenchConfig, m: MethodSpec, fields: dict[str, Any]) -> d
     return config
 
 
-def _cells(bench: BenchConfig, seeds: list[int]) -> list[tuple[str, str, MethodSpec, int, dict[str, Any]]]:
+def grid_cells(bench: BenchConfig, seeds: list[int]) -> list[tuple[str, str, MethodSpec, int, dict[str, Any]]]:
     """(model, task, method, seed, match fields) in the stable grid order, excluded cells left out."""
     out = []
     for model, tasks in bench.grid:
@@ -345,7 +345,7 @@ def expand_grid(bench: BenchConfig, selected_lrs: dict[tuple[str, str, str], dic
     ``train.lr`` set to it and the selection in the run's ``meta``.
     """
     runs: list[RunSpec] = []
-    for model, task, m, seed, fields in _cells(bench, bench.seeds):
+    for model, task, m, seed, fields in grid_cells(bench, bench.seeds):
         config = _cell_config(bench, m, fields)
         meta: dict[str, Any] = {}
         if bench.lr_search is not None and bench.lr_search.for_method(m) is not None:
@@ -366,7 +366,7 @@ def expand_search(bench: BenchConfig) -> list[RunSpec]:
     if search is None:
         return []
     runs: list[RunSpec] = []
-    for model, task, m, seed, fields in _cells(bench, search.seeds):
+    for model, task, m, seed, fields in grid_cells(bench, search.seeds):
         candidates = search.for_method(m)
         for lr in candidates or []:
             config = _cell_config(bench, m, fields)
