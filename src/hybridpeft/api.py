@@ -19,7 +19,8 @@ from .adapters.config import AdapterConfig
 from .adapters.mixing import MixingRule
 from .checks import check
 from .fsdp import gather_model, is_sharded_model
-from .inject import CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject, undo_on_error
+from .inject import (CONFIG_ATTR, _replace, _trainable_module_names, adapted_layers, config_of, inject,
+                     remove_prepare_hook, undo_on_error)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -287,6 +288,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module | None:
         _replace(model, name, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    remove_prepare_hook(model)
     return model
 
 

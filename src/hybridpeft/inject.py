@@ -88,7 +88,29 @@ def inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
             for p in model.parameters():
                 p.requires_grad_(True)
         setattr(model, CONFIG_ATTR, config)
+    if prepare_adapters not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(prepare_adapters)
     return model
+
+
+def prepare_adapters(model: nn.Module, args: object = None) -> None:
+    """Forward pre-hook that ``inject`` puts on the model: each adapter class's ``prepare_all``
+    with the adapters of every unmerged, enabled layer (BOFT and the Hybrid batch their
+    parameter-side work across layers there; see ``hybridpeft.adapters.prepared``)."""
+    if not hasattr(model, CONFIG_ATTR):  # merged and unloaded
+        return
+    by_class: dict[type, list[nn.Module]] = {}
+    for _, layer in adapted_layers(model):
+        if not (layer.merged or layer.disabled):
+            by_class.setdefault(type(layer.adapter), []).append(layer.adapter)
+    for cls, adapters in by_class.items():
+        cls.prepare_all(adapters)
+
+
+def remove_prepare_hook(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is prepare_adapters:
+            del model._forward_pre_hooks[key]
 
 
 def _build_adapters(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
@@ -130,6 +152,8 @@ def undo_on_error(model: nn.Module) -> Iterator[None]:
                 _replace(model, name, layer.base_layer)
         if not had_config and hasattr(model, CONFIG_ATTR):
             delattr(model, CONFIG_ATTR)
+        if not had_config:
+            remove_prepare_hook(model)
         for p, flag in flags:
             p.requires_grad_(flag)
         raise

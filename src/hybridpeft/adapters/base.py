@@ -112,6 +112,17 @@ class Adapter(nn.Module):
         ``"lora"`` and ``"boft"``: the paper's η_LoRA and η_BOFT); empty for single-branch methods."""
         return {}
 
+    @classmethod
+    def prepare_all(cls, adapters: Sequence["Adapter"]) -> None:
+        """Work for the coming forward of every active adapter of this class in a model, at once.
+
+        Called by the model's forward pre-hook (``hybridpeft.inject.prepare_adapters``) with the
+        adapters of unmerged, enabled layers. Default: nothing. BOFT and the Hybrid compute
+        every layer's rotation blocks in one batched pass and hand each layer its slice
+        (``hybridpeft.adapters.prepared``); a layer run outside a model forward computes its own.
+        """
+        return None
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         return None

@@ -10,11 +10,17 @@ composed into blocks), the full-capacity unitary and the Hybrid run through it.
 
 Backward needs ``h`` for ``∂L/∂M_g = Σ_n g_{n,g} h_{n,g}ᵀ``; ``Keep`` says where it comes from:
 
-* ``"output"``: keep ``y`` only and rebuild ``h = M⁻¹ (y − u vᵀ)`` in backward, with
-  ``M⁻¹ = Mᵀ`` for orthogonal blocks (``inverse="transpose"``) or a per-block inverse
-  computed in backward (``inverse="solve"``). ``y`` is the module's output, which the
-  next layer usually keeps anyway (RoPE, attention, SiLU and the MLP product all save
-  their input), so this costs no activation memory of its own. The rebuilt ``h`` carries
+* ``"output"``: keep ``y`` only. ``h`` itself is never rebuilt: as ``y − u vᵀ = M h`` per
+  group, the weight gradient follows from ``y`` through a ``c × c`` product per block,
+
+      Σ_n g_n h_nᵀ = (Σ_n g_n y_nᵀ − (gᵀu)_g v_gᵀ) M⁻ᵀ,
+
+  (``(gᵀu)_g``, ``v_g``: the rows of group ``g``; ``gᵀu`` is ``∂L/∂v``, computed anyway), with
+  ``M⁻ᵀ = M`` for orthogonal blocks (``inverse="transpose"``) or a per-block inverse
+  (``inverse="solve"``; ``Keep.inverse_blocks`` may bring it precomputed). No pass over the
+  ``N × d`` activations beyond the two every backward makes. ``y`` is the module's output,
+  which the next layer usually keeps anyway (RoPE, attention, SiLU and the MLP product all
+  save their input), so this costs no activation memory of its own. The result carries
   the rounding of ``y`` times ``cond(M)``; a ``guard`` (a device flag computed in forward,
   read in backward) switches to recomputing ``h = base(x)`` where ``M`` may be ill-conditioned.
 * ``"input"``: keep ``h``.
@@ -64,7 +70,7 @@ class LateFlag:
     def __init__(self, value: Tensor) -> None:
         self.event = None
         if value.device.type == "cuda":
-            self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.host = torch.empty(value.shape, dtype=torch.bool, pin_memory=True)
             self.host.copy_(value, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
@@ -77,6 +83,35 @@ class LateFlag:
         return bool(self.host)
 
 
+class LateFlags(LateFlag):
+    """A vector of flags copied to the host once, read entry by entry (``view(i)``)."""
+
+    def __init__(self, values: Tensor) -> None:
+        super().__init__(values)
+        self.values: list[bool] | None = None
+
+    def entry(self, i: int) -> bool:
+        if self.values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self.values = self.host.tolist()
+        return self.values[i]
+
+    def view(self, i: int) -> "FlagView":
+        return FlagView(self, i)
+
+
+@dataclass
+class FlagView:
+    """Entry ``index`` of a ``LateFlags``, read like a ``LateFlag``."""
+
+    flags: LateFlags
+    index: int
+
+    def get(self) -> bool:
+        return self.flags.entry(self.index)
+
+
 @dataclass
 class Keep:
     """What ``BlockDiagonalFunction`` keeps for backward; see the module docstring.
@@ -85,14 +120,18 @@ class Keep:
         kind: ``"output"``, ``"input"`` or ``"base"``.
         inverse: for ``"output"``: ``"transpose"`` (orthogonal blocks) or ``"solve"``.
         base: the ``BaseMatmul`` that made ``h`` from ``x`` (``"base"``, and ``"output"`` with a guard).
-        guard: for ``"output"``: ``True`` in backward means the rebuild is accurate; ``False``
-            recomputes ``h = base(x)`` instead.
+        guard: for ``"output"``: an object whose ``get()`` is ``True`` in backward when the
+            gradient from ``y`` is accurate; ``False`` recomputes ``h = base(x)`` instead
+            (a ``LateFlag``, or one entry of a ``LateFlags``).
+        inverse_blocks: for ``"output"`` with ``inverse="solve"``: ``M⁻¹`` per block, already
+            computed (no grad; e.g. for every layer at once), instead of a solve in backward.
     """
 
     kind: str = "output"
     inverse: str = "transpose"
     base: Callable[[Tensor], Tensor] | None = None
-    guard: LateFlag | None = None
+    guard: "LateFlag | FlagView | None" = None
+    inverse_blocks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KEEPS:
@@ -133,36 +172,42 @@ class BlockDiagonalFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         kept, blocks, u, v, x = ctx.saved_tensors
-        keep: Keep = ctx.keep
         need_h, need_blocks, need_u, need_v = ctx.needs_input_grad[:4]
         g = grad_y.to(ctx.h_dtype).contiguous()  # (N, d)
         with torch.autocast(g.device.type, enabled=False):
-            h = _input_of(ctx, kept, blocks, u, v, x) if need_blocks else None
             grad_h = block_apply(g, blocks, transpose=True) if need_h else None
-            grad_blocks = block_grad(g, h, blocks.shape[1]) if need_blocks else None
             grad_u = g @ v if need_u else None  # (N, r)
-            grad_v = g.t() @ u if need_v else None  # (d, r)
-        return grad_h, grad_blocks, grad_u, grad_v, None, None
+            grad_v = g.t() @ u if need_v or (need_blocks and u is not None) else None  # (d, r)
+            grad_blocks = _blocks_grad(ctx, g, kept, blocks, u, v, x, grad_v) if need_blocks else None
+        return grad_h, grad_blocks, grad_u, grad_v if need_v else None, None, None
 
 
-def _input_of(ctx, kept: Tensor | None, blocks: Tensor, u: Tensor | None, v: Tensor | None,
-              x: Tensor | None) -> Tensor:
-    """``h`` again, by the rule in ``ctx.keep``."""
+def _blocks_grad(ctx, g: Tensor, kept: Tensor | None, blocks: Tensor, u: Tensor | None, v: Tensor | None,
+                 x: Tensor | None, grad_v: Tensor | None) -> Tensor:
+    """``Σ_n g_n h_nᵀ`` per group, (k, c, c), by the rule in ``ctx.keep`` (see the module docstring)."""
     keep: Keep = ctx.keep
+    c = blocks.shape[1]
     if keep.kind == "input":
-        return kept
+        return block_grad(g, kept, c)
     if keep.kind == "base" or (keep.guard is not None and not keep.guard.get()):
         device, enabled, dtype = ctx.autocast
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-            return keep.base(x).reshape(-1, ctx.dim).to(ctx.h_dtype)  # (N, d), the forward's h again
-    y = kept if u is None else torch.addmm(kept, u, v.t(), alpha=-1)  # y − u vᵀ
-    if y.dtype.itemsize < 4:
-        # bf16/fp16 blocks are orthogonal only to their rounding (~2⁻⁸): invert the rounded blocks
-        # themselves, in float32, so the rebuilt h is off by y's own rounding only (one ulp of h's dtype).
-        return block_apply(y.float(), block_inverse(blocks.float())).to(y.dtype)
-    if keep.inverse == "transpose":
-        return block_apply(y, blocks, transpose=True)
-    return block_apply(y, block_inverse(blocks))
+            h = keep.base(x).reshape(-1, ctx.dim).to(ctx.h_dtype)  # (N, d), the forward's h again
+        return block_grad(g, h, c)
+    # From the output: Σ g hᵀ = (Σ g yᵀ − (gᵀu)_g v_gᵀ) M⁻ᵀ, all in (k, c, c) once Σ g yᵀ is formed.
+    low = blocks.dtype.itemsize < 4
+    wide = torch.promote_types(blocks.dtype, torch.float32)
+    gram = block_grad(g, kept, c).to(wide)  # (k, c, c)
+    if u is not None:
+        k = blocks.shape[0]
+        gram -= torch.bmm(grad_v.view(k, c, -1).to(wide), v.view(k, c, -1).transpose(1, 2).to(wide))
+    if keep.inverse == "transpose" and not low:
+        return torch.bmm(gram, blocks)  # M⁻ᵀ = M
+    # bf16/fp16 blocks are orthogonal only to their rounding (~2⁻⁸): the exact inverse of the rounded
+    # blocks themselves, in float32, keeps the result off by the rounding of y and the gram only.
+    given = keep.inverse_blocks is not None and not low  # a precomputed inverse is of the unrounded blocks
+    inverse = keep.inverse_blocks if given else block_inverse(blocks.to(wide))
+    return torch.bmm(gram, inverse.to(wide).transpose(1, 2)).to(blocks.dtype)
 
 
 def block_inverse(blocks: Tensor) -> Tensor:

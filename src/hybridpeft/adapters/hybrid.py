@@ -36,9 +36,10 @@ from torch import Tensor
 from .config import AdapterConfig
 from .mixing import MixingRule, update_lambdas
 from .base import Adapter, BaseMatmul
-from .blockdiag import BlockDiagonalFunction, Keep, LateFlag
-from .boft import BoftAdapter, BoftConfig
+from .blockdiag import BlockDiagonalFunction, Keep, LateFlag, LateFlags, block_inverse
+from .boft import BoftAdapter, BoftConfig, composed_bank
 from .lora_ga import LoraGAAdapter, LoraGAConfig
+from .prepared import offer, take
 
 _FLOAT32_BUFFERS = ("mix_lambda", "grad_norm_lora", "grad_norm_boft")
 
@@ -205,15 +206,49 @@ class HybridAdapter(Adapter):
         a, b = lora.factors(dtype)  # (2r, d_in), (d_out, 2r)
         u = lora.dropout(x.reshape(-1, self.d_in)) @ a.t()  # (N, 2r)
         lam = self.mix_lambda  # float32 or wider, no grad
-        r = self.boft.composed_blocks()  # (d_out / c, c, c), float32 or wider
-        m = torch.lerp(r, torch.eye(r.shape[-1], dtype=r.dtype, device=r.device), lam.to(r.dtype))  # λ I + (1 − λ) R
         v = b * (lam * lora.scaling).to(dtype)  # (d_out, 2r)
         if self.boft.recompute_base or not torch.is_grad_enabled():
+            m, inverse, guard = self._mixed_blocks(with_guard=False)
             keep = Keep("base", base=base)  # (without grad nothing is kept: no guard to compute)
         else:
-            keep = Keep("output", inverse="solve", base=base, guard=LateFlag(rebuild_is_accurate(r, lam)))
+            m, inverse, guard = self._mixed_blocks(with_guard=True)
+            keep = Keep("output", inverse="solve", base=base, guard=guard, inverse_blocks=inverse)
         y = BlockDiagonalFunction.apply(h.reshape(-1, self.d_out), m.to(dtype), u.to(dtype), v, x.detach(), keep)
         return y.view(h.shape)
+
+    def _mixed_blocks(self, with_guard: bool) -> tuple[Tensor, Tensor | None, Any]:
+        """``M = λ I + (1 − λ) R`` as (d_out / c, c, c) blocks, ``M⁻¹`` or ``None``, and the guard
+        (``None`` without ``with_guard``): from the model's batched preparation when valid."""
+        prepared = take(self, self.boft.boft_Q, self.mix_lambda)
+        if prepared is not None and (prepared[2] is not None or not with_guard):
+            return prepared  # type: ignore[return-value]
+        r = self.boft.composed_blocks()  # (d_out / c, c, c), float32 or wider
+        lam = self.mix_lambda.to(r.dtype)
+        m = torch.lerp(r, torch.eye(r.shape[-1], dtype=r.dtype, device=r.device), lam)  # λ I + (1 − λ) R
+        return m, None, LateFlag(rebuild_is_accurate(r, lam)) if with_guard else None
+
+    @classmethod
+    def prepare_all(cls, adapters: Sequence["HybridAdapter"]) -> None:
+        """Every composed layer's ``M``, ``M⁻¹`` and guard, batched: one Cayley transform and
+        composition (``composed_bank``), one lerp, one batched inverse, one flag vector."""
+        owners = {id(a.boft): a for a in adapters}
+        for group, r in composed_bank([a.boft for a in adapters]):  # r: (K, c, c), K blocks of all layers
+            hybrids = [owners[id(b)] for b in group]
+            counts = [b.dim // b.composed_size for b in group]
+            layer_of_block = _layer_index(counts, r.device)  # (K,)
+            lam = torch.stack([a.mix_lambda for a in hybrids]).to(r.dtype)[layer_of_block]  # (K,) λ of each block's layer
+            eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+            m = torch.lerp(r, eye, lam[:, None, None])  # (K, c, c)
+            pieces = m.split(counts)
+            if r.requires_grad:  # the backward's needs: M⁻¹ and whether the output rebuild is accurate
+                accurate = rebuild_is_accurate_per_block(r, lam)  # (K,)
+                bad = torch.zeros(len(hybrids), dtype=torch.int32, device=r.device)
+                flags = LateFlags(bad.index_add_(0, layer_of_block, (~accurate).int()) == 0)
+                inverses = block_inverse(m.detach()).split(counts)
+                values = [(piece, inv, flags.view(i)) for i, (piece, inv) in enumerate(zip(pieces, inverses))]
+            else:
+                values = [(piece, None, None) for piece in pieces]
+            offer(hybrids, values, [(a.boft.boft_Q, a.mix_lambda) for a in hybrids], r)
 
     def _forward_factored(self, x: Tensor, h: Tensor, base: BaseMatmul) -> Tensor:
         """``lerp(R h, h + lora(x), λ)`` with the butterfly's factored form (large composed blocks)."""
@@ -252,6 +287,28 @@ class HybridAdapter(Adapter):
 
     def extra_repr(self) -> str:
         return f"schedule={self.rule.schedule}, norm_rule={self.rule.norm_rule}"
+
+
+_LAYER_INDEX: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _layer_index(counts: list[int], device: torch.device) -> Tensor:
+    """(Σ counts,): ``i`` repeated ``counts[i]`` times, cached (made once per model layout and device)."""
+    key = (tuple(counts), torch.device(device))
+    index = _LAYER_INDEX.get(key)
+    if index is None:
+        index = _LAYER_INDEX[key] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+    return index
+
+
+@torch.no_grad()
+def rebuild_is_accurate_per_block(rotation: Tensor, lam: Tensor) -> Tensor:
+    """``rebuild_is_accurate`` per block, with λ per block: (g, c, c), (g,) -> (g,) bool.
+    A layer passes when all its blocks do (the bound is monotone in ``D``)."""
+    c = rotation.shape[-1]
+    distance2 = (2 * c - 2 * rotation.diagonal(dim1=-2, dim2=-1).sum(-1)).clamp(max=4.0)  # min(D_g, 4)
+    lam = lam.to(rotation.dtype)
+    return (lam - lam.square()) * distance2 <= 0.75
 
 
 @torch.no_grad()
