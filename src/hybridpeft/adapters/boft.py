@@ -379,13 +379,13 @@ def skew_index(b: int) -> Tensor:
 
 
 class CayleyFunction(torch.autograd.Function):
-    """``R = (I + S)(I − S)⁻¹`` for skew ``S`` given by its strict upper triangle ``q``.
+    """``R = (I + S)(I − S)⁻¹ = 2 (I − S)⁻¹ − I`` for skew ``S`` given by its strict upper triangle ``q``.
 
     Forward: on CUDA ``torch.linalg.solve_ex`` (batched LU, no host sync); on the CPU
-    (``ELIMINATION_DEVICES``) Gauss–Jordan elimination over the whole batch at once, in float64 (``_gauss_jordan``),
-    because LAPACK's per-matrix calls cost ~2 µs each for these 8 × 8 systems (measured
-    2.5–4× slower for 192–576 blocks) and float64 keeps the result correct to float32's
-    last bit without pivoting.
+    (``ELIMINATION_DEVICES``) ``(I − S)⁻¹`` by Gauss–Jordan elimination over the whole batch at
+    once, in float64 (``_skew_resolvent``), because LAPACK's per-matrix calls cost ~2 µs each for
+    these 8 × 8 systems (measured 2.5–4× slower for 192–576 blocks) and float64 keeps the result
+    correct to float32's last bit without pivoting.
 
     Backward needs no second solve: with ``Z = (I − S)⁻¹ = (R + I) / 2``, ``dR = 2 Z dS Z``,
     so ``∂L/∂S = 2 Zᵀ G Zᵀ = ½ (R + I)ᵀ G (R + I)ᵀ`` and, as ``S`` holds ``q`` above the
@@ -398,14 +398,16 @@ class CayleyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, index: Tensor, b: int) -> Tensor:  # type: ignore[override]
         with torch.autocast(q.device.type, enabled=False):
-            skew = q.new_zeros(*q.shape[:-1], b * b)
-            skew.index_copy_(-1, index[0], q)
-            skew.index_copy_(-1, index[1], -q)
-            skew = skew.view(*q.shape[:-1], b, b)  # (..., b, b), S = −Sᵀ
-            eye = torch.eye(b, dtype=q.dtype, device=q.device)
             if q.device.type in ELIMINATION_DEVICES:
-                r = _gauss_jordan(eye - skew, eye + skew).to(q.dtype)
+                r = _skew_resolvent(q, index, b).mul_(2)  # 2 (I − S)⁻¹, (b, b, batch) in float64
+                r.view(b * b, -1)[:: b + 1] -= 1  # − I
+                r = r.permute(2, 0, 1).to(q.dtype, memory_format=torch.contiguous_format).view(*q.shape[:-1], b, b)
             else:
+                skew = q.new_zeros(*q.shape[:-1], b * b)
+                skew.index_copy_(-1, index[0], q)
+                skew.index_copy_(-1, index[1], -q)
+                skew = skew.view(*q.shape[:-1], b, b)  # (..., b, b), S = −Sᵀ
+                eye = torch.eye(b, dtype=q.dtype, device=q.device)
                 # solve_ex skips solve's invertibility check, which waits on the device once per call;
                 # I − S is always invertible for skew S (its eigenvalues are 1 − iθ).
                 r = torch.linalg.solve_ex(eye - skew, eye + skew)[0]
@@ -418,80 +420,114 @@ class CayleyFunction(torch.autograd.Function):
         r, index = ctx.saved_tensors
         b = r.shape[-1]
         with torch.autocast(r.device.type, enabled=False):
-            # Contiguous (batch, b, b) operands: bmm on a transposed 4-D view falls back to one
-            # small copy and matmul per block (measured 50× slower for 15 k blocks).
-            z2 = (r + torch.eye(b, dtype=r.dtype, device=r.device)).transpose(-1, -2).reshape(-1, b, b)  # 2 Zᵀ
+            # Contiguous (batch, b, b) operands: bmm on an expanded (stride-0) gradient falls back
+            # to one small copy and matmul per block (measured 50× slower for 15 k blocks).
+            z2 = (r + torch.eye(b, dtype=r.dtype, device=r.device)).view(-1, b, b).transpose(1, 2)  # 2 Zᵀ
             g = grad_r.to(r.dtype).contiguous().view(-1, b, b)
-            grad_skew = torch.bmm(torch.bmm(z2, g), z2).mul_(0.5)  # (batch, b, b)
-            flat = grad_skew.view(*r.shape[:-2], b * b)
-            grad_q = flat.index_select(-1, index[0]) - flat.index_select(-1, index[1])
-        return grad_q, None, None
+            grad_skew = torch.bmm(torch.bmm(z2, g), z2).mul_(0.5).view(-1, b * b)  # (batch, b²)
+            n = index.shape[1]
+            # gather, not index_select: 2× faster on (batch, b²) here
+            grad_q = (torch.gather(grad_skew, 1, index[0].expand(grad_skew.shape[0], n))
+                      - torch.gather(grad_skew, 1, index[1].expand(grad_skew.shape[0], n)))
+        return grad_q.view(r.shape[:-2] + (n,)), None, None
 
 
-def _gauss_jordan(a: Tensor, rhs: Tensor) -> Tensor:
-    """``a⁻¹ rhs`` for a batch of small systems (..., b, b), by elimination without pivoting, in float64.
+def _skew_resolvent(q: Tensor, index: Tensor, b: int) -> Tensor:
+    """``(I − S)⁻¹`` for every skew ``S`` of the batch, as (b, b, batch) float64 (batch last).
 
-    Safe for ``a = I − S`` with ``S`` skew: its symmetric part is ``I``, and every Schur
-    complement ``I + S₂₂ + s s ᵀ`` keeps a symmetric part ``≥ I``, so every pivot is ``≥ 1``.
-    ``b`` steps, each three batched kernels.
+    In-place Gauss–Jordan inversion without pivoting, safe for ``I − S``: its symmetric part is
+    ``I``, and every Schur complement ``I + S₂₂ + s sᵀ`` keeps a symmetric part ``≥ I``, so every
+    pivot is ``≥ 1``. The batch is the last, contiguous axis, so each of the ``b`` steps is a few
+    elementwise kernels over whole rows of the batch (measured 1.35× faster than eliminating
+    ``[I − S | I + S]`` with the batch first, for 15 k blocks).
     """
-    b = a.shape[-1]
-    m = torch.cat([a, rhs], dim=-1).to(torch.float64).flatten(0, -3)  # (batch, b, 2b)
+    n = index.shape[1]
+    qt = q.reshape(-1, n).t().to(torch.float64)  # (b(b−1)/2, batch)
+    a = qt.new_zeros(b * b, qt.shape[1])
+    a.index_copy_(0, index[0], -qt)  # I − S: −q above the diagonal
+    a.index_copy_(0, index[1], qt)  # and +q below
+    a[:: b + 1] = 1.0
+    a = a.view(b, b, -1)
     for p in range(b):
-        row = m[:, p] / m[:, p, p:p + 1]  # (batch, 2b), pivot 1
-        m.addcmul_(m[:, :, p:p + 1].clone(), row[:, None, :], value=-1)  # eliminate column p
-        m[:, p] = row
-    return m[..., b:].reshape(rhs.shape)
+        col = a[:, p].clone()  # (b, batch): the pivot and the multipliers of column p
+        pivot = col[p].clone()
+        col[p] = 0.0
+        a[:, p] = 0.0
+        a[p, p] = 1.0
+        a[p] /= pivot  # row p of the inverse-in-progress
+        a.addcmul_(col[:, None], a[p].clone()[None], value=-1)  # clear column p from the other rows
+    return a
+_ROW_IDENTITIES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
 
 
-_TILED_IDENTITIES: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
-
-
-def _tiled_identity(c: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(c, d): row ``r`` holds a one at feature ``r`` of every group of ``c`` consecutive features.
+def _row_identity(c: int, d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(d, c): feature ``f`` holds a one in column ``f mod c`` — ``c`` tiled unit vectors as columns.
 
     Read-only and shared: one per (c, d, dtype, device) for the whole process (a model has a
-    handful of widths), instead of a new ``c × d`` tensor per module and pass.
+    handful of widths), instead of a new ``d × c`` tensor per module and pass.
     """
     key = (c, d, dtype, torch.device(device))
-    eye = _TILED_IDENTITIES.get(key)
+    eye = _ROW_IDENTITIES.get(key)
     if eye is None:
         with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
-            eye = _TILED_IDENTITIES[key] = torch.eye(c, dtype=dtype, device=device).repeat(1, d // c)
+            eye = _ROW_IDENTITIES[key] = torch.eye(c, dtype=dtype, device=device).repeat(d // c, 1)
     return eye
+
+
+def _composition_stages(blocks: Tensor, gathers: Tensor, c: int) -> list[Tensor]:
+    """The input ``u_i`` (k, b, c) of every factor applied to ``_row_identity``; the last factor not run."""
+    m, k, b, _ = blocks.shape
+    d = k * b
+    inputs = [_row_identity(c, d, blocks.dtype, blocks.device).view(k, b, c)]  # P_1 = I
+    for i in range(1, m):
+        z = torch.bmm(blocks[i - 1], inputs[-1]).view(d, c)
+        inputs.append(z.index_select(0, gathers[i]).view(k, b, c))  # whole rows: contiguous copies
+    return inputs
 
 
 class ComposedButterflyFunction(torch.autograd.Function):
     """The diagonal blocks of ``R = B_m ⋯ B_1``: (d / c, c, c), ``c = b · 2^(m−1)``.
 
     ``R`` acts on each group of ``c`` consecutive features alike, so applying the factors
-    to a tiled ``c × d`` identity (row ``r`` = the unit vector ``e_r`` in every group) gives
-    column ``r`` of every block at once: ``c`` "tokens" through the factored path
-    instead of ``d``. Backward runs ``_butterfly_backward`` on the same identity, rebuilt
-    rather than kept.
+    to ``c`` tiled unit vectors (``_row_identity``, ``d × c``: column ``r`` holds ``e_r`` in every
+    group) gives column ``r`` of every block at once: ``c`` columns through the factored path
+    instead of ``d``. The features stay on the rows throughout, so every permutation gathers
+    whole rows and the result is already laid out as ``(d / c, c, c)``. Backward runs the factors
+    in reverse on the same identity, its stage inputs recomputed rather than kept.
 
     Inputs: ``blocks`` (m, k, b, b), ``plan`` from ``_gather_plan``, ``c``.
     """
 
     @staticmethod
     def forward(ctx, blocks: Tensor, plan: Tensor, c: int) -> Tensor:  # type: ignore[override]
-        d = blocks.shape[1] * blocks.shape[2]
+        m, k, b, _ = blocks.shape
         with torch.autocast(blocks.device.type, enabled=False):
-            cols = _butterfly(_tiled_identity(c, d, blocks.dtype, blocks.device), blocks, plan[0], True)  # (c, d)
+            u = _composition_stages(blocks, plan[0], c)[-1]
+            z = torch.bmm(blocks[-1], u).view(k * b, c)
+            out = z.index_select(0, plan[0, m])  # (d, c): row g c + i, column r = R[g c + i, g c + r]
         ctx.save_for_backward(blocks, plan)
         ctx.c = c
-        return cols.view(c, d // c, c).permute(1, 2, 0).contiguous()  # [g, i, r] = (R e_r)[g c + i]
+        return out.view(k * b // c, c, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         blocks, plan = ctx.saved_tensors
-        c, d = ctx.c, blocks.shape[1] * blocks.shape[2]
-        grad_cols = grad_out.permute(2, 0, 1).reshape(c, d)  # back to the (c, d) rows
+        c = ctx.c
+        m, k, b, _ = blocks.shape
+        d = k * b
         with torch.autocast(blocks.device.type, enabled=False):
-            eye = _tiled_identity(c, d, blocks.dtype, blocks.device)
-            _, grad_blocks = _butterfly_backward(eye, blocks, plan, True, grad_cols, need_h=False, need_blocks=True)
+            inputs = _composition_stages(blocks, plan[0], c)
+            g = grad_out.to(blocks.dtype).reshape(d, c).index_select(0, plan[1, m]).view(k, b, c)
+            grad_blocks = torch.empty_like(blocks)
+            for i in reversed(range(m)):
+                grad_blocks[i] = torch.bmm(g, inputs[i].transpose(1, 2))  # (k, b, b)
+                if i > 0:
+                    g = torch.bmm(blocks[i].transpose(1, 2), g).view(d, c).index_select(0, plan[1, i]).view(k, b, c)
         return grad_blocks, None, None
+
+
+# ---------------------------------------------------------------------------
 
 
 _BANK_PLANS: dict[tuple[int, int, int, torch.device], Tensor] = {}
