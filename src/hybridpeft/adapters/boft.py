@@ -505,15 +505,15 @@ class ComposedButterflyFunction(torch.autograd.Function):
             u = _composition_stages(blocks, plan[0], c)[-1]
             z = torch.bmm(blocks[-1], u).view(k * b, c)
             out = z.index_select(0, plan[0, m])  # (d, c): row g c + i, column r = R[g c + i, g c + r]
-        ctx.save_for_backward(blocks, plan)
-        ctx.c = c
+        ctx.save_for_backward(blocks)
+        ctx.plan, ctx.c = plan, c  # a constant index (a buffer or the bank's cached plan), not an activation
         return out.view(k * b // c, c, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        blocks, plan = ctx.saved_tensors
-        c = ctx.c
+        (blocks,) = ctx.saved_tensors
+        plan, c = ctx.plan, ctx.c
         m, k, b, _ = blocks.shape
         d = k * b
         with torch.autocast(blocks.device.type, enabled=False):

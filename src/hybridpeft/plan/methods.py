@@ -22,7 +22,9 @@ unitary           structured: the output in float32 (the reversible backward reb
                   ``recompute``: ``h`` in ``a``); full: its output (``N d_out a``, shared where the
                   base keeps it) plus the blocks cast to ``a`` if ``p ≠ a``; ``recompute_base``: only ``x``
 hybrid            the LoRA-GA branch, the BOFT branch (``h`` or the output; with ``recompute_base``
-                  only the ``x`` the LoRA branch keeps anyway) and a scalar in ``a`` (composed, or factored below float32)
+                  only the ``x`` the LoRA branch keeps anyway) and a scalar in ``a`` (composed, or factored below float32);
+                  composed, also λ per block of R (``d_out / c`` values, float32 or wider) for the batched
+                  ``M = λ I + (1 − λ) R`` of ``hybridpeft.adapters.prepared``
 full              nothing here: every linear's input is in the base formula
 ================  ====================================================================
 
@@ -141,6 +143,8 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
             other += n * d_out * act
         if composed or act != F32:
             other += act  # a λ-scaled scalar (composed) or λ cast to the activations' dtype (factored)
+        if composed:  # the model-wide preparation's λ per block, for M's gradient (at least float32)
+            other += max(adapter, F32) * (d_out // composed_size(config.boft_block_size, config.boft_n_factors))
         return ModuleSaved(keeps, keeps_output, other)
     if method == "full":
         return ModuleSaved(False, False, 0)
