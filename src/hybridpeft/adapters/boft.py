@@ -31,9 +31,11 @@ permutation), dense inside each block. Two ways to apply it, both without a
 - ``"composed"``: compose the ``d / c`` blocks of size ``c × c`` once per call
   (``ComposedButterflyFunction``, the factors applied to a tiled ``c × d`` identity)
   and apply them as one batched matmul — ``O(N · d · c)``, one pass over the
-  activations. On the output side the backward keeps only the output and rebuilds
-  ``h = Rᵀ y`` (``blockdiag.BlockDiagonalFunction``, ``R⁻¹ = Rᵀ``), so no ``N × d``
-  tensor of its own outlives the forward.
+  activations. On the output side the backward keeps only the output and forms the
+  blocks' gradient from it, ``Σ g hᵀ = (Σ g yᵀ) R`` (``blockdiag.BlockDiagonalFunction``,
+  ``R⁻ᵀ = R``), so no ``N × d`` tensor of its own outlives the forward. In a model forward
+  the blocks of every composed layer come from one batched Cayley transform and
+  composition (``prepare_all``, ``hybridpeft.adapters.prepared``).
 - ``"factored"``: per factor, one gather along ``d`` and one batched ``b × b``
   matmul over the ``k`` blocks — ``O(N · d · b · m)`` but ``m`` passes and ``m + 1``
   gathers. ``ButterflyFunction`` keeps only the branch input and the blocks and
@@ -538,8 +540,9 @@ def _bank_plan(n_blocks: int, block_size: int, n_factors: int, device: torch.dev
     key = (n_blocks, block_size, n_factors, torch.device(device))
     plan = _BANK_PLANS.get(key)
     if plan is None:
-        perms = [butterfly_permutation(i + 1, n_blocks, block_size) for i in range(n_factors)]
-        plan = _BANK_PLANS[key] = _gather_plan(perms).to(device)
+        with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
+            perms = [butterfly_permutation(i + 1, n_blocks, block_size) for i in range(n_factors)]
+            plan = _BANK_PLANS[key] = _gather_plan(perms).to(device)
     return plan
 
 

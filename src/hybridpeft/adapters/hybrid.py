@@ -19,7 +19,10 @@ the whole layer is one block-diagonal map plus the low-rank term,
 (``A' = [A; A0]``, ``B' = [B, −B0]``), run by ``blockdiag.BlockDiagonalFunction``: one
 batched matmul and one GEMM accumulating into its output, no ``N × d_out`` lerp or λ
 scaling. Backward keeps the output and ``x`` (which the LoRA branch keeps anyway) and
-rebuilds ``h = M⁻¹ (y − u vᵀ)``. ``M`` is normal with eigenvalues ``λ + (1 − λ) e^{iφ}``, so
+forms ``M``'s gradient from the output, ``Σ g hᵀ = (Σ g yᵀ − (gᵀu) vᵀ) M⁻ᵀ`` per block (``h``
+itself is never rebuilt). ``M``, ``M⁻¹`` and the guard below are computed for every layer
+at once by ``prepare_all`` (``hybridpeft.adapters.prepared``) at the start of each model
+forward. ``M`` is normal with eigenvalues ``λ + (1 − λ) e^{iφ}``, so
 ``σ_min(M)² = 1 − λ(1 − λ) max|e^{iφ} − 1|² ≥ 1 − λ(1 − λ) max_g ‖R_g − I‖_F²``, and also
 ``≥ (2λ − 1)²``; where neither bound reaches ``¼`` (``cond(M) > 2``: a rotation near 180°
 at λ near ½) backward recomputes ``h = W x`` instead (exact, one more base matmul).
@@ -297,7 +300,8 @@ def _layer_index(counts: list[int], device: torch.device) -> Tensor:
     key = (tuple(counts), torch.device(device))
     index = _LAYER_INDEX.get(key)
     if index is None:
-        index = _LAYER_INDEX[key] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+        with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
+            index = _LAYER_INDEX[key] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
     return index
 
 
