@@ -232,13 +232,13 @@ class ReversibleStructuredFunction(torch.autograd.Function):
     def forward(ctx, h: Tensor, theta: Tensor, reflect: Tensor, unitary: "StructuredUnitary") -> Tensor:
         dtype = _compute_dtype(h.dtype)
         phases, v, v0 = unitary._factors(dtype, theta, reflect)
-        z = _as_complex(h.to(dtype))[..., unitary.perm] * phases[0]  # (..., n): D1 S⁻¹
+        z = _as_complex(h.to(dtype))[..., unitary.perm].mul_(phases[0])  # (..., n): D1 S⁻¹ (the gather's fresh copy, scaled in place)
         z = torch.fft.fft(z, norm="ortho")
         z = _reflect_twice(z, v0[0], v[0])  # R1 = H(v_1) H(v_1⁰)
-        z = z[..., unitary.perm] * phases[1]  # D2 Π
+        z = z[..., unitary.perm].mul_(phases[1])  # D2 Π
         z = torch.fft.ifft(z, norm="ortho")
         z = _reflect_twice(z, v0[1], v[1])  # R2
-        y = _as_real(z * phases[2])  # (..., d): D3, in the compute dtype
+        y = _as_real(z.mul_(phases[2]))  # (..., d): D3, in the compute dtype
         ctx.unitary = unitary
         ctx.save_for_backward(y, theta, reflect)  # the returned tensor itself unless h is bf16/fp16
         return y.to(h.dtype)
@@ -309,7 +309,7 @@ def _phase_backward(pair: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂θ, the pair one factor earlier) for ``z' = z · phase``; pair: (2, M, n)."""
     z_out, g_out = pair[0], pair[1]
     grad = torch.linalg.vecdot(z_out, g_out, dim=0).imag  # Σ_tokens Im(conj(z') g'), (n,), no M × n product kept
-    return grad, pair * phase.conj()
+    return grad, pair.mul_(phase.conj())  # every caller passes a fresh pair (stack, FFT, gather output)
 
 
 class BlockOrthogonal(nn.Module):
