@@ -112,11 +112,11 @@ run_script "lora-forms" 30 benchmarks/lora_forms.py --device "$DEVICE" --dtype "
 
 # ---------------------------------------------------------------- 3. 1B, every method
 # most important first: a part cut short by its timeout loses the tail
-ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd boft-factored hybrid-factored hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute"
+ALL1="floor lora peft-lora boft hybrid peft-boft unitary unitary-full peft-oft full lora_ga full-bwd boft-factored hybrid-factored hybrid-recompute boft-recompute unitary-full-f32 boft-m1 unitary-recompute boft-layerwise hybrid-layerwise"
 run_part "1b" 210 --size "$SIZE1" $STEPS1 --methods $ALL1 --peft-boft-ext "$BOFT_EXT" --budget-s 20
 
 # ---------------------------------------------------------------- 4. 8B, the large-shape subset
-ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute hybrid-factored"
+ALL8="floor lora boft hybrid peft-lora peft-boft boft-factored hybrid-recompute hybrid-factored boft-layerwise hybrid-layerwise"
 run_part "8b" 150 --size "$SIZE8" $STEPS8 --methods $ALL8 --peft-boft-ext "$BOFT_EXT" --budget-s 40 --no-ga-init
 
 # ---------------------------------------------------------------- 5. NF4 base (optional)

@@ -151,17 +151,24 @@ def _call_with_known_kwargs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
 
 
 def _ours(method: str, fields: Callable[[Settings], dict[str, Any]], match: Callable[[Settings], str],
-          init: Callable[[nn.Module, Settings, Tensor], dict[str, Any]] | None = None, butterfly: str | None = None):
-    """``butterfly``: force BOFT's form (``"composed"`` / ``"factored"``) in every BOFT or Hybrid layer."""
+          init: Callable[[nn.Module, Settings, Tensor], dict[str, Any]] | None = None, butterfly: str | None = None,
+          prepare_devices: frozenset[str] | None = None):
+    """``butterfly``: force BOFT's form (``"composed"`` / ``"factored"``) in every BOFT or Hybrid layer.
+    ``prepare_devices``: set as every BOFT branch's ``prepare_devices`` (overriding
+    ``hybridpeft.adapters.prepared.PREPARE_DEVICES`` for this model only): where the model-wide
+    preparation of BOFT/Hybrid blocks runs."""
 
     def prepare(model: nn.Module, settings: Settings, batch: Tensor) -> Prepared:
         import hybridpeft
+
 
         config = _our_config(method, **fields(settings))
         hybridpeft.inject(model, config)
         info: dict[str, Any] = {"match": match(settings), "config": config.to_dict()}
         if butterfly is not None:
             info["butterfly_form"] = _force_butterfly_form(model, butterfly)
+        if prepare_devices is not None:
+            info["prepare_devices"] = sorted(_set_prepare_devices(model, prepare_devices))
         if init is not None:
             info.update(init(model, settings, batch))
         optimizer = _optimizer_for(model, settings.lr)
@@ -180,6 +187,16 @@ def _force_butterfly_form(model: nn.Module, form: str) -> str:
     for boft in bofts:
         boft.form = form
     return form
+
+
+def _set_prepare_devices(model: nn.Module, devices: frozenset[str]) -> frozenset[str]:
+    from hybridpeft.inject import adapted_layers
+
+    for _, layer in adapted_layers(model):
+        boft = getattr(layer.adapter, "boft", layer.adapter)
+        if hasattr(boft, "boft_Q"):
+            boft.prepare_devices = devices
+    return devices
 
 
 def _gradient_init(model: nn.Module, settings: Settings, batch: Tensor) -> dict[str, Any]:
@@ -209,6 +226,18 @@ OURS: tuple[Method, ...] = (
         "boft", "ours", "b8 m3, output side",
         _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output"},
               lambda s: f"boft b{s.boft_block} m{s.boft_factors}"),
+        _registered("boft"),
+    ),
+    Method(
+        "boft-prepared", "ours", "b8 m3, output side, blocks of every layer prepared at once on the CPU too",
+        _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output"},
+              lambda s: f"boft b{s.boft_block} m{s.boft_factors}", prepare_devices=frozenset({"cpu", "cuda"})),
+        _registered("boft"),
+    ),
+    Method(
+        "boft-layerwise", "ours", "b8 m3, output side, every layer computes its own blocks (also on CUDA)",
+        _ours("boft", lambda s: {"block_size": s.boft_block, "n_factors": s.boft_factors, "side": "output"},
+              lambda s: f"boft b{s.boft_block} m{s.boft_factors}", prepare_devices=frozenset()),
         _registered("boft"),
     ),
     Method(
@@ -279,6 +308,21 @@ OURS: tuple[Method, ...] = (
         _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
                                    "boft_n_factors": s.boft_factors},
               lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init),
+        _registered("hybrid"),
+    ),
+    Method(
+        "hybrid-prepared", "ours", "LoRA-GA r16 + BOFT b8 m3, adaptive λ, every layer's M prepared at once on the CPU too",
+        _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
+                                   "boft_n_factors": s.boft_factors},
+              lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init,
+              prepare_devices=frozenset({"cpu", "cuda"})),
+        _registered("hybrid"),
+    ),
+    Method(
+        "hybrid-layerwise", "ours", "LoRA-GA r16 + BOFT b8 m3, adaptive λ, every layer computes its own M (also on CUDA)",
+        _ours("hybrid", lambda s: {"lora_r": s.r, "lora_alpha": s.alpha, "boft_block_size": s.boft_block,
+                                   "boft_n_factors": s.boft_factors},
+              lambda s: f"hybrid r{s.r} b{s.boft_block} m{s.boft_factors}", init=_gradient_init, prepare_devices=frozenset()),
         _registered("hybrid"),
     ),
     Method(

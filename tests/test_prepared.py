@@ -30,6 +30,12 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def prepare_on_cpu(monkeypatch):
+    """The preparation runs on CUDA by default (``PREPARE_DEVICES``); these tests opt the CPU in."""
+    monkeypatch.setattr(prepared, "PREPARE_DEVICES", prepared.PREPARE_DEVICES | {"cpu"})
+
+
 def adapted(method: str, seed: int = 0) -> torch.nn.Module:
     model = hp.inject(tiny_llama(torch.float64), CONFIGS[method]())
     torch.manual_seed(seed)
@@ -165,3 +171,31 @@ def test_disabled_and_merged_layers_are_not_prepared():
     with hp.disabled(model):
         prepare_adapters(model)
         assert all(prepared.take(a, a.boft_Q) is None for a in layers)
+
+
+def test_the_cpu_is_not_prepared_by_default(monkeypatch):
+    monkeypatch.setattr(prepared, "PREPARE_DEVICES", {"cuda"})
+    model = adapted("hybrid")
+    ids = torch.randint(0, 64, (1, 5))
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = [layer.adapter for _, layer in adapted_layers(model)]
+    prepare_adapters(model)
+    assert all(prepared.take(a, a.boft.boft_Q, a.mix_lambda) is None for a in layers)
+
+
+def test_planner_counts_what_a_prepared_hybrid_saves(tmp_path):
+    """As test_plan's formula test, with the preparation on: the per-block λ is counted exactly."""
+    from hybridpeft.plan import PlanRequest, plan
+    from test_plan import saved_bytes, tiny_config
+
+    config = tiny_config("llama")
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    torch.manual_seed(0)
+    model = __import__("transformers").LlamaForCausalLM(config).train()
+    fields = {"boft_block_size": 4, "boft_n_factors": 3}
+    hp.inject(model, HybridConfig(target_modules=["q_proj", "v_proj", "down_proj"], **fields))
+    measured = saved_bytes(model, torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)))
+    request = PlanRequest(str(tmp_path), "hybrid", fields, targets=["q_proj", "v_proj", "down_proj"], batch=2, seq=16,
+                          dtype="float32", device_kind="cpu")
+    p = plan(request)
+    assert p.activations["base"] + p.activations["adapted_modules"] == measured

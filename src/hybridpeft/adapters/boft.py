@@ -559,7 +559,7 @@ def composed_bank(adapters: Sequence["BoftAdapter"]) -> list[tuple[list["BoftAda
     groups: dict[tuple[int, int, torch.dtype, torch.device], list[BoftAdapter]] = {}
     for adapter in adapters:
         q = adapter.boft_Q
-        if adapter.form == "composed" and preparable(q):
+        if adapter.form == "composed" and preparable(adapter, q):
             groups.setdefault((adapter.block_size, adapter.n_factors, q.dtype, q.device), []).append(adapter)
     banks = []
     for (b, m, _, device), group in groups.items():

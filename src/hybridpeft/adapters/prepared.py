@@ -9,7 +9,8 @@ GPU dozens of launches per layer. A forward pre-hook on the model
 (``hybridpeft.inject`` registers ``prepare_adapters``) calls each adapter class's
 ``prepare_all`` with every active adapter of that class, which computes all layers'
 blocks in one batched pass and ``offer``s each layer its slice; the layer's forward
-``take``s it, or computes its own when nothing valid is there.
+``take``s it, or computes its own when nothing valid is there. This runs for parameters on
+``PREPARE_DEVICES`` (CUDA; the CPU opts in, see there for why it does not by default).
 
 What keeps this exact and safe:
 
@@ -66,10 +67,22 @@ def _stamp(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t._version
 
 
-def preparable(t: Tensor) -> bool:
-    """Whether a parameter can take part in a batched preparation: an ordinary tensor with
-    storage (not an FSDP shard, which only its layer's own forward sees gathered, nor meta)."""
-    return not distributed.is_sharded(t) and t.device.type != "meta"
+PREPARE_DEVICES: set[str] = {"cuda"}
+"""Device types whose parameters are prepared model-wide. Not the CPU by default: there the
+batched pass was 6–7 % faster per step (BOFT and Hybrid, cpu-small, 256 tokens) but raised peak
+RSS by 40–80 MiB (BOFT 1.01× → 1.26× our LoRA's), glibc keeping the model-wide temporaries'
+heap; the true live peak grew by ~20 MiB (measured with ``MALLOC_MMAP_THRESHOLD_=65536``).
+Add ``"cpu"`` to opt in (tests do; ``docs/perf/README.md`` has the numbers)."""
+
+
+def preparable(adapter: nn.Module, t: Tensor) -> bool:
+    """Whether ``adapter``'s parameter ``t`` can take part in a batched preparation: an ordinary
+    tensor with storage (not an FSDP shard, which only its layer's own forward sees gathered,
+    nor meta) on a device in ``adapter.prepare_devices`` if the adapter sets one (benchmarks
+    do, to compare both paths in one process), else in ``PREPARE_DEVICES``."""
+    devices = getattr(adapter, "prepare_devices", None)
+    devices = PREPARE_DEVICES if devices is None else devices
+    return t.device.type in devices and not distributed.is_sharded(t)
 
 
 def offer(adapters: Sequence[nn.Module], values: Sequence[tuple[object, ...]],

@@ -223,7 +223,8 @@ def plan(req: PlanRequest) -> Plan:
     base = walked.bytes
     mask = 1 if req.device_kind == "cuda" else act  # dropout masks: bool on CUDA, the input's dtype on a CPU
     module_bytes, module_layers = (0, {}) if full else _modules_saved(
-        config, targets, dims.family, batch.tokens, act, adapter_size, walked.input_grad, mask)
+        config, targets, dims.family, batch.tokens, act, adapter_size, walked.input_grad, mask,
+        prepared=_prepared(req))
     transient = loss_backward_transient(dims, batch, act)
     if full and not dims.tied and inv.head is not None:
         head = inv.linears[inv.head]
@@ -277,7 +278,7 @@ def plan(req: PlanRequest) -> Plan:
 
 def _modules_saved(config: AdapterConfig, targets, family: str, n: int, act: int, adapter_size: int,
                    input_grad: dict[tuple[int, str], bool], mask: int,
-                   force_input: bool = False) -> tuple[int, dict[int | None, int]]:
+                   force_input: bool = False, prepared: bool = False) -> tuple[int, dict[int | None, int]]:
     """Saved bytes of the adapted modules (total, per decoder layer), each shared input kept once
     and what the base keeps not again."""
     per_layer: dict[int | None, int] = defaultdict(int)
@@ -285,7 +286,8 @@ def _modules_saved(config: AdapterConfig, targets, family: str, n: int, act: int
     for lin in targets:
         group = INPUT_GROUP.get(family, {}).get(lin.short, lin.name)
         x_grad = input_grad.get((lin.layer, group), True)
-        cost = module_saved(config, lin.d_in, lin.d_out, n, act, adapter_size, x_grad=x_grad, mask=mask)
+        cost = module_saved(config, lin.d_in, lin.d_out, n, act, adapter_size, x_grad=x_grad, mask=mask,
+                            prepared=prepared)
         per_layer[lin.layer] += cost.other
         if (cost.keeps_input or force_input) and lin.short not in INPUT_SAVED.get(family, ()):
             inputs[(lin.layer, group)] = n * lin.d_in * act
@@ -296,6 +298,13 @@ def _modules_saved(config: AdapterConfig, targets, family: str, n: int, act: int
     return sum(per_layer.values()), dict(per_layer)
 
 
+def _prepared(req: PlanRequest) -> bool:
+    """Whether the adapters' blocks come from the model-wide preparation (``hybridpeft.adapters.prepared``)."""
+    from ..adapters.prepared import PREPARE_DEVICES
+
+    return req.device_kind in PREPARE_DEVICES and req.sharding != "fsdp"
+
+
 def _estimate_peaks(req: PlanRequest, config, ga, inv: Inventory, targets, batch: Batch, act: int, adapter_size: int,
                     parts: dict[str, int], walked, mask: int) -> list[EstimatePeak]:
     """Device and host peaks of LoRA-GA's estimate, exact and sketch."""
@@ -303,7 +312,7 @@ def _estimate_peaks(req: PlanRequest, config, ga, inv: Inventory, targets, batch
     activation_path = req.quantization == "nf4" or req.sharding == "fsdp"
     # every adapted weight requires a gradient: each adapted module keeps its input as well
     module_bytes, module_layers = _modules_saved(config, targets, inv.dims.family, n, act, adapter_size,
-                                                 walked.input_grad, mask, force_input=True)
+                                                 walked.input_grad, mask, force_input=True, prepared=_prepared(req))
     saved, transient = walked.bytes + module_bytes, parts["loss_transient"]
     if req.gradient_checkpointing:
         per_layer = [module_layers.get(i, 0) for i in range(inv.dims.layers)]

@@ -23,8 +23,8 @@ unitary           structured: the output in float32 (the reversible backward reb
                   base keeps it) plus the blocks cast to ``a`` if ``p ≠ a``; ``recompute_base``: only ``x``
 hybrid            the LoRA-GA branch, the BOFT branch (``h`` or the output; with ``recompute_base``
                   only the ``x`` the LoRA branch keeps anyway) and a scalar in ``a`` (composed, or factored below float32);
-                  composed, also λ per block of R (``d_out / c`` values, float32 or wider) for the batched
-                  ``M = λ I + (1 − λ) R`` of ``hybridpeft.adapters.prepared``
+                  composed and prepared model-wide (CUDA), also λ per block of R (``d_out / c`` values,
+                  float32 or wider) for the batched ``M = λ I + (1 − λ) R`` of ``hybridpeft.adapters.prepared``
 full              nothing here: every linear's input is in the base formula
 ================  ====================================================================
 
@@ -92,7 +92,7 @@ def _butterfly(d: int, b: int, m: int, a: int) -> tuple[int, bool]:
 
 
 def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int, adapter: int, *,
-                 x_grad: bool = True, mask: int | None = None) -> ModuleSaved:
+                 x_grad: bool = True, mask: int | None = None, prepared: bool = False) -> ModuleSaved:
     """Saved activations of one module of ``config.method`` (see the module docstring).
 
     Args:
@@ -102,6 +102,8 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
         act: activation itemsize. adapter: adapter tensor itemsize.
         x_grad: the module's input needs a gradient (``activations.BaseSaved.input_grad``).
         mask: itemsize of a dropout mask (``act`` on CPU, 1 on CUDA); default ``act``.
+        prepared: the layers' blocks come from the model-wide preparation
+            (``hybridpeft.adapters.prepared``: CUDA, unsharded).
     """
     method = config.method
     mask = act if mask is None else mask
@@ -143,7 +145,7 @@ def module_saved(config: AdapterConfig, d_in: int, d_out: int, n: int, act: int,
             other += n * d_out * act
         if composed or act != F32:
             other += act  # a λ-scaled scalar (composed) or λ cast to the activations' dtype (factored)
-        if composed:  # the model-wide preparation's λ per block, for M's gradient (at least float32)
+        if composed and prepared:  # the model-wide preparation's λ per block, for M's gradient (at least float32)
             other += max(adapter, F32) * (d_out // composed_size(config.boft_block_size, config.boft_n_factors))
         return ModuleSaved(keeps, keeps_output, other)
     if method == "full":
