@@ -323,7 +323,4 @@ def rebuild_is_accurate(rotation: Tensor, lam: Tensor) -> Tensor:
     ``σ_min² ≥ max(1 − t D, 1 − 4t) = 1 − t min(D, 4)``, so the rebuild is accepted when
     ``t min(D, 4) ≤ ¾``. rotation: (g, c, c); returns a 0-dim bool tensor on its device (no host sync).
     """
-    c = rotation.shape[-1]
-    distance2 = (2 * c - 2 * rotation.diagonal(dim1=-2, dim2=-1).sum(-1).min()).clamp(max=4.0)  # min(D, 4)
-    lam = lam.to(rotation.dtype)
-    return (lam - lam.square()) * distance2 <= 0.75
+    return rebuild_is_accurate_per_block(rotation, lam.expand(rotation.shape[0])).all()
